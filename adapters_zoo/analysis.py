@@ -1,0 +1,433 @@
+"""Spectral analysis of a weight change: what fine-tuning does in the base's SVD basis.
+
+SpecLoRA (arXiv 2505.23099, https://arxiv.org/abs/2505.23099) reports that full
+fine-tuning mostly amplifies the top singular values of each weight, reorients the top
+singular vectors, and leaves the rest of the spectrum stable. This module measures that
+for any pair of checkpoints of one architecture (or a base plus a spectral adapter):
+
+    W = U Σ Vᵀ (base),  W' = U' Σ' V'ᵀ (tuned),  ΔW = W' − W
+
+per linear layer:
+- ``σ'ᵢ / σᵢ`` by index (top-k in full, the whole spectrum as a 10-bin profile);
+- the share of ‖ΔW‖_F² inside the base's top-k directions: two-sided
+  ‖U_kᵀ ΔW V_k‖² / ‖ΔW‖², left ‖U_kᵀ ΔW‖² / ‖ΔW‖², right ‖ΔW V_k‖² / ‖ΔW‖²,
+  as curves over k, with the share a random ΔW would put there (k²/(out·in), k/out, k/in);
+- principal angles between span(U_k) and span(U'_k) (and V), in degrees.
+
+The math is pure functions on tensors (:func:`analyze_pair`, :func:`analyze_delta`),
+computed in float64; :func:`analyze` streams checkpoints one layer at a time (memory: two
+matrices and their SVDs); :func:`write_report` writes report.json, report.md and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import torch
+
+from adapters_zoo.checkpoint import Checkpoint, LayerSpec, parse_targets
+from adapters_zoo.errors import IncompatibleAdapter, InvalidConfig, ModelDirError
+
+SHARE_THRESHOLDS = (0.5, 0.8, 0.9)
+PROFILE_BINS = 10  # the whole spectrum, index-normalised, so layers of any size average
+# A base σ below this fraction of σ_max is numerically zero: its ratio is undefined.
+_RATIO_FLOOR = 1e-6
+
+
+# ---------------------------------------------------------------- pure spectral math
+
+
+def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Principal angles (degrees, ascending) between span(A) and span(B), both orthonormal (n, k).
+
+    cos θ from svd(AᵀB) loses precision near 0°, sin θ from svd(B − A AᵀB) near 90°;
+    each angle is taken from whichever is accurate (Björck & Golub).
+    """
+    cos = torch.linalg.svdvals(A.T @ B).clamp(0.0, 1.0)  # (k,) descending -> θ ascending
+    sin = torch.linalg.svdvals(B - A @ (A.T @ B)).clamp(0.0, 1.0).flip(0)  # ascending -> θ ascending
+    theta = torch.where(sin**2 < 0.5, torch.arcsin(sin), torch.arccos(cos))
+    return torch.rad2deg(theta)
+
+
+def _first_k_reaching(curve: torch.Tensor, threshold: float) -> int | None:
+    """Smallest k (1-based) with curve[k-1] ≥ threshold, None if never."""
+    hits = torch.nonzero(curve >= threshold - 1e-12)
+    return int(hits[0]) + 1 if len(hits) else None
+
+
+def k_grid(k: int, rank: int) -> list[int]:
+    """Powers of two up to rank, plus k and rank: where share curves are kept in the report."""
+    grid = {rank, k}
+    p = 1
+    while p < rank:
+        grid.add(p)
+        p *= 2
+    return sorted(grid)
+
+
+def _ratio_profile(ratio: torch.Tensor) -> list[float | None]:
+    """Mean σ'/σ over PROFILE_BINS equal slices of the spectrum index."""
+    r = len(ratio)
+    out = []
+    for b in range(PROFILE_BINS):
+        lo, hi = (b * r) // PROFILE_BINS, max(((b + 1) * r) // PROFILE_BINS, (b * r) // PROFILE_BINS + 1)
+        out.append(_nanmean(ratio[lo:hi]))
+    return out
+
+
+def _nanmean(x: torch.Tensor) -> float | None:
+    x = x[~torch.isnan(x)]
+    return float(x.mean()) if len(x) else None
+
+
+def _floats(x: torch.Tensor) -> list[float | None]:
+    return [None if math.isnan(v) else float(v) for v in x.tolist()]
+
+
+def analyze_delta(
+    W_base: torch.Tensor,
+    delta: torch.Tensor,
+    top_k: int,
+    *,
+    base_svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> dict:
+    """Spectral comparison of ``W_base`` (out, in) with ``W_base + delta``; see the module doc.
+
+    ``base_svd`` = (U, S, Vh) of W_base (reduced) saves recomputing it across calls.
+    Returns plain Python numbers and lists (JSON-ready); shares are None when ΔW = 0.
+    """
+    if W_base.ndim != 2 or W_base.shape != delta.shape:
+        raise IncompatibleAdapter(
+            f"weight shape {tuple(W_base.shape)} and delta shape {tuple(delta.shape)} differ"
+        )
+    if top_k < 1:
+        raise InvalidConfig(f"top_k must be ≥ 1, got {top_k}")
+    W = W_base.to(torch.float64)
+    dW = delta.to(torch.float64)
+    out_f, in_f = W.shape
+    rank = min(out_f, in_f)
+    k = min(top_k, rank)
+
+    if base_svd is None:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # (out, r), (r,), (r, in)
+    else:
+        U, S, Vh = (t.to(torch.float64) for t in base_svd)
+    V = Vh.T  # (in, r)
+    U2, S2, Vh2 = torch.linalg.svd(W + dW, full_matrices=False)
+    V2 = Vh2.T
+
+    # singular values, matched by index (both spectra sorted descending)
+    floor = _RATIO_FLOOR * float(S[0]) if float(S[0]) > 0 else math.inf
+    ratio = torch.where(S > floor, S2 / S.clamp_min(1e-300), torch.full_like(S, math.nan))  # (r,)
+    top, tail = slice(0, k), slice(k, rank)
+
+    def rel_change(sl: slice) -> float | None:
+        base_norm = float(S[sl].norm())
+        return float((S2[sl] - S[sl]).norm()) / base_norm if base_norm > 0 else None
+
+    # where ΔW lives in the base's basis
+    energy = float(dW.pow(2).sum())
+    shares: dict = {"two_sided": None, "left": None, "right": None}
+    curve: dict = {"k": k_grid(k, rank), "two_sided": None, "left": None, "right": None}
+    k_for: dict = {str(t): None for t in SHARE_THRESHOLDS}
+    delta_rank_for: dict = {str(t): None for t in SHARE_THRESHOLDS}
+    if energy > 0:
+        M = U.T @ dW @ V  # (r, r): ΔW in base coordinates
+        two = M.pow(2).cumsum(0).cumsum(1).diagonal() / energy  # (r,) share of U_k..V_k, k = 1..r
+        left = (U.T @ dW).pow(2).sum(1).cumsum(0) / energy  # (r,)
+        right = (dW @ V).pow(2).sum(0).cumsum(0) / energy  # (r,)
+        shares = {"two_sided": float(two[k - 1]), "left": float(left[k - 1]), "right": float(right[k - 1])}
+        idx = [g - 1 for g in curve["k"]]
+        curve.update(two_sided=_floats(two[idx]), left=_floats(left[idx]), right=_floats(right[idx]))
+        k_for = {str(t): _first_k_reaching(two, t) for t in SHARE_THRESHOLDS}
+        own = torch.linalg.svdvals(dW).pow(2).cumsum(0) / energy  # ΔW's own best rank-k capture
+        delta_rank_for = {str(t): _first_k_reaching(own, t) for t in SHARE_THRESHOLDS}
+
+    angles_u = principal_angles(U[:, :k], U2[:, :k])  # (k,)
+    angles_v = principal_angles(V[:, :k], V2[:, :k])  # (k,)
+
+    fro_base = float(S.norm())
+    return {
+        "shape": [out_f, in_f],
+        "rank": rank,
+        "k": k,
+        "fro_base": fro_base,
+        "fro_delta": math.sqrt(energy),
+        "rel_delta": math.sqrt(energy) / fro_base if fro_base > 0 else None,
+        "sigma_base_topk": _floats(S[top]),
+        "sigma_tuned_topk": _floats(S2[top]),
+        "sigma_ratio_topk": _floats(ratio[top]),
+        "sigma_ratio_profile": _ratio_profile(ratio),
+        "sigma": {
+            "top_ratio_mean": _nanmean(ratio[top]),
+            "tail_ratio_mean": _nanmean(ratio[tail]),
+            "top_amplified_frac": float((ratio[top] > 1).double().mean()),
+            "top_rel_change": rel_change(top),  # ‖σ'_top − σ_top‖ / ‖σ_top‖
+            "tail_rel_change": rel_change(tail),
+        },
+        "share": shares,
+        "share_random": {"two_sided": k * k / (out_f * in_f), "left": k / out_f, "right": k / in_f},
+        "share_curve": curve,
+        "k_for_share": k_for,
+        "delta_rank_for_share": delta_rank_for,
+        "angles_left_deg": _floats(angles_u),
+        "angles_right_deg": _floats(angles_v),
+        "angles": {
+            "left_max": float(angles_u.max()),
+            "left_mean": float(angles_u.mean()),
+            "right_max": float(angles_v.max()),
+            "right_mean": float(angles_v.mean()),
+        },
+    }
+
+
+def analyze_pair(W_base: torch.Tensor, W_tuned: torch.Tensor, top_k: int) -> dict:
+    """Spectral comparison of a base weight and its fine-tuned version, both (out, in)."""
+    if W_base.shape != W_tuned.shape:
+        raise ModelDirError(f"base shape {tuple(W_base.shape)} != tuned shape {tuple(W_tuned.shape)}")
+    return analyze_delta(W_base, W_tuned.to(torch.float64) - W_base.to(torch.float64), top_k)
+
+
+# ---------------------------------------------------------------- summary across layers
+
+# (group, key) of every scalar summarised across layers, in report order
+SUMMARY_METRICS: list[tuple[str, str]] = [
+    ("", "rel_delta"),
+    ("sigma", "top_ratio_mean"),
+    ("sigma", "tail_ratio_mean"),
+    ("sigma", "top_amplified_frac"),
+    ("sigma", "top_rel_change"),
+    ("sigma", "tail_rel_change"),
+    ("share", "two_sided"),
+    ("share", "left"),
+    ("share", "right"),
+    ("share_random", "two_sided"),
+    ("k_for_share", "0.5"),
+    ("k_for_share", "0.8"),
+    ("k_for_share", "0.9"),
+    ("delta_rank_for_share", "0.9"),
+    ("angles", "left_max"),
+    ("angles", "left_mean"),
+    ("angles", "right_max"),
+    ("angles", "right_mean"),
+]
+
+
+def layer_metric(layer: dict, group: str, key: str):
+    return layer[key] if not group else layer[group][key]
+
+
+def metric_name(group: str, key: str) -> str:
+    return f"{group}.{key}" if group else key
+
+
+def _stats(values: list) -> dict | None:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None
+    return {
+        "mean": statistics.fmean(vals),
+        "median": statistics.median(vals),
+        "min": min(vals),
+        "max": max(vals),
+        "n": len(vals),
+    }
+
+
+def summarize(layers: dict[str, dict]) -> dict:
+    """mean/median/min/max of every SUMMARY_METRICS scalar, over all layers and per module type."""
+
+    def over(names: list[str]) -> dict:
+        return {
+            metric_name(g, k): _stats([layer_metric(layers[n], g, k) for n in names])
+            for g, k in SUMMARY_METRICS
+        }
+
+    by_type: dict[str, list[str]] = {}
+    for name in layers:
+        by_type.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+    return {"all": over(list(layers)), "by_type": {t: over(names) for t, names in by_type.items()}}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _check_finite(w: torch.Tensor, where: str) -> torch.Tensor:
+    if not torch.isfinite(w).all():
+        raise ModelDirError(f"{where}: weight has non-finite values")
+    return w
+
+
+def _matching_layers(base: Checkpoint, tuned: Checkpoint, targets) -> list[LayerSpec]:
+    """The base's target layers, after checking the tuned checkpoint has the same ones, same shapes."""
+    base_specs = base.linear_layers(targets)
+    tuned_specs = {s.name: s for s in tuned.linear_layers(targets)}
+    for spec in base_specs:
+        other = tuned_specs.pop(spec.name, None)
+        if other is None:
+            raise ModelDirError(f"{tuned.dir}: no layer {spec.name} (architectures differ from {base.dir})")
+        if (other.out_features, other.in_features) != (spec.out_features, spec.in_features):
+            raise ModelDirError(
+                f"{spec.name}: shape ({spec.out_features}, {spec.in_features}) in {base.dir} "
+                f"but ({other.out_features}, {other.in_features}) in {tuned.dir}"
+            )
+    if tuned_specs:
+        extra = next(iter(tuned_specs))
+        raise ModelDirError(f"{base.dir}: no layer {extra} (architectures differ from {tuned.dir})")
+    return base_specs
+
+
+def _adapter_deltas(base: Checkpoint, adapter_file: str | Path, basis_file: str | Path | None):
+    """(layer specs, delta_of(spec, W_base)) for a base plus a spectral adapter file."""
+    # Imported here: the adapter format depends on kinds/, which the plain two-checkpoint
+    # comparison never needs.
+    from adapters_zoo.basis import load_basis
+    from adapters_zoo.format import load_adapter
+
+    adapter = load_adapter(adapter_file)
+    if basis_file is None:
+        raise IncompatibleAdapter(
+            f"{adapter_file}: --adapter needs the basis it was trained in (--basis FILE)"
+        )
+    basis = load_basis(basis_file)
+    names = list(adapter.layers)
+    specs = {s.name: s for s in base.linear_layers(names)}
+    missing = [n for n in names if n not in specs]
+    if missing:
+        raise IncompatibleAdapter(f"{adapter_file}: layer {missing[0]} is not a linear layer of {base.dir}")
+
+    def delta_of(spec: LayerSpec) -> torch.Tensor:
+        d = adapter.delta(spec.name, basis)
+        if tuple(d.shape) != (spec.out_features, spec.in_features):
+            raise IncompatibleAdapter(
+                f"{spec.name}: adapter delta shape {tuple(d.shape)} != "
+                f"({spec.out_features}, {spec.in_features}) in {base.dir}"
+            )
+        return d
+
+    return [specs[n] for n in names], delta_of
+
+
+def analyze(
+    base_dir: str | Path,
+    tuned_dir: str | Path | None = None,
+    *,
+    adapter_file: str | Path | None = None,
+    basis_file: str | Path | None = None,
+    top_k: int = 32,
+    targets: str | list[str] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Compare a base checkpoint with a tuned one (or with base + adapter), layer by layer.
+
+    Exactly one of ``tuned_dir`` / ``adapter_file`` is given. Returns
+    ``{"meta": ..., "layers": {name: analyze_delta(...)}, "summary": summarize(...)}``.
+    Raises ModelDirError (unreadable or mismatched checkpoints) or IncompatibleAdapter.
+    """
+    if (tuned_dir is None) == (adapter_file is None):
+        raise InvalidConfig("analyze: give exactly one of tuned_dir and adapter_file")
+    if top_k < 1:
+        raise InvalidConfig(f"top_k must be ≥ 1, got {top_k}")
+    base = Checkpoint(base_dir)
+    if tuned_dir is not None:
+        tuned = Checkpoint(tuned_dir)
+        specs = _matching_layers(base, tuned, targets)
+
+        def delta_of(spec: LayerSpec, W: torch.Tensor) -> torch.Tensor:
+            W_tuned = _check_finite(tuned.weight(spec), f"{tuned.dir}: {spec.name}")
+            return W_tuned.to(torch.float64) - W.to(torch.float64)
+    else:
+        specs, adapter_delta = _adapter_deltas(base, adapter_file, basis_file)
+
+        def delta_of(spec: LayerSpec, W: torch.Tensor) -> torch.Tensor:
+            return _check_finite(adapter_delta(spec), f"{adapter_file}: {spec.name}")
+
+    layers: dict[str, dict] = {}
+    for spec in _progress(specs, progress, "analyze"):
+        W = _check_finite(base.weight(spec), f"{base.dir}: {spec.name}")  # (out, in)
+        layers[spec.name] = analyze_delta(W, delta_of(spec, W), top_k)
+
+    meta = {
+        "base_dir": str(base_dir),
+        "tuned_dir": None if tuned_dir is None else str(tuned_dir),
+        "adapter_file": None if adapter_file is None else str(adapter_file),
+        "basis_file": None if basis_file is None else str(basis_file),
+        "top_k": top_k,
+        "targets": parse_targets(targets),
+        "n_layers": len(layers),
+        "paper": "https://arxiv.org/abs/2505.23099",
+    }
+    return {"meta": meta, "layers": layers, "summary": summarize(layers)}
+
+
+def _progress(items: list, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="layer")
+
+
+def write_report(result: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write report.json, report.md and the PNG plots into ``out_dir``; returns {name: path}."""
+    from adapters_zoo.analysis_report import write_report as render  # matplotlib only when asked
+
+    return render(result, out_dir)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def register_cli(subparsers) -> None:
+    """Add ``specfuse analyze`` to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "analyze",
+        help="spectral comparison of a base and a tuned checkpoint (or base + adapter), with plots",
+        description="Per linear layer: singular-value ratios, share of ‖ΔW‖² in the base's top-k "
+        "directions, principal angles of the top-k subspaces (arXiv 2505.23099).",
+    )
+    p.add_argument("base_dir", metavar="BASE_DIR")
+    p.add_argument("tuned_dir", metavar="TUNED_DIR", nargs="?", help="omit with --adapter")
+    p.add_argument("--out", required=True, metavar="DIR", help="report.json, report.md and PNGs go here")
+    p.add_argument("--top", type=int, default=32, metavar="K", help="top-k directions (default 32)")
+    p.add_argument("--targets", default=None, help="comma-separated layer names (default: all linear)")
+    p.add_argument("--adapter", default=None, metavar="FILE", help="analyze BASE_DIR + this spectral adapter")
+    p.add_argument("--basis", default=None, metavar="FILE", help="the basis the adapter was trained in")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.set_defaults(func=cmd_analyze)
+
+
+def cmd_analyze(args) -> int:
+    if (args.tuned_dir is None) == (args.adapter is None):
+        raise InvalidConfig("analyze: give TUNED_DIR or --adapter FILE (exactly one)")
+    result = analyze(
+        args.base_dir,
+        args.tuned_dir,
+        adapter_file=args.adapter,
+        basis_file=args.basis,
+        top_k=args.top,
+        targets=args.targets,
+        progress=True,  # tqdm writes to stderr, so --json output stays clean
+    )
+    paths = write_report(result, args.out)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "meta": result["meta"],
+                    "summary": result["summary"],
+                    "files": {k: str(v) for k, v in paths.items()},
+                },
+                indent=1,
+            )
+        )
+    else:
+        from adapters_zoo.analysis_report import findings
+
+        for line in findings(result):
+            print(line)
+        print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0

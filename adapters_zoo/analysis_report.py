@@ -1,0 +1,265 @@
+"""Render an :func:`adapters_zoo.analysis.analyze` result: report.json, report.md, PNG plots.
+
+Plots use matplotlib's Agg backend (no display); each shows the mean over layers with the
+10–90% band across layers. Kept apart from the analysis so the math never imports matplotlib.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import torch
+
+from adapters_zoo.analysis import PROFILE_BINS, k_grid, layer_metric
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) >= 1):
+        return str(int(v))
+    return f"{v:.{digits}g}"
+
+
+def findings(result: dict) -> list[str]:
+    """Plain-language lines on the paper's three claims, from the summary means."""
+    s = result["summary"]["all"]
+
+    def mean(name: str):
+        return s[name]["mean"] if s.get(name) else None
+
+    k = result["meta"]["top_k"]
+    top, tail = mean("sigma.top_ratio_mean"), mean("sigma.tail_ratio_mean")
+    top_rc, tail_rc = mean("sigma.top_rel_change"), mean("sigma.tail_rel_change")
+    share, rand = mean("share.two_sided"), mean("share_random.two_sided")
+    lines = [
+        f"Top-{k} singular values: mean ratio tuned/base {_fmt(top)} "
+        f"({_fmt(mean('sigma.top_amplified_frac'))} of them grew); rest of the spectrum {_fmt(tail)}. "
+        f"Relative change of σ: top {_fmt(top_rc)}, rest {_fmt(tail_rc)}.",
+        f"Share of ‖ΔW‖² in the base's top-{k} directions: two-sided {_fmt(share)} "
+        f"(a random ΔW: {_fmt(rand)}), left {_fmt(mean('share.left'))}, right {_fmt(mean('share.right'))}.",
+        f"Two-sided share reaches 50% / 80% / 90% at median k = "
+        f"{_fmt(_median(s, 'k_for_share.0.5'))} / {_fmt(_median(s, 'k_for_share.0.8'))} / "
+        f"{_fmt(_median(s, 'k_for_share.0.9'))}; ΔW's own rank for 90% of its energy: "
+        f"median {_fmt(_median(s, 'delta_rank_for_share.0.9'))}.",
+        f"Principal angles of the top-{k} subspaces: left mean {_fmt(mean('angles.left_mean'))}°, "
+        f"max {_fmt(s['angles.left_max']['max'] if s.get('angles.left_max') else None)}°; right mean "
+        f"{_fmt(mean('angles.right_mean'))}°, max "
+        f"{_fmt(s['angles.right_max']['max'] if s.get('angles.right_max') else None)}°.",
+    ]
+    return lines
+
+
+def _median(summary: dict, name: str):
+    return summary[name]["median"] if summary.get(name) else None
+
+
+def _markdown(result: dict, plots: list[str]) -> str:
+    meta, layers, summary = result["meta"], result["layers"], result["summary"]
+    other = meta["tuned_dir"] or f"{meta['base_dir']} + adapter {meta['adapter_file']}"
+    out = [
+        "# Spectral analysis",
+        "",
+        f"Base `{meta['base_dir']}` vs tuned `{other}`; {meta['n_layers']} layers, top_k = {meta['top_k']}, "
+        f"targets {','.join(meta['targets'])}. Claims tested: SpecLoRA, {meta['paper']}.",
+        "",
+        "## Findings",
+        "",
+        *[f"- {line}" for line in findings(result)],
+        "",
+        "## Summary over layers",
+        "",
+        "| metric | mean | median | min | max |",
+        "|---|---|---|---|---|",
+    ]
+    for name, st in summary["all"].items():
+        if st:
+            out.append(
+                f"| {name} | {_fmt(st['mean'])} | {_fmt(st['median'])} | {_fmt(st['min'])} | "
+                f"{_fmt(st['max'])} |"
+            )
+    cols = [
+        "rel_delta", "sigma.top_ratio_mean", "sigma.tail_ratio_mean", "share.two_sided", "share.left",
+        "share.right", "k_for_share.0.9", "angles.left_mean", "angles.right_mean",
+    ]  # fmt: skip
+    out += [
+        "",
+        "## By module type (means)",
+        "",
+        "| type | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for t, st in summary["by_type"].items():
+        out.append(f"| {t} | " + " | ".join(_fmt(st[c]["mean"] if st[c] else None) for c in cols) + " |")
+    out += [
+        "",
+        "## Per layer",
+        "",
+        "| layer | shape | " + " | ".join(cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    for name, lay in layers.items():
+        vals = []
+        for c in cols:
+            group, _, key = c.partition(".") if "." in c else ("", "", c)
+            vals.append(_fmt(layer_metric(lay, group, key)))
+        out.append(f"| {name} | {lay['shape'][0]}×{lay['shape'][1]} | " + " | ".join(vals) + " |")
+    out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    out += [
+        "Definitions: ratio = σ_tuned[i] / σ_base[i] by index; shares are fractions of ‖ΔW‖_F² "
+        "(two-sided ‖U_kᵀΔWV_k‖², left ‖U_kᵀΔW‖², right ‖ΔWV_k‖²); k_for_share.t = smallest k whose "
+        "two-sided share ≥ t; delta_rank_for_share.0.9 = rank ΔW itself needs for 90% of its energy; "
+        "angles = principal angles between the base and tuned top-k singular subspaces.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def _padded(rows: list[list], width: int) -> torch.Tensor:
+    """Rows of unequal length (None = missing) -> (n, width) float tensor padded with NaN."""
+    t = torch.full((len(rows), width), math.nan, dtype=torch.float64)
+    for i, row in enumerate(rows):
+        vals = [math.nan if v is None else v for v in row[:width]]
+        t[i, : len(vals)] = torch.tensor(vals, dtype=torch.float64)
+    return t
+
+
+def _band(ax, x, rows: torch.Tensor, label: str, color: str) -> None:
+    """Mean line with the 10–90% band across layers (NaNs ignored)."""
+    mean = torch.nanmean(rows, 0)
+    lo, hi = torch.nanquantile(rows, 0.1, 0), torch.nanquantile(rows, 0.9, 0)
+    ax.plot(x, mean.numpy(), color=color, label=label)
+    ax.fill_between(x, lo.numpy(), hi.numpy(), color=color, alpha=0.2)
+
+
+def _plots(result: dict, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(result["layers"].values())
+    if not layers:
+        return []
+    k = max(lay["k"] for lay in layers)
+    written: list[str] = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+
+    # 1. σ ratio by index in the top-k, and over the whole spectrum
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    x = list(range(1, k + 1))
+    _band(a1, x, _padded([lay["sigma_ratio_topk"] for lay in layers], k), "mean over layers", "C0")
+    a1.axhline(1.0, color="grey", lw=0.8, ls="--")
+    a1.set(xlabel="singular value index i", ylabel="σ_tuned[i] / σ_base[i]", title=f"top-{k} singular values")
+    a1.legend()
+    xb = [(b + 0.5) / PROFILE_BINS for b in range(PROFILE_BINS)]
+    _band(
+        a2,
+        xb,
+        _padded([lay["sigma_ratio_profile"] for lay in layers], PROFILE_BINS),
+        "mean over layers",
+        "C1",
+    )
+    a2.axhline(1.0, color="grey", lw=0.8, ls="--")
+    a2.set(xlabel="position in spectrum (i / rank)", ylabel="mean σ ratio in bin", title="whole spectrum")
+    save(fig, "sigma_ratio.png")
+
+    # 2. share of ‖ΔW‖² vs k, against a random ΔW
+    with_delta = [lay for lay in layers if lay["share_curve"]["two_sided"] is not None]
+    if with_delta:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        rank = max(lay["rank"] for lay in with_delta)
+        grid = k_grid(k, rank)
+        for key, color in (("two_sided", "C0"), ("left", "C1"), ("right", "C2")):
+            rows = [_on_grid(lay["share_curve"]["k"], lay["share_curve"][key], grid) for lay in with_delta]
+            _band(ax, grid, _padded(rows, len(grid)), key, color)
+        rand = [
+            statistics.fmean(
+                min(g, lay["rank"]) ** 2 / (lay["shape"][0] * lay["shape"][1]) for lay in with_delta
+            )
+            for g in grid
+        ]
+        ax.plot(grid, rand, color="grey", ls="--", label="two-sided, random ΔW")
+        ax.axvline(k, color="grey", lw=0.8, ls=":")
+        ax.set(
+            xscale="log",
+            xlabel="k (base top-k directions)",
+            ylabel="share of ‖ΔW‖²",
+            ylim=(0, 1.02),
+            title="where the change lives in the base basis",
+        )
+        ax.legend()
+        save(fig, "energy_share.png")
+
+    # 3. principal angles by index
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    _band(ax, x, _padded([lay["angles_left_deg"] for lay in layers], k), "left (U)", "C0")
+    _band(ax, x, _padded([lay["angles_right_deg"] for lay in layers], k), "right (V)", "C2")
+    ax.set(xlabel="principal angle index", ylabel="degrees", title=f"base vs tuned top-{k} subspaces")
+    ax.legend()
+    save(fig, "principal_angles.png")
+
+    # 4. per layer: share and mean angle
+    names = list(result["layers"])
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(7, 0.22 * len(names)), 6), sharex=True)
+    pos = list(range(len(names)))
+    a1.bar(pos, [lay["share"]["two_sided"] or 0 for lay in layers], color="C0", label="two-sided")
+    a1.plot(pos, [lay["share"]["left"] or 0 for lay in layers], "o", ms=3, color="C1", label="left")
+    a1.plot(pos, [lay["share"]["right"] or 0 for lay in layers], "o", ms=3, color="C2", label="right")
+    a1.set(ylabel=f"share of ‖ΔW‖² in top-{k}", ylim=(0, 1.02))
+    a1.legend(fontsize=7)
+    a2.bar(pos, [lay["angles"]["left_mean"] for lay in layers], width=0.4, color="C0", label="left")
+    a2.bar(
+        [p + 0.4 for p in pos],
+        [lay["angles"]["right_mean"] for lay in layers],
+        width=0.4,
+        color="C2",
+        label="right",
+    )
+    a2.set(ylabel="mean principal angle (°)")
+    a2.set_xticks(pos, names, rotation=90, fontsize=6)
+    a2.legend(fontsize=7)
+    save(fig, "per_layer.png")
+
+    # 5. the most changed layer's two spectra
+    name, lay = max(result["layers"].items(), key=lambda kv: kv[1]["rel_delta"] or 0)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.plot(x[: lay["k"]], lay["sigma_base_topk"], "o-", ms=3, label="base")
+    ax.plot(x[: lay["k"]], lay["sigma_tuned_topk"], "o-", ms=3, label="tuned")
+    ax.set(xlabel="index", ylabel="σ", title=f"{name} (largest ‖ΔW‖/‖W‖)")
+    ax.legend()
+    save(fig, "top_layer_spectrum.png")
+    return written
+
+
+def _on_grid(ks: list[int], values: list, grid: list[int]) -> list:
+    """A layer's share curve (kept at its own grid) read at ``grid``; beyond its rank it stays flat."""
+    table = dict(zip(ks, values))
+    out, last = [], None
+    for g in grid:
+        if g in table:
+            last = table[g]
+            out.append(last)
+        elif g > ks[-1]:
+            out.append(last)
+        else:
+            out.append(None)
+    return out
+
+
+def write_report(result: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write report.json, report.md and the PNG plots into ``out_dir``; returns {name: path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = _plots(result, out)
+    (out / "report.json").write_text(json.dumps(result, indent=1))
+    (out / "report.md").write_text(_markdown(result, plots))
+    return {name: out / name for name in ["report.json", "report.md", *plots]}

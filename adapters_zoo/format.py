@@ -1,0 +1,256 @@
+"""The adapter: its in-memory form and its safetensors file.
+
+File layout: one tensor per (layer, parameter), keyed ``{layer}.{param}`` (parameter
+names never contain a dot), and string metadata:
+
+    format            "specfuse-adapter"
+    format_version    "1"
+    kind              scale | svft | rotation | additive | lora | core
+    config            the kind's config, JSON
+    base_fingerprint  fingerprint of the base weights the basis was computed from
+    basis_k           the basis rank (an integer, or "full")
+    target_layers     JSON list of layer names
+    meta              JSON object: name, provenance, metrics (free-form)
+
+Loading validates all of it (and, given the basis, every shape and the fingerprint) and
+raises typed errors that name what is wrong; a truncated, corrupt or foreign file never
+surfaces as a traceback from inside torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+
+from adapters_zoo.basis import Basis, parse_rank
+from adapters_zoo.errors import AdapterFormatError, IncompatibleAdapter, InvalidConfig
+from adapters_zoo.kinds import get_kind
+from adapters_zoo.kinds.base import Kind, config_to_dict
+
+ADAPTER_FORMAT = "specfuse-adapter"
+ADAPTER_FORMAT_VERSION = "1"
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INT_DTYPES = (torch.int64, torch.int32)
+
+
+@dataclass
+class Adapter:
+    kind: str
+    config: dict[str, Any]
+    base_fingerprint: str
+    basis_k: int | str
+    params: dict[str, dict[str, torch.Tensor]]  # layer -> param name -> tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def kind_impl(self) -> Kind:
+        return get_kind(self.kind)
+
+    @cached_property
+    def cfg(self) -> Any:
+        return self.kind_impl.config(self.config)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.params)
+
+    def core(self, layer: str, basis: Basis) -> torch.Tensor | None:
+        """C (k, k) of this layer, or None when the adapter has no part in the basis."""
+        return self.kind_impl.core(self.params[layer], basis[layer], self.cfg)
+
+    def residual(self, layer: str, basis: Basis) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B (out, q), A (q, in)) of this layer, or None."""
+        return self.kind_impl.residual(self.params[layer], basis[layer], self.cfg)
+
+    def delta(self, layer: str, basis: Basis) -> torch.Tensor:
+        """The dense ΔW (out, in) = U_k C V_kᵀ + B A. For tests and dense merges only."""
+        lb = basis[layer]
+        dw = torch.zeros(lb.out_features, lb.in_features, dtype=lb.U.dtype, device=lb.U.device)
+        core = self.core(layer, basis)
+        if core is not None:
+            dw = dw + lb.U @ core.to(lb.U) @ lb.V.T
+        res = self.residual(layer, basis)
+        if res is not None:
+            dw = dw + res[0].to(lb.U) @ res[1].to(lb.U)
+        return dw
+
+    def num_params(self, basis: Basis | None = None) -> int:
+        """Trainable parameter count (frozen tensors such as sparse indices excluded)."""
+        frozen = self.kind_impl.frozen
+        return sum(t.numel() for p in self.params.values() for n, t in p.items() if n not in frozen)
+
+    def check_against(self, basis: Basis) -> None:
+        """Raise IncompatibleAdapter / AdapterFormatError unless this adapter fits ``basis``."""
+        if self.base_fingerprint != basis.fingerprint:
+            raise IncompatibleAdapter(
+                f"adapter was trained on base {self.base_fingerprint}, but this basis is of base {basis.fingerprint}"
+            )
+        if str(self.basis_k) != str(basis.rank):
+            raise IncompatibleAdapter(f"adapter expects a basis of k={self.basis_k}, this basis has k={basis.rank}")
+        unknown = [n for n in self.params if n not in basis.layers]
+        if unknown:
+            raise IncompatibleAdapter(f"adapter layer {unknown[0]!r} is not in the basis")
+        for layer, params in self.params.items():
+            try:
+                self.kind_impl.check_params(params, basis[layer], self.cfg, layer)
+            except InvalidConfig as err:
+                raise AdapterFormatError(f"layer {layer}: {err}") from err
+
+
+def _meta_strings(adapter: Adapter) -> dict[str, str]:
+    return {
+        "format": ADAPTER_FORMAT,
+        "format_version": ADAPTER_FORMAT_VERSION,
+        "kind": adapter.kind,
+        "config": json.dumps(adapter.config, sort_keys=True),
+        "base_fingerprint": adapter.base_fingerprint,
+        "basis_k": str(adapter.basis_k),
+        "target_layers": json.dumps(adapter.layers),
+        "meta": json.dumps(adapter.meta, sort_keys=True, default=str),
+    }
+
+
+def _flat_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+    return {
+        f"{layer}.{name}": t.detach().to("cpu").contiguous()
+        for layer, params in adapter.params.items()
+        for name, t in params.items()
+    }
+
+
+def adapter_to_bytes(adapter: Adapter) -> bytes:
+    return save_bytes(_flat_tensors(adapter), metadata=_meta_strings(adapter))
+
+
+def save_adapter(adapter: Adapter, path: str | Path) -> Path:
+    """Write atomically (temp file, fsync, rename): a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = adapter_to_bytes(adapter)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return path
+
+
+def _from_parts(meta: dict[str, str] | None, tensors: dict[str, torch.Tensor], origin: str) -> Adapter:
+    meta = meta or {}
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise AdapterFormatError(f"{origin}: not a specfuse adapter (no '{ADAPTER_FORMAT}' metadata)")
+    if meta.get("format_version") != ADAPTER_FORMAT_VERSION:
+        raise AdapterFormatError(
+            f"{origin}: adapter format version {meta.get('format_version')!r} is not supported "
+            f"(this specfuse reads {ADAPTER_FORMAT_VERSION})"
+        )
+    for key in ("kind", "config", "base_fingerprint", "basis_k", "target_layers"):
+        if key not in meta:
+            raise AdapterFormatError(f"{origin}: metadata field {key!r} is missing")
+    kind = get_kind(meta["kind"])  # UnknownKind names the known ones
+    try:
+        config = json.loads(meta["config"])
+        layers = json.loads(meta["target_layers"])
+        extra = json.loads(meta.get("meta", "{}"))
+    except json.JSONDecodeError as err:
+        raise AdapterFormatError(f"{origin}: metadata is not valid JSON ({err})") from err
+    if not isinstance(config, dict) or not isinstance(layers, list) or not isinstance(extra, dict):
+        raise AdapterFormatError(f"{origin}: metadata config/target_layers/meta have the wrong types")
+    try:
+        kind.config(config)
+        basis_k = parse_rank(meta["basis_k"])
+    except InvalidConfig as err:
+        raise AdapterFormatError(f"{origin}: bad {kind.name} config: {err}") from err
+    if not layers:
+        raise AdapterFormatError(f"{origin}: adapter has no target layers")
+
+    params: dict[str, dict[str, torch.Tensor]] = {layer: {} for layer in layers}
+    for key, t in tensors.items():
+        layer, _, name = key.rpartition(".")
+        if layer not in params:
+            raise AdapterFormatError(f"{origin}: tensor {key!r} belongs to no target layer")
+        if name in kind.frozen:
+            if t.dtype not in INT_DTYPES:
+                raise AdapterFormatError(f"{origin}: tensor {key} must be integer, got {t.dtype}")
+            t = t.to(torch.int64)
+        else:
+            if t.dtype not in FLOAT_DTYPES:
+                raise AdapterFormatError(f"{origin}: tensor {key} must be floating point, got {t.dtype}")
+            if not torch.isfinite(t).all():
+                raise AdapterFormatError(f"{origin}: tensor {key} has NaN or infinite values")
+            t = t.to(torch.float32)
+        params[layer][name] = t
+    empty = [layer for layer, p in params.items() if not p]
+    if empty:
+        raise AdapterFormatError(f"{origin}: target layer {empty[0]!r} has no tensors")
+    return Adapter(kind.name, config, meta["base_fingerprint"], basis_k, params, extra)
+
+
+def load_adapter(path: str | Path, basis: Basis | None = None) -> Adapter:
+    """Read and validate an adapter file (and check it against ``basis`` when given)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFormatError(f"{path}: adapter file not found")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise AdapterFormatError(f"{path}: not a readable safetensors file (truncated or corrupt: {err})") from err
+    adapter = _from_parts(meta, tensors, str(path))
+    if basis is not None:
+        adapter.check_against(basis)
+    return adapter
+
+
+def adapter_from_bytes(data: bytes, basis: Basis | None = None, origin: str = "upload") -> Adapter:
+    """Parse an adapter from bytes (HTTP uploads, registry blobs), with the same checks."""
+    if len(data) < 8:
+        raise AdapterFormatError(f"{origin}: {len(data)} bytes is too short to be a safetensors file")
+    try:
+        header_len = int.from_bytes(data[:8], "little")
+        if header_len <= 0 or 8 + header_len > len(data):
+            raise AdapterFormatError(f"{origin}: truncated safetensors file (header of {header_len} bytes)")
+        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__")
+        tensors = load_bytes(data)
+    except AdapterFormatError:
+        raise
+    except (SafetensorError, ValueError, RuntimeError, UnicodeDecodeError, AttributeError) as err:
+        raise AdapterFormatError(f"{origin}: not a readable safetensors file (truncated or corrupt: {err})") from err
+    adapter = _from_parts(meta, tensors, origin)
+    if basis is not None:
+        adapter.check_against(basis)
+    return adapter
+
+
+def new_adapter(kind: str, config: dict[str, Any] | None, basis: Basis, layers: list[str] | None = None,
+                meta: dict[str, Any] | None = None) -> Adapter:
+    """A freshly initialised adapter (the identity) on ``layers`` of ``basis``."""
+    impl = get_kind(kind)
+    cfg = impl.config(config)
+    layers = layers or basis.layer_names()
+    params = {layer: impl.init_params(basis[layer], cfg, layer) for layer in layers}
+    return Adapter(impl.name, config_to_dict(cfg), basis.fingerprint, basis.rank, params, dict(meta or {}))
+
+
+def count_params(kind: str, config: dict[str, Any] | None, shapes: dict[str, tuple[int, int, int]]) -> int:
+    """Trainable parameters of ``kind`` over layers given as name -> (out, in, k)."""
+    impl = get_kind(kind)
+    cfg = impl.config(config)
+    return sum(impl.count_params(o, i, k, cfg) for o, i, k in shapes.values())
+
+
+def file_size_bytes(adapter: Adapter) -> int:
+    return len(adapter_to_bytes(adapter))
+
+
