@@ -9,7 +9,9 @@ from adapters_zoo.kinds.rotation import RotationKind
 from adapters_zoo.kinds.scale import ScaleKind
 from adapters_zoo.kinds.svft import SvftKind
 
-KINDS: dict[str, Kind] = {k.name: k for k in (ScaleKind(), SvftKind(), RotationKind(), AdditiveKind(), LoraKind(), CoreKind())}
+KINDS: dict[str, Kind] = {
+    k.name: k for k in (ScaleKind(), SvftKind(), RotationKind(), AdditiveKind(), LoraKind(), CoreKind())
+}
 TRAINABLE_KINDS = ("scale", "svft", "rotation", "additive", "lora")
 
 
