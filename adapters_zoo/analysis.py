@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from adapters_zoo.checkpoint import Checkpoint, LayerSpec, parse_targets
-from adapters_zoo.errors import IncompatibleAdapter, InvalidConfig, ModelDirError
+from adapters_zoo.errors import BasisMismatch, IncompatibleAdapter, InvalidConfig, ModelDirError
 
 SHARE_THRESHOLDS = (0.5, 0.8, 0.9)
 PROFILE_BINS = 10  # the whole spectrum, index-normalised, so layers of any size average
@@ -100,9 +100,7 @@ def analyze_delta(
     Returns plain Python numbers and lists (JSON-ready); shares are None when ΔW = 0.
     """
     if W_base.ndim != 2 or W_base.shape != delta.shape:
-        raise IncompatibleAdapter(
-            f"weight shape {tuple(W_base.shape)} and delta shape {tuple(delta.shape)} differ"
-        )
+        raise IncompatibleAdapter(f"weight shape {tuple(W_base.shape)} and delta shape {tuple(delta.shape)} differ")
     if top_k < 1:
         raise InvalidConfig(f"top_k must be ≥ 1, got {top_k}")
     W = W_base.to(torch.float64)
@@ -241,10 +239,7 @@ def summarize(layers: dict[str, dict]) -> dict:
     """mean/median/min/max of every SUMMARY_METRICS scalar, over all layers and per module type."""
 
     def over(names: list[str]) -> dict:
-        return {
-            metric_name(g, k): _stats([layer_metric(layers[n], g, k) for n in names])
-            for g, k in SUMMARY_METRICS
-        }
+        return {metric_name(g, k): _stats([layer_metric(layers[n], g, k) for n in names]) for g, k in SUMMARY_METRICS}
 
     by_type: dict[str, list[str]] = {}
     for name in layers:
@@ -280,35 +275,39 @@ def _matching_layers(base: Checkpoint, tuned: Checkpoint, targets) -> list[Layer
     return base_specs
 
 
-def _adapter_deltas(base: Checkpoint, adapter_file: str | Path, basis_file: str | Path | None):
-    """(layer specs, delta_of(spec, W_base)) for a base plus a spectral adapter file."""
-    # Imported here: the adapter format depends on kinds/, which the plain two-checkpoint
-    # comparison never needs.
+def _adapter_deltas(base: Checkpoint, adapter_file: str | Path, basis_file: str | Path | None, targets):
+    """(layer specs, delta_of(spec, W_base)) for base + a spectral adapter trained in ``basis_file``."""
+    # Imported here: the adapter format pulls in kinds/, which comparing two checkpoints never needs.
     from adapters_zoo.basis import load_basis
     from adapters_zoo.format import load_adapter
 
-    adapter = load_adapter(adapter_file)
     if basis_file is None:
-        raise IncompatibleAdapter(
-            f"{adapter_file}: --adapter needs the basis it was trained in (--basis FILE)"
-        )
+        raise IncompatibleAdapter(f"{adapter_file}: --adapter needs the basis it was trained in (--basis FILE)")
     basis = load_basis(basis_file)
-    names = list(adapter.layers)
-    specs = {s.name: s for s in base.linear_layers(names)}
-    missing = [n for n in names if n not in specs]
+    adapter = load_adapter(adapter_file, basis)  # checks fingerprint, k and layers against the basis
+    all_specs = {s.name: s for s in base.linear_layers(None)}
+    missing = [n for n in adapter.layers if n not in all_specs]
     if missing:
         raise IncompatibleAdapter(f"{adapter_file}: layer {missing[0]} is not a linear layer of {base.dir}")
+    wanted = {s.name for s in base.linear_layers(targets)} if targets else set(all_specs)
+    specs = [all_specs[n] for n in adapter.layers if n in wanted]
+    if not specs:
+        raise IncompatibleAdapter(f"{adapter_file}: no adapter layer matches targets {targets}")
 
-    def delta_of(spec: LayerSpec) -> torch.Tensor:
-        d = adapter.delta(spec.name, basis)
-        if tuple(d.shape) != (spec.out_features, spec.in_features):
-            raise IncompatibleAdapter(
-                f"{spec.name}: adapter delta shape {tuple(d.shape)} != "
+    def delta_of(spec: LayerSpec, W: torch.Tensor) -> torch.Tensor:  # W: (out, in) of the base
+        lb = basis[spec.name]
+        if (lb.out_features, lb.in_features) != (spec.out_features, spec.in_features):
+            raise BasisMismatch(
+                f"{spec.name}: basis shape ({lb.out_features}, {lb.in_features}) != "
                 f"({spec.out_features}, {spec.in_features}) in {base.dir}"
             )
-        return d
+        # The basis must be this base's SVD: W V_k = U_k diag(S_k), up to float32 storage.
+        residual = float((W @ lb.V - lb.U * lb.S).norm())
+        if residual > 1e-2 * float(lb.S.norm()):
+            raise BasisMismatch(f"{spec.name}: {basis_file} is not the SVD of this layer in {base.dir}")
+        return _check_finite(adapter.delta(spec.name, basis), f"{adapter_file}: {spec.name}")
 
-    return [specs[n] for n in names], delta_of
+    return specs, delta_of
 
 
 def analyze(
@@ -340,10 +339,7 @@ def analyze(
             W_tuned = _check_finite(tuned.weight(spec), f"{tuned.dir}: {spec.name}")
             return W_tuned.to(torch.float64) - W.to(torch.float64)
     else:
-        specs, adapter_delta = _adapter_deltas(base, adapter_file, basis_file)
-
-        def delta_of(spec: LayerSpec, W: torch.Tensor) -> torch.Tensor:
-            return _check_finite(adapter_delta(spec), f"{adapter_file}: {spec.name}")
+        specs, delta_of = _adapter_deltas(base, adapter_file, basis_file, targets)
 
     layers: dict[str, dict] = {}
     for spec in _progress(specs, progress, "analyze"):

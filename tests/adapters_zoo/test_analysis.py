@@ -11,15 +11,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapters_zoo.analysis import analyze, analyze_delta, analyze_pair, principal_angles, register_cli
-from adapters_zoo.errors import ModelDirError
+from adapters_zoo.errors import BasisMismatch, IncompatibleAdapter, ModelDirError
 
 OUT, IN, K = 48, 32, 6
 
 
 def _orthonormal(n: int, m: int, seed: int) -> torch.Tensor:
-    q, _ = torch.linalg.qr(
-        torch.randn(n, m, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    )
+    q, _ = torch.linalg.qr(torch.randn(n, m, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
     return q  # (n, m)
 
 
@@ -159,9 +157,7 @@ def test_cli_writes_report_and_json(llama_pair, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     register_cli(parser.add_subparsers(dest="command"))
     base, tuned, out = (str(p) for p in (llama_pair / "base", llama_pair / "tuned", tmp_path / "cli"))
-    args = parser.parse_args(
-        ["analyze", base, tuned, "--out", out, "--top", "3", "--targets", "q_proj", "--json"]
-    )
+    args = parser.parse_args(["analyze", base, tuned, "--out", out, "--top", "3", "--targets", "q_proj", "--json"])
     assert args.func(args) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["meta"]["n_layers"] == 2 and printed["meta"]["targets"] == ["q_proj"]
@@ -200,3 +196,40 @@ def test_non_finite_weight_is_refused(llama_pair, tmp_path):
     save_file(tensors, tuned / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelDirError, match=r"model\.layers\.0\.mlp\.up_proj: weight has non-finite"):
         analyze(llama_pair / "base", tuned, progress=False)
+
+
+# ------------------------------------------------------------------ base + spectral adapter
+
+
+def _scale_adapter(model_dir, out_dir, lam: list[float]):
+    from adapters_zoo.basis import compute_basis, save_basis
+    from adapters_zoo.format import new_adapter, save_adapter
+
+    basis = compute_basis(model_dir, len(lam), targets="q_proj", progress=False)
+    adapter = new_adapter("scale", {}, basis)
+    for params in adapter.params.values():
+        params["lam"] = torch.tensor(lam)
+    return save_adapter(adapter, out_dir / "scale.safetensors"), save_basis(basis, out_dir / "basis.safetensors")
+
+
+def test_adapter_mode_measures_the_adapters_rescaling(llama_pair, tmp_path):
+    adapter_file, basis_file = _scale_adapter(llama_pair / "base", tmp_path, [0.5, 0.25, 0.0, 0.0])
+    result = analyze(llama_pair / "base", adapter_file=adapter_file, basis_file=basis_file, top_k=4, progress=False)
+    assert set(result["layers"]) == {f"model.layers.{i}.self_attn.q_proj" for i in range(2)}
+    for lay in result["layers"].values():
+        assert lay["sigma_ratio_topk"] == pytest.approx([1.5, 1.25, 1.0, 1.0], abs=1e-4)
+        assert lay["share"]["two_sided"] == pytest.approx(1.0, abs=1e-5)
+        assert lay["angles"]["left_max"] < 0.1 and lay["angles"]["right_max"] < 0.1
+
+
+def test_adapter_of_another_base_is_refused(llama_pair, tmp_path):
+    _save_llama(tmp_path / "other", seed=1)
+    adapter_file, basis_file = _scale_adapter(tmp_path / "other", tmp_path, [0.5, 0.0])
+    with pytest.raises(BasisMismatch, match=r"model\.layers\.0\.self_attn\.q_proj"):
+        analyze(llama_pair / "base", adapter_file=adapter_file, basis_file=basis_file, progress=False)
+
+
+def test_adapter_mode_needs_the_basis(llama_pair, tmp_path):
+    adapter_file, _ = _scale_adapter(llama_pair / "base", tmp_path, [0.5])
+    with pytest.raises(IncompatibleAdapter, match="--basis"):
+        analyze(llama_pair / "base", adapter_file=adapter_file, progress=False)
