@@ -123,7 +123,9 @@ class Checkpoint:
                 raise ModelDirError(f"{index}: unreadable shard index ({err})") from err
             self._key_to_file = {k: self.dir / f for k, f in weight_map.items()}
         else:
-            shards = sorted(self.dir.glob("*.safetensors"))
+            # model.safetensors when present: a basis or adapter file saved beside it is not a shard
+            single = self.dir / "model.safetensors"
+            shards = [single] if single.is_file() else sorted(self.dir.glob("*.safetensors"))
             if not shards:
                 raise ModelDirError(f"{self.dir}: no *.safetensors weights (pickled .bin is not read)")
             for shard in shards:
@@ -173,6 +175,8 @@ class Checkpoint:
             raise ModelDirError(
                 f"{spec.weight_key}: shape {tuple(w.shape)} != ({spec.out_features}, {spec.in_features})"
             )
+        if not torch.isfinite(w).all():
+            raise ModelDirError(f"{self.dir}: weight {spec.weight_key} has NaN or infinite values")
         return w
 
     def config(self):

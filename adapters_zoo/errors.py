@@ -54,3 +54,7 @@ class IntegrityError(RegistryError):
 
 class InvalidMixture(SpecfuseError, ValueError):
     """A mixture string or weight map that cannot be parsed or is out of bounds."""
+
+
+class TrainingDiverged(SpecfuseError):
+    """Training produced a non-finite loss (learning rate too high, or bad data)."""

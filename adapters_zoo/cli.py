@@ -1,0 +1,328 @@
+"""Foundation commands: ``specfuse basis``, ``train``, ``count-params``, ``inspect``.
+
+    specfuse basis MODEL_DIR --rank K|full [--targets q_proj,v_proj] [--method auto|exact|randomized]
+                   [--out FILE] [--home DIR] [--json]
+    specfuse train MODEL_DIR --kind KIND --data TRAIN.jsonl --out FILE [--basis FILE]
+                   [--rank R --targets ... --steps N --lr X --batch-size B --pattern P --d D --slice A:B
+                    --lora-rank Q --seed S --preserve FILE --kl-weight W --eval FILE --home DIR --json]
+    specfuse count-params CONFIG.json|MODEL_DIR --kind KIND --targets a,b|all-linear
+                   [--rank R|full --pattern P --d D --slice A:B --lora-rank Q --no-gate --json]
+    specfuse inspect ADAPTER.safetensors [--basis FILE] [--json]
+
+``--rank`` is the number of basis directions an adapter acts on (``full``: all of them);
+when ``train`` computes the basis itself, the basis keeps that many directions too
+(``--basis-rank`` asks for a larger basis, e.g. to leave room for ``--slice``).
+Handlers import torch lazily so ``specfuse --help`` stays fast; progress goes to stderr,
+so ``--json`` output on stdout stays clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+FULL_RANK = 10**9  # a kind rank meaning "every direction of the basis" (directions() clips it to k)
+DEFAULT_RANK = "8"
+
+
+def register_cli(subparsers) -> None:
+    _register_basis(subparsers)
+    _register_train(subparsers)
+    _register_count_params(subparsers)
+    _register_inspect(subparsers)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=1, sort_keys=True))
+
+
+def _add_home(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--home", default=None, metavar="DIR",
+                   help="registry home that receives the basis (default: $SPECFUSE_HOME, else ~/.specfuse)")
+
+
+def _add_kind_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("adapter kind")
+    g.add_argument("--kind", required=True, help="scale | svft | rotation | additive | lora")
+    g.add_argument("--rank", default=None, metavar="R|full",
+                   help=f"basis directions adapted, or the LoRA rank for --kind lora (default {DEFAULT_RANK})")
+    g.add_argument("--pattern", default=None, help="svft: plain | banded | random | topk")
+    g.add_argument("--d", type=int, default=None, metavar="D", help="svft: off-diagonals of the pattern")
+    g.add_argument("--slice", default=None, metavar="A:B", help="adapt directions A..B-1 only")
+    g.add_argument("--lora-rank", type=int, default=None, metavar="Q", help="scale: add a LoRA term of rank Q")
+    g.add_argument("--no-gate", action="store_true", help="svft: no gate scalar (the paper's count)")
+
+
+# --------------------------------------------------------------------------- basis
+
+
+def _register_basis(subparsers) -> None:
+    p = subparsers.add_parser("basis", help="compute the spectral basis (top-k SVD) of a model's layers",
+                              description="Streams one weight at a time from the model's safetensors shards.")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--rank", required=True, metavar="K|full", help="directions kept per layer")
+    p.add_argument("--targets", default=None, help="comma-separated layer names (default: all-linear)")
+    p.add_argument("--method", default="auto", choices=["auto", "exact", "randomized"], help="SVD method")
+    p.add_argument("--out", default=None, metavar="FILE", help="default: MODEL_DIR/basis.safetensors")
+    _add_home(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_basis)
+
+
+def basis_summary(basis, path: Path | None) -> dict:
+    energy = list(basis.energy.values())
+    return {
+        "path": str(path) if path else None,
+        "fingerprint": basis.fingerprint,
+        "k": basis.rank,
+        "method": basis.method,
+        "layers": len(basis.layers),
+        "energy_mean": sum(energy) / len(energy) if energy else None,
+        "energy_min": min(energy) if energy else None,
+        "shapes": {name: list(shape) for name, shape in basis.shapes().items()},
+    }
+
+
+def _declare_basis(basis, home: str | None) -> str | None:
+    """Put the basis into the registry when it can hold one (returns where, or None)."""
+    try:
+        from adapters_zoo.registry import Registry
+    except ImportError:
+        return None
+    if not hasattr(Registry, "add_basis"):
+        return None
+    registry = Registry(home)
+    registry.add_basis(basis)
+    return str(getattr(registry, "home", home))
+
+
+def cmd_basis(args) -> int:
+    from adapters_zoo.basis import compute_basis, save_basis
+
+    basis = compute_basis(args.model_dir, args.rank, args.targets, method=args.method)
+    out = Path(args.out) if args.out else Path(args.model_dir) / "basis.safetensors"
+    save_basis(basis, out)
+    registry = _declare_basis(basis, args.home)
+    summary = basis_summary(basis, out) | {"registry": registry}
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"basis of {summary['layers']} layers, k={basis.rank} ({basis.method} SVD), "
+              f"energy kept: mean {summary['energy_mean']:.4f}, min {summary['energy_min']:.4f}")
+        print(f"fingerprint {basis.fingerprint} -> {out}" + (f" (registry {registry})" if registry else ""))
+    return 0
+
+
+# --------------------------------------------------------------------------- kind config from flags
+
+
+def kind_config_from_args(kind_name: str, args) -> dict:
+    """The kind's config dict from the command-line flags; a flag the kind does not have is an error."""
+    from adapters_zoo.errors import InvalidConfig
+    from adapters_zoo.kinds import get_kind
+
+    kind = get_kind(kind_name)
+    fields = {f.name for f in dataclasses.fields(kind.Config)}
+    rank = getattr(args, "rank", None)
+    given = {
+        "rank": None if rank is None else (FULL_RANK if rank == "full" else rank),
+        "pattern": args.pattern,
+        "d": args.d,
+        "slice": args.slice,
+        "lora_rank": args.lora_rank,
+        "gate": False if args.no_gate else None,
+        "seed": getattr(args, "seed", None),
+    }
+    flags = {"lora_rank": "--lora-rank", "gate": "--no-gate"}
+    config = {}
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name not in fields:
+            if name == "seed":
+                continue  # the training seed still seeds batches; this kind just has no init randomness
+            raise InvalidConfig(f"{flags.get(name, '--' + name)} does not apply to kind {kind.name}")
+        config[name] = value
+    if kind.name == "lora" and config.get("rank") == FULL_RANK:
+        raise InvalidConfig("--kind lora needs a numeric --rank (the LoRA rank)")
+    kind.config(config)  # validate now, naming the bad field
+    return config
+
+
+def _basis_rank(args) -> str:
+    """The basis k for ``train`` / ``count-params``: --basis-rank, else --rank, else the slice end, else 8."""
+    if getattr(args, "basis_rank", None):
+        return args.basis_rank
+    if args.rank and args.kind != "lora":
+        return args.rank
+    if args.slice:
+        return args.slice.split(":")[-1]
+    return DEFAULT_RANK
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _register_train(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train one adapter on prompt/completion JSON Lines",
+                              description="Loss on completion tokens only; the base model stays frozen.")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--data", required=True, metavar="TRAIN.jsonl", help='lines of {"prompt": ..., "completion": ...}')
+    p.add_argument("--out", required=True, metavar="FILE", help="adapter file to write (.safetensors)")
+    p.add_argument("--basis", default=None, metavar="FILE", help="basis file (default: computed, saved beside --out)")
+    p.add_argument("--basis-rank", default=None, metavar="K|full", help="k of the computed basis (default: --rank)")
+    p.add_argument("--targets", default=None, help="comma-separated layer names (default: every basis layer)")
+    _add_kind_options(p)
+    t = p.add_argument_group("training")
+    t.add_argument("--steps", type=int, default=100)
+    t.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-2)")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-length", type=int, default=256, help="tokens per example")
+    t.add_argument("--preserve", default=None, metavar="FILE", help="JSONL of prompts to leave unchanged (KL term)")
+    t.add_argument("--kl-weight", type=float, default=1.0)
+    t.add_argument("--eval", default=None, metavar="FILE", help="held-out JSONL: loss before and after")
+    t.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when present")
+    _add_home(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from adapters_zoo.basis import compute_basis, load_basis, save_basis
+    from adapters_zoo.format import save_adapter
+    from adapters_zoo.train import TrainConfig, attached, eval_loss, load_examples, load_model_dir, train_adapter
+
+    # Cheap checks first: a typo fails in a second, before any model is loaded.
+    kind_config = kind_config_from_args(args.kind, args)
+    cfg = TrainConfig(kind=args.kind, kind_config=kind_config, targets=args.targets, steps=args.steps,
+                      batch_size=args.batch_size, seed=args.seed, preserve=args.preserve, kl_weight=args.kl_weight,
+                      max_length=args.max_length, device=args.device)
+    if args.lr is not None:
+        cfg.lr = args.lr
+    cfg.validate()
+    examples = load_examples(args.data)
+    preserve = load_examples(args.preserve, need_completion=False) if args.preserve else None
+    held_out = load_examples(args.eval) if args.eval else None
+    basis = load_basis(args.basis) if args.basis else None
+
+    model, tokenizer = load_model_dir(args.model_dir, args.device)
+    out = Path(args.out)
+    basis_path = Path(args.basis) if args.basis else None
+    if basis is None:
+        basis = compute_basis(args.model_dir, _basis_rank(args), args.targets)
+        basis_path = save_basis(basis, out.with_name(out.stem + ".basis.safetensors"))
+
+    adapter, stats = train_adapter(model, tokenizer, basis, examples, cfg, preserve_examples=preserve)
+    before = after = None
+    if held_out:  # train_adapter hands the model back as its base
+        before = eval_loss(model, tokenizer, held_out, max_length=cfg.max_length)
+        with attached(model, adapter, basis):
+            after = eval_loss(model, tokenizer, held_out, max_length=cfg.max_length)
+        adapter.meta["eval"] = {"file": str(args.eval), "loss_before": before, "loss_after": after}
+    adapter.meta.setdefault("name", out.stem)
+    adapter.meta["base_model"] = str(args.model_dir)
+    save_adapter(adapter, out)
+    registry = _declare_basis(basis, args.home)
+
+    summary = {
+        "path": str(out), "basis": str(basis_path), "kind": adapter.kind, "config": adapter.config,
+        "layers": len(adapter.layers), "stats": dataclasses.asdict(stats),
+        "eval_loss_before": before, "eval_loss_after": after, "registry": registry,
+    }
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"trained {adapter.kind} on {len(adapter.layers)} layers: {stats.trainable_params} parameters, "
+              f"{stats.steps} steps in {stats.seconds:.1f}s, loss {stats.first_loss:.4f} -> {stats.final_loss:.4f}")
+        if held_out:
+            print(f"held-out loss {before:.4f} -> {after:.4f} ({args.eval})")
+        print(f"wrote {out} (basis {basis_path})")
+    return 0
+
+
+# --------------------------------------------------------------------------- count-params
+
+
+def _register_count_params(subparsers) -> None:
+    p = subparsers.add_parser("count-params", help="trainable parameters of an adapter kind on a model config",
+                              description="Reads the config only: the architecture is built on the meta device.")
+    p.add_argument("config", metavar="CONFIG.json|MODEL_DIR")
+    p.add_argument("--targets", required=True, help="comma-separated layer names, or all-linear")
+    _add_kind_options(p)
+    p.add_argument("--json", action="store_true", help="print the counts as JSON")
+    p.set_defaults(func=cmd_count_params)
+
+
+def count_kind_params(config_path: str | Path, kind: str, kind_config: dict, targets: str, rank: str) -> dict:
+    """Trainable parameters of ``kind`` on the target layers of a config (no weights read).
+
+    ``rank`` is the basis k per layer: an integer (capped at min(out, in)) or ``full`` (= min(out, in)).
+    """
+    from adapters_zoo.basis import parse_rank
+    from adapters_zoo.checkpoint import linear_layers, load_config, meta_model
+    from adapters_zoo.format import count_params
+
+    k = parse_rank(rank)
+    specs = linear_layers(meta_model(load_config(config_path)), targets)
+    per_layer = {}
+    for spec in specs:
+        layer_k = min(spec.out_features, spec.in_features)
+        if k != "full":
+            layer_k = min(k, layer_k)
+        per_layer[spec.name] = count_params(kind, kind_config, {spec.name: (spec.out_features, spec.in_features,
+                                                                             layer_k)})
+    by_type: dict[str, int] = {}
+    for name, n in per_layer.items():
+        leaf = name.rsplit(".", 1)[-1]
+        by_type[leaf] = by_type.get(leaf, 0) + n
+    return {"kind": kind, "config": kind_config, "k": k, "layers": len(specs), "total": sum(per_layer.values()),
+            "by_type": by_type, "per_layer": per_layer}
+
+
+def cmd_count_params(args) -> int:
+    kind_config = kind_config_from_args(args.kind, args)
+    rank = "full" if args.kind == "lora" else _basis_rank(args)  # lora: --rank is its own rank, no basis
+    result = count_kind_params(args.config, args.kind, kind_config, args.targets, rank)
+    if args.json:
+        _print_json(result)
+    else:
+        for leaf, n in result["by_type"].items():
+            print(f"{leaf:>24} {n:>14,}")
+        print(f"{'total':>24} {result['total']:>14,}  ({args.kind}, k={result['k']}, {result['layers']} layers)")
+    return 0
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def _register_inspect(subparsers) -> None:
+    p = subparsers.add_parser("inspect", help="validate an adapter file and show its kind, layers and metadata")
+    p.add_argument("adapter", metavar="ADAPTER.safetensors")
+    p.add_argument("--basis", default=None, metavar="FILE", help="also check the adapter against this basis")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_inspect(args) -> int:
+    from adapters_zoo.basis import load_basis
+    from adapters_zoo.format import load_adapter
+
+    basis = load_basis(args.basis) if args.basis else None
+    adapter = load_adapter(args.adapter, basis)
+    info = {
+        "path": str(args.adapter), "kind": adapter.kind, "config": adapter.config,
+        "base_fingerprint": adapter.base_fingerprint, "basis_k": adapter.basis_k, "layers": len(adapter.layers),
+        "params": adapter.num_params(), "meta": adapter.meta, "checked_against_basis": basis is not None,
+    }
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"{adapter.kind} adapter, {info['layers']} layers, {info['params']:,} parameters, "
+              f"basis k={adapter.basis_k}, base {adapter.base_fingerprint}")
+        print(f"config {json.dumps(adapter.config, sort_keys=True)}")
+        if basis is not None:
+            print("matches the basis")
+    return 0

@@ -1,0 +1,386 @@
+"""Train one spectral adapter on prompt/completion pairs.
+
+    W' = W + U_k C(θ) V_kᵀ (+ B(θ) A(θ))        θ: the kind's native parameters
+
+The target layers of any transformers causal LM (Llama-, Qwen-, GPT-2-style) are wrapped
+with :func:`adapters_zoo.inject.attach`; the base is frozen, so gradients reach exactly
+the adapter parameters. The loss is the mean cross-entropy over completion tokens only
+(labels −100 on the prompt and on padding), optionally plus ``kl_weight · KL(base ‖
+adapted)`` on *preserve* prompts the adapter must leave alone. AdamW, linear warmup then
+cosine decay to 0, gradient clipping at 1, seeded batches.
+
+The base runs in eval mode (dropout off) during training: the adapter has few
+parameters, and the KL term then compares the base and adapted models like for like.
+
+Training data are JSON Lines ``{"prompt": ..., "completion": ...}``; every problem with
+a file is a :class:`TrainingDataError` naming the file and line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from adapters_zoo.basis import Basis, check_basis_matches_model, default_device
+from adapters_zoo.checkpoint import linear_layers
+from adapters_zoo.errors import BasisMismatch, InvalidConfig, ModelDirError, TrainingDataError, TrainingDiverged
+from adapters_zoo.format import Adapter, new_adapter
+from adapters_zoo.inject import SpectralLinear, adapter_parameters, attach, detach, extract
+
+IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss there
+LOSS_WINDOW = 10  # final_loss is the mean over this many last steps (one batch is noisy)
+
+Example = dict[str, str]
+
+
+@dataclass
+class TrainConfig:
+    kind: str = "scale"
+    kind_config: dict[str, Any] = field(default_factory=dict)  # the kind's own fields (rank, slice, pattern, ...)
+    targets: str | list[str] | None = None  # layer names within the basis; None: every layer of the basis
+    steps: int = 100
+    lr: float = 1e-2  # adapters start at the identity with few parameters: larger than full fine-tuning
+    batch_size: int = 8
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0  # decay pulls toward 0, which is not the identity for every kind (rotation's c)
+    seed: int = 0
+    preserve: str | None = None  # JSONL of prompts whose next-token distributions must stay the base's
+    kl_weight: float = 1.0
+    max_length: int = 256  # tokens per example (prompt + completion); longer completions are cut
+    device: str | None = None  # None: cuda when present, else cpu
+
+    def validate(self) -> None:
+        checks = [
+            (self.steps >= 1, f"steps must be ≥ 1, got {self.steps}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}"),
+            (self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size}"),
+            (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
+            (self.weight_decay >= 0, f"weight_decay must be ≥ 0, got {self.weight_decay}"),
+            (self.kl_weight >= 0, f"kl_weight must be ≥ 0, got {self.kl_weight}"),
+            (self.max_length >= 2, f"max_length must be ≥ 2, got {self.max_length}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidConfig(message)
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    first_loss: float  # completion loss of the first batch
+    final_loss: float  # mean completion loss over the last LOSS_WINDOW steps
+    final_kl: float | None  # mean KL(base ‖ adapted) over the last LOSS_WINDOW steps, with --preserve
+    seconds: float
+    trainable_params: int
+    examples: int
+    truncated: int  # examples whose completion was cut at max_length
+    device: str
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_examples(path: str | Path, need_completion: bool = True) -> list[Example]:
+    """Read a JSON Lines file of ``{"prompt", "completion"}`` objects, checking every line.
+
+    With ``need_completion=False`` (preserve files) only ``prompt`` is required.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingDataError(f"{path}: training file not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise TrainingDataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    keys = ("prompt", "completion") if need_completion else ("prompt",)
+    examples = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TrainingDataError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise TrainingDataError(
+                f"{path}:{lineno}: expected an object with {' and '.join(map(repr, keys))}, "
+                f"got {type(record).__name__}"
+            )
+        for key in keys:
+            if key not in record:
+                raise TrainingDataError(f"{path}:{lineno}: missing key {key!r}")
+        for key in ("prompt", "completion"):
+            if key in record and not isinstance(record[key], str):
+                raise TrainingDataError(
+                    f"{path}:{lineno}: {key!r} must be a string, got {type(record[key]).__name__}"
+                )
+        if need_completion and not record["completion"]:
+            raise TrainingDataError(f"{path}:{lineno}: 'completion' is empty (the loss is on the completion)")
+        examples.append({k: record[k] for k in ("prompt", "completion") if k in record})
+    if not examples:
+        raise TrainingDataError(f"{path}: no examples (the file is empty)")
+    return examples
+
+
+def encode_example(tokenizer, example: Example, max_length: int) -> tuple[list[int], list[int], bool]:
+    """(input ids, labels, truncated): labels are −100 on the prompt, the completion's ids on it."""
+    prompt = tokenizer(example["prompt"])["input_ids"]  # with the tokenizer's BOS, as at inference
+    completion = tokenizer(example.get("completion", ""), add_special_tokens=False)["input_ids"]
+    if len(prompt) >= max_length:
+        raise TrainingDataError(
+            f"a prompt of {len(prompt)} tokens leaves no room for its completion within max_length={max_length}: "
+            f"{example['prompt'][:60]!r}"
+        )
+    ids = (prompt + completion)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt) + completion)[:max_length]
+    return ids, labels, len(prompt) + len(completion) > max_length
+
+
+def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask / labels, each (B, T)."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        attention_mask[i, : len(ids)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _pad_id(tokenizer) -> int:
+    for pad in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if pad is not None:
+            return pad
+    return 0  # padded positions are masked out and carry no loss: any id works
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def _logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return out.logits.float()  # (B, T, vocab)
+
+
+def completion_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy over completion tokens, their count); token t predicts labels[t + 1]."""
+    pred, target = logits[:, :-1], labels[:, 1:]  # (B, T-1, vocab), (B, T-1)
+    loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    return loss, int((target != IGNORE_INDEX).sum())
+
+
+def kl_base_to_adapted(base_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens of KL(p_base ‖ p_adapted) = Σ p_base (log p_base − log p_adapted)."""
+    log_p = F.log_softmax(base_logits, dim=-1)  # (B, T, vocab)
+    log_q = F.log_softmax(logits, dim=-1)  # (B, T, vocab)
+    kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)  # (B, T)
+    mask = mask.to(kl.dtype)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: torch.nn.Module):
+    """Run ``model`` as its base: every SpectralLinear is swapped for its base layer, then put back."""
+    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, SpectralLinear)]
+    for name, module in wrapped:
+        model.set_submodule(name, module.base_layer)
+    try:
+        yield model
+    finally:
+        for name, module in wrapped:
+            model.set_submodule(name, module)
+
+
+@contextlib.contextmanager
+def attached(model: torch.nn.Module, adapter: Adapter, basis: Basis):
+    """``model`` with ``adapter`` attached for the block, then restored to its base."""
+    attach(model, adapter, basis)
+    try:
+        yield model
+    finally:
+        detach(model)
+
+
+@torch.no_grad()
+def eval_loss(model, tokenizer, examples: list[Example], batch_size: int = 16, max_length: int = 256) -> float:
+    """Mean cross-entropy per completion token over ``examples`` (held-out evaluation)."""
+    if not examples:
+        raise TrainingDataError("eval_loss needs at least one example")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(examples), batch_size):
+            rows = [encode_example(tokenizer, ex, max_length)[:2] for ex in examples[start : start + batch_size]]
+            batch = pad_batch(rows, _pad_id(tokenizer), device)
+            loss, n = completion_loss_sum(_logits(model, batch), batch["labels"])
+            total, count = total + float(loss), count + n
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def lr_factor(step: int, steps: int, warmup_ratio: float) -> float:
+    """Linear warmup over ⌈warmup_ratio·steps⌉ steps, then cosine decay toward 0 (step is 0-based)."""
+    warmup = math.ceil(warmup_ratio * steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def target_layers(model: torch.nn.Module, basis: Basis, targets: str | list[str] | None) -> list[str]:
+    """The basis layers selected by ``targets`` (all of them when None), in model order."""
+    if targets is None:
+        return basis.layer_names()
+    wanted = [spec.name for spec in linear_layers(model, targets)]
+    missing = [name for name in wanted if name not in basis.layers]
+    if missing:
+        raise BasisMismatch(
+            f"layer {missing[0]!r} is selected by the targets but not in the basis "
+            f"({len(basis.layers)} layers): compute the basis with these targets"
+        )
+    return wanted
+
+
+class _Batches:
+    """Seeded epochs: each epoch is a fresh permutation of the examples."""
+
+    def __init__(self, rows: list, batch_size: int, gen: torch.Generator):
+        self.rows, self.batch_size, self.gen = rows, min(batch_size, len(rows)), gen
+        self.order: list[int] = []
+
+    def next(self) -> list:
+        if len(self.order) < self.batch_size:
+            self.order += torch.randperm(len(self.rows), generator=self.gen).tolist()
+        picked, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
+        return [self.rows[i] for i in picked]
+
+
+def train_adapter(
+    model: torch.nn.Module,
+    tokenizer,
+    basis: Basis,
+    examples: list[Example],
+    cfg: TrainConfig,
+    preserve_examples: list[Example] | None = None,
+    progress: bool = True,
+) -> tuple[Adapter, TrainStats]:
+    """Train a ``cfg.kind`` adapter on ``examples``; the model is left as it came (moved to the device).
+
+    Raises BasisMismatch when ``basis`` was not computed from ``model``'s weights.
+    """
+    cfg.validate()
+    if not examples:
+        raise TrainingDataError("no training examples")
+    if preserve_examples is None and cfg.preserve:
+        preserve_examples = load_examples(cfg.preserve, need_completion=False)
+    device = torch.device(cfg.device) if cfg.device else default_device()
+    check_basis_matches_model(basis, model)
+    layers = target_layers(model, basis, cfg.targets)
+    adapter = new_adapter(cfg.kind, cfg.kind_config, basis, layers)
+
+    encoded = [encode_example(tokenizer, ex, cfg.max_length) for ex in examples]
+    rows = [(ids, labels) for ids, labels, _ in encoded]
+    truncated = sum(cut for _, _, cut in encoded)
+    preserve_rows = [encode_example(tokenizer, ex, cfg.max_length)[:2] for ex in preserve_examples or []]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batches = _Batches(rows, cfg.batch_size, gen)
+    preserve_batches = _Batches(preserve_rows, cfg.batch_size, gen) if preserve_rows and cfg.kl_weight > 0 else None
+    pad_id = _pad_id(tokenizer)
+
+    was_training = model.training
+    grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.to(device).eval()
+    model.requires_grad_(False)
+    attach(model, adapter, basis)
+    try:
+        params = adapter_parameters(model)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        losses, kls = [], []
+        start = time.perf_counter()
+        bar = tqdm(range(cfg.steps), desc=f"train {cfg.kind}", unit="step", disable=not progress)
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_ratio)
+            batch = pad_batch(batches.next(), pad_id, device)
+            loss_sum, count = completion_loss_sum(_logits(model, batch), batch["labels"])
+            loss = loss_sum / max(count, 1)
+            total = loss
+            if preserve_batches is not None:
+                kept = pad_batch(preserve_batches.next(), pad_id, device)
+                with torch.no_grad(), adapter_disabled(model):
+                    base_logits = _logits(model, kept)
+                kl = kl_base_to_adapted(base_logits, _logits(model, kept), kept["attention_mask"])
+                total = total + cfg.kl_weight * kl
+                kls.append(kl.item())
+            if not torch.isfinite(total):
+                raise TrainingDiverged(f"loss became {float(total)} at step {step + 1}: lower --lr (now {cfg.lr})")
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", **({"kl": f"{kls[-1]:.4f}"} if kls else {}))
+        seconds = time.perf_counter() - start
+        trained = extract(model, adapter)
+    finally:
+        detach(model)
+        for name, p in model.named_parameters():
+            p.requires_grad_(grad_flags.get(name, p.requires_grad))
+        model.train(was_training)
+
+    stats = TrainStats(
+        steps=cfg.steps,
+        first_loss=losses[0],
+        final_loss=sum(losses[-LOSS_WINDOW:]) / len(losses[-LOSS_WINDOW:]),
+        final_kl=sum(kls[-LOSS_WINDOW:]) / len(kls[-LOSS_WINDOW:]) if kls else None,
+        seconds=round(seconds, 3),
+        trainable_params=trained.num_params(),
+        examples=len(examples),
+        truncated=truncated,
+        device=str(device),
+    )
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("kind", "kind_config", "device")}
+    trained.meta["train"] = {"settings": settings, "stats": asdict(stats)}
+    return trained, stats
+
+
+# --------------------------------------------------------------------------- model dirs
+
+
+def load_model_dir(model_dir: str | Path, device: str | None = None):
+    """(model, tokenizer) from a local transformers directory; weights keep their stored dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ModelDirError(f"{model_dir}: not a model directory (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:
+        raise ModelDirError(f"{model_dir}: no usable tokenizer ({type(err).__name__}: {err})") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype="auto",
+                                                     use_safetensors=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelDirError(f"{model_dir}: cannot load the model ({type(err).__name__}: {err})") from None
+    device = torch.device(device) if device else default_device()
+    return model.to(device).eval(), tokenizer
