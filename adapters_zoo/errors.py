@@ -58,3 +58,15 @@ class InvalidMixture(SpecfuseError, ValueError):
 
 class TrainingDiverged(SpecfuseError):
     """Training produced a non-finite loss (learning rate too high, or bad data)."""
+
+
+class InvalidName(RegistryError, ValueError):
+    """An adapter name, version or tag that is empty, too long or has characters outside [A-Za-z0-9._-]."""
+
+
+class AdapterExists(RegistryError):
+    """An explicit name@version that the registry already holds."""
+
+
+class BaseNotDeclared(RegistryError):
+    """An adapter (or a basis lookup) whose base model has no basis in the registry."""
