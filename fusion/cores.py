@@ -1,0 +1,72 @@
+"""Per-adapter cores and residuals, evaluated once and cached for repeated fusions.
+
+The server fuses once per distinct mixture, and mixtures share adapters: the k×k cores
+(and residual factors) of an adapter are computed the first time it is fused against a
+basis and reused after. The cache is keyed by the objects themselves and dropped when the
+adapter is garbage collected; it assumes adapters are not mutated after loading (the
+registry and ``load_adapter`` hand out fresh objects; training extracts new ones).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from adapters_zoo.basis import Basis, LayerBasis
+from adapters_zoo.format import Adapter
+
+Residual = tuple[torch.Tensor, torch.Tensor]  # B (out, q), A (q, in)
+
+
+@dataclass
+class AdapterCores:
+    cores: dict[str, torch.Tensor | None]  # layer -> C (k, k)
+    residuals: dict[str, Residual | None]  # layer -> (B, A)
+    diagonal: dict[str, bool]  # layer -> the core has no off-diagonal entry
+    projected: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> U_kᵀ B A V_k (k, k), lazily
+
+    def projected_residual(self, layer: str, lb: LayerBasis) -> torch.Tensor | None:
+        res = self.residuals.get(layer)
+        if res is None:
+            return None
+        if layer not in self.projected:
+            B, A = res
+            self.projected[layer] = (lb.U.T @ B) @ (A @ lb.V)  # (k, q) @ (q, k)
+        return self.projected[layer]
+
+
+_CACHE: dict[tuple[int, int], tuple[weakref.ref, weakref.ref, AdapterCores]] = {}
+
+
+def _evaluate(adapter: Adapter, basis: Basis) -> AdapterCores:
+    cores, residuals, diagonal = {}, {}, {}
+    with torch.no_grad():
+        for layer, params in adapter.params.items():
+            lb = basis[layer]
+            on_device = {n: t.to(lb.U.device) for n, t in params.items()}
+            core = adapter.kind_impl.core(on_device, lb, adapter.cfg)
+            res = adapter.kind_impl.residual(on_device, lb, adapter.cfg)
+            cores[layer] = None if core is None else core.to(lb.U.dtype)
+            residuals[layer] = None if res is None else (res[0].to(lb.U.dtype), res[1].to(lb.U.dtype))
+            diagonal[layer] = core is None or not bool((core - torch.diag(core.diagonal())).any())
+    return AdapterCores(cores, residuals, diagonal)
+
+
+def adapter_cores(adapter: Adapter, basis: Basis, cache: bool = True) -> AdapterCores:
+    """The adapter's cores and residuals on ``basis`` (checked against it on first use)."""
+    key = (id(adapter), id(basis))
+    hit = _CACHE.get(key)
+    if cache and hit is not None and hit[0]() is adapter and hit[1]() is basis:
+        return hit[2]
+    adapter.check_against(basis)
+    entry = _evaluate(adapter, basis)
+    if cache:
+        _CACHE[key] = (weakref.ref(adapter), weakref.ref(basis), entry)
+        weakref.finalize(adapter, _CACHE.pop, key, None)
+    return entry
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
