@@ -70,3 +70,27 @@ class AdapterExists(RegistryError):
 
 class BaseNotDeclared(RegistryError):
     """An adapter (or a basis lookup) whose base model has no basis in the registry."""
+
+
+class InvalidRequest(SpecfuseError, ValueError):
+    """A serving request with a bad or out-of-bounds value; ``param`` names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class PayloadTooLarge(InvalidRequest):
+    """A prompt, body or upload past the server's size bound."""
+
+
+class Unauthorized(SpecfuseError):
+    """A request without the bearer token the server was started with."""
+
+
+class ServerBusy(SpecfuseError):
+    """The request queue is full; the client may retry later."""
+
+
+class ServiceUnavailable(SpecfuseError):
+    """The engine is stopped or failed; nothing can be generated right now."""

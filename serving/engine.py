@@ -1,0 +1,238 @@
+"""The serving engine: one base model on the device, every row of a batch its own mixture.
+
+    Engine(model, tokenizer, basis, EngineConfig())          or  Engine.load(model_dir, basis)
+    mixture = engine.prepare(MixtureSpec.of([("math@1", 0.7), ("code@2", 0.3)]), load)
+    slot    = engine.slots.acquire(mixture)                   # -1 for the base model
+    logits  = engine.forward(input_ids, attention_mask, position_ids, cache, row_slots=[slot, -1, ...])
+
+Every target layer of the basis is wrapped by a :class:`serving.backend.RoutedLinear`
+reading the slot tables; ``forward`` sets the step's routing once for all of them. A
+mixture is reduced once with the fusion API (any registered method) to k×k cores (+
+residuals), cached on the host (:class:`serving.slots.MixtureCache`) and copied into a
+device slot on demand (:class:`serving.slots.SlotTable`). Nothing here imports the HTTP
+stack: the engine runs where fastapi / pydantic are not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from adapters_zoo.basis import Basis, check_basis_matches_model
+from adapters_zoo.errors import IncompatibleAdapter, InvalidConfig, InvalidMixture, ModelDirError
+from adapters_zoo.format import Adapter
+from serving.backend import Backend, LayerSlots, RoutedLinear, Routing, RoutingContext, TorchBackend
+from serving.generation import BatchKV, left_pad, positions_of
+from serving.slots import MixtureCache, MixtureCores, SlotTable
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class MixtureSpec:
+    """A mixture as the caches key it: sorted (name@version, weight), method, params (canonical JSON)."""
+
+    components: tuple[tuple[str, float], ...] = ()
+    method: str = "linear"
+    params: str = "{}"
+
+    @classmethod
+    def of(cls, components: list[tuple[str, float]] | tuple = (), method: str = "linear",
+           params: dict[str, Any] | None = None) -> MixtureSpec:
+        comps = tuple(sorted((str(ref), float(w)) for ref, w in components))
+        if any(not math.isfinite(w) for _, w in comps):
+            raise InvalidMixture("mixture weights must be finite numbers")
+        try:
+            params_json = json.dumps(params or {}, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise InvalidMixture(f"fusion params must be plain JSON values ({err})") from err
+        return cls(comps, method, params_json)
+
+    @property
+    def is_base(self) -> bool:
+        return not self.components
+
+    @property
+    def fusion_params(self) -> dict[str, Any]:
+        return json.loads(self.params)
+
+    @property
+    def label(self) -> str:
+        if self.is_base:
+            return "base"
+        text = ",".join(f"{ref}:{w:g}" for ref, w in self.components)
+        return text if self.method == "linear" and self.params == "{}" else f"{text} ({self.method})"
+
+
+AdapterLoader = Callable[[], list[tuple[Adapter, float]]]  # called only when the mixture is not cached
+
+
+@dataclass
+class EngineConfig:
+    device: str | None = None  # None: cuda when present, else cpu
+    dtype: str | None = None  # None: bfloat16 (float16 without bf16 support) on GPU, float32 on CPU
+    slots: int = 32  # mixtures resident on the device at once
+    residual_slots: int = 8  # of which this many also hold a residual outside the basis
+    max_residual_rank: int = 64  # q of the largest residual a slot holds (concatenated LoRAs grow it)
+    mixture_cache: int = 1024  # reduced mixtures kept on the host
+
+    def validate(self) -> None:
+        if self.slots < 1:
+            raise InvalidConfig(f"slots must be ≥ 1, got {self.slots}")
+        if not 0 <= self.residual_slots <= self.slots:
+            raise InvalidConfig(f"residual_slots must be in [0, slots={self.slots}], got {self.residual_slots}")
+        if self.max_residual_rank < 0 or self.mixture_cache < 1:
+            raise InvalidConfig("max_residual_rank must be ≥ 0 and mixture_cache ≥ 1")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise InvalidConfig(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise InvalidConfig(f"device must be cpu or cuda, got {self.device!r}")
+
+
+def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidConfig("device cuda was asked for, but torch sees no CUDA device")
+    if config.dtype is not None:
+        return device, DTYPES[config.dtype]
+    if device.type == "cuda":
+        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return device, torch.float32
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, tokenizer, basis: Basis, config: EngineConfig | None = None,
+                 backend: Backend | None = None):
+        self.config = config or EngineConfig()
+        self.config.validate()
+        check_basis_matches_model(basis, model)  # on the weights as loaded, before any cast
+        self.device, self.dtype = resolve_device(self.config)
+        self.basis = basis.to("cpu", torch.float32)  # host copy: fusion and reduction run here
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.tokenizer = tokenizer
+        self.backend = backend or TorchBackend()
+        self.context = RoutingContext()
+        tables = {}
+        for name, lb in self.basis.layers.items():
+            tables[name] = LayerSlots.allocate(lb.U, lb.V, self.config.slots, self.config.residual_slots,
+                                               self.config.max_residual_rank, self.dtype, self.device)
+            self._wrap(name, tables[name])
+        self.slots = SlotTable(tables, self.config.residual_slots, self.config.max_residual_rank)
+        self.mixtures = MixtureCache(self.config.mixture_cache)
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
+        self.pad_id = int(pad)
+        self._check_cache()
+
+    @classmethod
+    def load(cls, model_dir: str | Path, basis: Basis, config: EngineConfig | None = None,
+             backend: Backend | None = None) -> Engine:
+        """Model (in its stored dtype, for the fingerprint check) and tokenizer from a local directory."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise ModelDirError(f"{model_dir}: not a model directory (no config.json)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except (OSError, ValueError, TypeError) as err:
+            raise ModelDirError(f"{model_dir}: no usable tokenizer ({err})") from err
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", use_safetensors=True)
+        except (OSError, ValueError) as err:
+            raise ModelDirError(f"{model_dir}: cannot load the model ({err})") from err
+        return cls(model, tokenizer, basis, config, backend)
+
+    def _wrap(self, name: str, table: LayerSlots) -> None:
+        try:
+            module = self.model.get_submodule(name)
+        except AttributeError:
+            raise IncompatibleAdapter(f"the model has no layer {name!r}, which the basis names") from None
+        parent_name, _, leaf = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        setattr(parent, leaf, RoutedLinear(module, name, table, self.context, self.backend))
+
+    def _check_cache(self) -> None:
+        cache = self.new_cache()
+        ids = torch.tensor([[self.pad_id]], device=self.device)
+        with torch.inference_mode():
+            self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        try:
+            BatchKV.check_layers(cache)
+        except TypeError as err:
+            raise ModelDirError(f"this model cannot be served with per-row batching: {err}") from err
+
+    # ------------------------------------------------------------------ mixtures
+
+    def prepare(self, spec: MixtureSpec, load: AdapterLoader) -> MixtureCores | None:
+        """The mixture reduced to cores (None for the base model), fused at most once while cached."""
+        if spec.is_base:
+            return None
+        mixture = self.mixtures.get_or_build(spec, lambda: self._reduce(spec, load))
+        self.slots.check_fits(mixture)
+        return mixture
+
+    def _reduce(self, spec: MixtureSpec, load: AdapterLoader) -> MixtureCores:
+        pairs = load()
+        if not pairs:
+            raise InvalidMixture("the mixture names no adapter")
+        for adapter, _ in pairs:
+            adapter.check_against(self.basis)
+        params = spec.fusion_params
+        if len(pairs) == 1 and pairs[0][1] == 1.0 and spec.method == "linear" and not params:
+            fused = pairs[0][0]  # one adapter at weight 1: it is its own mixture, exactly
+        else:
+            from fusion import fuse
+
+            fused = fuse([a for a, _ in pairs], [w for _, w in pairs], self.basis, method=spec.method, **params)
+        return MixtureCores.from_adapter(spec, fused, self.basis)
+
+    # ------------------------------------------------------------------ forward
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.model.config)
+
+    def routing(self, row_slots: list[int]) -> Routing:
+        return Routing.build(row_slots, self.slots.num_slots, self.slots.diagonal, self.slots.residual_rank,
+                             self.device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                cache: DynamicCache, row_slots: list[int]) -> torch.Tensor:
+        """Logits (rows, vocab) of the last position of every row; ``cache`` grows by the input."""
+        if len(row_slots) != input_ids.shape[0]:
+            raise ValueError(f"{len(row_slots)} slots for {input_ids.shape[0]} rows")
+        self.context.routing = self.routing(row_slots)
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+        finally:
+            self.context.routing = None
+        return out.logits[:, -1]  # (rows, V)
+
+    def prefill(self, prompts: list[list[int]], row_slots: list[int]) -> tuple[torch.Tensor, DynamicCache,
+                                                                                 torch.Tensor]:
+        """Run prompts (left padded together) -> (last logits (n, V), their cache, their mask (n, T))."""
+        ids, mask = left_pad(prompts, self.pad_id, self.device)
+        cache = self.new_cache()
+        logits = self.forward(ids, mask, positions_of(mask), cache, row_slots)
+        return logits, cache, mask
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for value in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids

@@ -1,0 +1,186 @@
+"""Mixtures on the device: a fixed table of slots, kept as an LRU over mixture keys.
+
+A mixture is reduced once (on the host) to :class:`MixtureCores`: per target layer its
+k×k core and optional residual ``(B, A)``. :class:`SlotTable` copies it into a free slot
+of every layer's tables the first time a batch needs it, and keeps it there until the
+slot is the least recently used one that no running request holds (a *pin*). Slots
+``0 .. R-1`` also have residual storage; mixtures without a residual prefer the others,
+so residual-capable slots stay free for the mixtures that need them.
+
+:class:`MixtureCache` is the host-side LRU of reduced mixtures (bigger than the slot
+table), so a mixture evicted from the device is copied back, not fused again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import torch
+
+from adapters_zoo.basis import Basis
+from adapters_zoo.errors import InvalidMixture
+from adapters_zoo.format import Adapter
+from serving.backend import LayerSlots
+
+
+@dataclass
+class MixtureCores:
+    """One mixture as the slot tables hold it (host, float32)."""
+
+    key: Hashable
+    cores: dict[str, torch.Tensor | None]  # layer -> C (k, k), None where the mixture has no core
+    residuals: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (B (out, q), A (q, in))
+    diagonal: bool  # every core is diagonal: the elementwise path serves it
+    residual_rank: int  # the largest q over layers; 0 = no residual anywhere
+
+    @classmethod
+    def from_adapter(cls, key: Hashable, adapter: Adapter, basis: Basis) -> MixtureCores:
+        """Reduce a (fused) adapter; layers it does not touch get no core."""
+        cores: dict[str, torch.Tensor | None] = {}
+        residuals = {}
+        for layer in basis.layer_names():
+            if layer not in adapter.params:
+                cores[layer] = None
+                continue
+            core = adapter.core(layer, basis)
+            cores[layer] = None if core is None else core.detach().to("cpu", torch.float32)
+            res = adapter.residual(layer, basis)
+            if res is not None:
+                residuals[layer] = (res[0].detach().to("cpu", torch.float32), res[1].detach().to("cpu", torch.float32))
+        diagonal = all(c is None or bool((c == torch.diag(torch.diagonal(c))).all()) for c in cores.values())
+        rank = max((B.shape[1] for B, _ in residuals.values()), default=0)
+        return cls(key, cores, residuals, diagonal, rank)
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.residuals and all(c is None or not bool(c.any()) for c in self.cores.values())
+
+
+class NoFreeSlot(Exception):
+    """Every eligible slot is pinned by a running request (the scheduler waits, never the client)."""
+
+
+class SlotTable:
+    """Key -> slot over preallocated per-layer tables; pinned slots are never evicted."""
+
+    def __init__(self, layers: dict[str, LayerSlots], residual_slots: int, residual_rank: int):
+        self.layers = layers
+        first = next(iter(layers.values()))
+        self.num_slots = first.num_slots
+        self.residual_slots = residual_slots
+        self.max_residual_rank = residual_rank
+        self.keys: list[Hashable | None] = [None] * self.num_slots
+        self.pins = [0] * self.num_slots
+        self.diagonal = [True] * self.num_slots  # host copies the router needs without a device sync
+        self.residual_rank = [0] * self.num_slots
+        self._lru: OrderedDict[Hashable, int] = OrderedDict()  # key -> slot, least recent first
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def check_fits(self, mixture: MixtureCores) -> None:
+        """Raise InvalidMixture for a mixture no slot of this table can ever hold."""
+        if mixture.residual_rank > self.max_residual_rank:
+            raise InvalidMixture(
+                f"the mixture's residual has rank {mixture.residual_rank}, this server holds at most "
+                f"{self.max_residual_rank} per slot; fuse it with project=true to move it into the basis"
+            )
+        if mixture.residual_rank and self.residual_slots == 0:
+            raise InvalidMixture("the mixture has a residual outside the basis and this server has no residual slots")
+
+    def lookup(self, key: Hashable) -> int | None:
+        return self._lru.get(key)
+
+    def acquire(self, mixture: MixtureCores) -> int:
+        """Pin the slot holding ``mixture``, writing it into a free slot on a miss."""
+        slot = self._lru.get(mixture.key)
+        if slot is not None:
+            self.hits += 1
+            self._lru.move_to_end(mixture.key)
+            self.pins[slot] += 1
+            return slot
+        self.check_fits(mixture)
+        slot = self._victim(needs_residual=mixture.residual_rank > 0)
+        old = self.keys[slot]
+        if old is not None:
+            del self._lru[old]
+            self.evictions += 1
+        self.misses += 1
+        for name, table in self.layers.items():
+            table.write(slot, mixture.cores.get(name), mixture.residuals.get(name))
+        self.keys[slot] = mixture.key
+        self.diagonal[slot] = mixture.diagonal
+        self.residual_rank[slot] = mixture.residual_rank
+        self._lru[mixture.key] = slot
+        self.pins[slot] += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot < 0:
+            return
+        if self.pins[slot] <= 0:
+            raise RuntimeError(f"slot {slot} released more often than acquired")
+        self.pins[slot] -= 1
+
+    def can_acquire(self, key: Hashable, needs_residual: bool) -> bool:
+        if key in self._lru:
+            return True
+        try:
+            self._victim(needs_residual)
+        except NoFreeSlot:
+            return False
+        return True
+
+    def _victim(self, needs_residual: bool) -> int:
+        allowed = range(self.residual_slots) if needs_residual else range(self.num_slots)
+        empty = [s for s in allowed if self.keys[s] is None]
+        if empty:  # mixtures without a residual take the slots without residual storage first
+            return max(empty) if not needs_residual else empty[0]
+        for slot in self._lru.values():  # least recently used first
+            if slot in allowed and self.pins[slot] == 0 and (needs_residual or slot >= self.residual_slots):
+                return slot
+        if not needs_residual:
+            for slot in self._lru.values():
+                if self.pins[slot] == 0:
+                    return slot
+        raise NoFreeSlot(f"all {len(allowed)} eligible slots are held by running requests")
+
+    @property
+    def pinned(self) -> int:
+        return sum(1 for p in self.pins if p > 0)
+
+    @property
+    def occupied(self) -> int:
+        return len(self._lru)
+
+
+class MixtureCache:
+    """Thread-safe LRU of reduced mixtures on the host, built at most once while cached."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[Hashable, MixtureCores] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get_or_build(self, key: Hashable, build: Callable[[], MixtureCores]) -> MixtureCores:
+        with self._lock:
+            if key in self._items:
+                self.hits += 1
+                self._items.move_to_end(key)
+                return self._items[key]
+            self.misses += 1
+        mixture = build()  # outside the lock: fusion may take a while; a duplicate build is harmless
+        with self._lock:
+            self._items[key] = mixture
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return mixture
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -1,0 +1,58 @@
+"""Fixtures for the serving tests: a tiny random Llama (char tokenizer), its basis, adapters of every kind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters_zoo.basis import basis_from_model
+from adapters_zoo.demo_model import build_tiny_model, build_tokenizer
+from adapters_zoo.format import Adapter, new_adapter
+
+torch.set_num_threads(1)
+
+# Magnitudes that make each kind change the logits clearly (untrained adapters are the identity).
+PERTURB = {"lam": 0.8, "G_U": 0.6, "G_V": 0.6, "c": 0.3, "values": 0.8, "gate": 1.0, "A_U": 0.3, "A_V": 0.3,
+           "B": 0.3, "A": 0.3}
+
+
+def perturbed(kind: str, config: dict | None, basis, seed: int, layers: list[str] | None = None,
+              scale: float = 1.0) -> Adapter:
+    """A ``new_adapter`` whose trainable tensors are moved off the identity, deterministically."""
+    adapter = new_adapter(kind, config, basis, layers=layers, meta={"seed": seed})
+    gen = torch.Generator().manual_seed(seed)
+    for params in adapter.params.values():
+        for name, t in params.items():
+            if name in adapter.kind_impl.frozen:
+                continue
+            params[name] = t + scale * PERTURB.get(name, 0.3) * torch.randn(t.shape, generator=gen)
+    return adapter
+
+
+@pytest.fixture(scope="session")
+def model():
+    return build_tiny_model(0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def basis(model):
+    return basis_from_model(model, rank=8)
+
+
+@pytest.fixture(scope="session")
+def adapters(basis) -> dict[str, Adapter]:
+    """One adapter per kind (and a few variants), all on the same basis."""
+    return {
+        "scale": perturbed("scale", {"rank": 8}, basis, 1),
+        "scale_lora": perturbed("scale", {"rank": 4, "lora_rank": 2}, basis, 2),
+        "svft": perturbed("svft", {"pattern": "banded", "d": 1}, basis, 3),
+        "rotation": perturbed("rotation", {"rank": 6}, basis, 4),
+        "additive": perturbed("additive", {"rank": 3}, basis, 5),
+        "lora": perturbed("lora", {"rank": 2}, basis, 6),
+        "scale_q": perturbed("scale", {"rank": 8}, basis, 7, layers=[n for n in basis.layers if "q_proj" in n]),
+    }
