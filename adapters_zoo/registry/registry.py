@@ -60,7 +60,7 @@ def basis_command_hint(home: Path, k: int | str = "K") -> str:
 def _check_tags(tags: Iterable[str]) -> tuple[str, ...]:
     if isinstance(tags, str):
         tags = [tags]
-    out = tuple(dict.fromkeys(validate_tag(t) for t in tags))  # dedupe, keep order
+    out = tuple(sorted({validate_tag(t) for t in tags}))  # a set: stored and returned sorted
     if len(out) > MAX_TAGS:
         raise InvalidConfig(f"{len(out)} tags given, at most {MAX_TAGS}")
     return out

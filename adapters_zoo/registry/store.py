@@ -27,7 +27,7 @@ from adapters_zoo.errors import IntegrityError, RegistryError
 SHA_RE = re.compile(r"[0-9a-f]{64}")
 CHUNK = 1 << 20
 FOREIGN_TEMP_MAX_AGE_S = 24 * 3600  # temp files of another host: no PID to check, go by age
-_HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -105,7 +105,7 @@ class BlobStore:
     @contextmanager
     def temp_path(self, suffix: str = ".part") -> Iterator[Path]:
         """A fresh path under tmp/ named after this process; removed on exit if still there."""
-        path = self.tmp_dir / f"{os.getpid()}-{_HOST_TAG}-{secrets.token_hex(8)}{suffix}"
+        path = self.tmp_dir / f"{os.getpid()}-{HOST_TAG}-{secrets.token_hex(8)}{suffix}"
         try:
             yield path
         finally:
@@ -181,7 +181,7 @@ class BlobStore:
             pid, _, rest = f.name.partition("-")
             host, _, _ = rest.partition("-")
             try:
-                if pid.isdigit() and host == _HOST_TAG:
+                if pid.isdigit() and host == HOST_TAG:
                     stale = not _pid_alive(int(pid))
                 else:
                     stale = now - f.stat().st_mtime > FOREIGN_TEMP_MAX_AGE_S
