@@ -32,8 +32,7 @@ class AdapterCores:
         if res is None:
             return None
         if layer not in self.projected:
-            B, A = res
-            self.projected[layer] = (lb.U.T @ B) @ (A @ lb.V)  # (k, q) @ (q, k)
+            self.projected[layer] = project_residual(res[0], res[1], lb)[0]
         return self.projected[layer]
 
 
@@ -70,3 +69,16 @@ def adapter_cores(adapter: Adapter, basis: Basis, cache: bool = True) -> Adapter
 
 def clear_cache() -> None:
     _CACHE.clear()
+
+
+def residual_energy(B: torch.Tensor, A: torch.Tensor) -> float:
+    """‖B A‖_F² without forming B A: Σ (BᵀB) ⊙ (A Aᵀ), two q×q matrices."""
+    return float(((B.T @ B) * (A @ A.T)).sum())
+
+
+def project_residual(B: torch.Tensor, A: torch.Tensor, lb: LayerBasis) -> tuple[torch.Tensor, float, float]:
+    """(U_kᵀ B A V_k (k, k), ‖B A‖_F², the part of it lost): the residual's part inside the basis."""
+    core = (lb.U.T @ B) @ (A @ lb.V)  # (k, q) @ (q, k)
+    energy = residual_energy(B, A)
+    lost = max(0.0, energy - float(core.square().sum()))  # U_k, V_k orthonormal: kept + lost = total
+    return core, energy, lost

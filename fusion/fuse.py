@@ -24,7 +24,7 @@ import torch
 from adapters_zoo.basis import Basis
 from adapters_zoo.errors import IncompatibleAdapter, InvalidMixture
 from adapters_zoo.format import Adapter
-from fusion.cores import AdapterCores, adapter_cores
+from fusion.cores import AdapterCores, adapter_cores, residual_energy
 from fusion.methods import FusionContext, get_method
 
 
@@ -101,7 +101,7 @@ def _projection_report(entries: list[AdapterCores], weights: list[float], layers
         if res is None:
             continue
         B, A = res
-        energy = float(((B.T @ B) * (A @ A.T)).sum())  # ‖B A‖_F² without forming B A
+        energy = residual_energy(B, A)
         kept = sum(w * e.projected_residual(layer, basis[layer]) for e, w in zip(entries, weights)
                    if e.residuals.get(layer) is not None)
         layer_lost = max(0.0, energy - float(kept.square().sum()))

@@ -16,6 +16,7 @@ import sys
 COMMAND_MODULES = [
     "adapters_zoo.cli",  # basis, train, count-params
     "adapters_zoo.registry.cli",  # registry add | list | show | rm | verify | gc | bases
+    "fusion.cli",  # fuse, merge, export-lora, import-lora
 ]
 
 
