@@ -85,17 +85,17 @@ def basis_summary(basis, path: Path | None) -> dict:
     }
 
 
-def _declare_basis(basis, home: str | None) -> str | None:
-    """Put the basis into the registry when it can hold one (returns where, or None)."""
-    try:
-        from adapters_zoo.registry import Registry
-    except ImportError:
-        return None
-    if not hasattr(Registry, "add_basis"):
-        return None
-    registry = Registry(home)
-    registry.add_basis(basis)
-    return str(getattr(registry, "home", home))
+def declare_basis(basis, home: str | None):
+    """Put ``basis`` into the registry at ``home``; returns (the basis the registry holds, its home).
+
+    For a base already declared with the same k the registry keeps the basis it holds
+    (adapters were trained in it), so training continues in that one.
+    """
+    from adapters_zoo.registry import Registry
+
+    with Registry(home) as registry:
+        fingerprint = registry.add_basis(basis)
+        return registry.basis(fingerprint), str(registry.home)
 
 
 def cmd_basis(args) -> int:
@@ -104,14 +104,14 @@ def cmd_basis(args) -> int:
     basis = compute_basis(args.model_dir, args.rank, args.targets, method=args.method)
     out = Path(args.out) if args.out else Path(args.model_dir) / "basis.safetensors"
     save_basis(basis, out)
-    registry = _declare_basis(basis, args.home)
+    _, registry = declare_basis(basis, args.home)
     summary = basis_summary(basis, out) | {"registry": registry}
     if args.json:
         _print_json(summary)
     else:
         print(f"basis of {summary['layers']} layers, k={basis.rank} ({basis.method} SVD), "
               f"energy kept: mean {summary['energy_mean']:.4f}, min {summary['energy_min']:.4f}")
-        print(f"fingerprint {basis.fingerprint} -> {out}" + (f" (registry {registry})" if registry else ""))
+        print(f"fingerprint {basis.fingerprint} -> {out}, declared in the registry at {registry}")
     return 0
 
 
@@ -191,7 +191,7 @@ def _register_train(subparsers) -> None:
 
 
 def cmd_train(args) -> int:
-    from adapters_zoo.basis import compute_basis, load_basis, save_basis
+    from adapters_zoo.basis import check_basis_matches_model, compute_basis, load_basis, save_basis
     from adapters_zoo.format import save_adapter
     from adapters_zoo.train import TrainConfig, attached, eval_loss, load_examples, load_model_dir, train_adapter
 
@@ -211,11 +211,17 @@ def cmd_train(args) -> int:
     model, tokenizer = load_model_dir(args.model_dir, args.device)
     out = Path(args.out)
     basis_path = Path(args.basis) if args.basis else None
-    if basis is None:
+    computed = basis is None
+    if computed:  # from the very files the model was loaded from: its fingerprint matches by construction
         basis = compute_basis(args.model_dir, _basis_rank(args), args.targets)
+    else:
+        check_basis_matches_model(basis, model)
+    basis, registry = declare_basis(basis, args.home)  # before training: a refusal costs nothing
+    if computed:
         basis_path = save_basis(basis, out.with_name(out.stem + ".basis.safetensors"))
 
-    adapter, stats = train_adapter(model, tokenizer, basis, examples, cfg, preserve_examples=preserve)
+    adapter, stats = train_adapter(model, tokenizer, basis, examples, cfg, preserve_examples=preserve,
+                                   verify_basis=False)
     before = after = None
     if held_out:  # train_adapter hands the model back as its base
         before = eval_loss(model, tokenizer, held_out, max_length=cfg.max_length)
@@ -225,7 +231,6 @@ def cmd_train(args) -> int:
     adapter.meta.setdefault("name", out.stem)
     adapter.meta["base_model"] = str(args.model_dir)
     save_adapter(adapter, out)
-    registry = _declare_basis(basis, args.home)
 
     summary = {
         "path": str(out), "basis": str(basis_path), "kind": adapter.kind, "config": adapter.config,

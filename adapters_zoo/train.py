@@ -282,10 +282,12 @@ def train_adapter(
     cfg: TrainConfig,
     preserve_examples: list[Example] | None = None,
     progress: bool = True,
+    verify_basis: bool = True,
 ) -> tuple[Adapter, TrainStats]:
     """Train a ``cfg.kind`` adapter on ``examples``; the model is left as it came (moved to the device).
 
-    Raises BasisMismatch when ``basis`` was not computed from ``model``'s weights.
+    Raises BasisMismatch when ``basis`` was not computed from ``model``'s weights (pass
+    ``verify_basis=False`` when the caller has checked already: hashing a large model takes a while).
     """
     cfg.validate()
     if not examples:
@@ -293,7 +295,8 @@ def train_adapter(
     if preserve_examples is None and cfg.preserve:
         preserve_examples = load_examples(cfg.preserve, need_completion=False)
     device = torch.device(cfg.device) if cfg.device else default_device()
-    check_basis_matches_model(basis, model)
+    if verify_basis:
+        check_basis_matches_model(basis, model)
     layers = target_layers(model, basis, cfg.targets)
     adapter = new_adapter(cfg.kind, cfg.kind_config, basis, layers)
 
@@ -332,7 +335,7 @@ def train_adapter(
                 total = total + cfg.kl_weight * kl
                 kls.append(kl.item())
             if not torch.isfinite(total):
-                raise TrainingDiverged(f"loss became {float(total)} at step {step + 1}: lower --lr (now {cfg.lr})")
+                raise TrainingDiverged(f"loss became {total.item()} at step {step + 1}: lower --lr (now {cfg.lr})")
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
