@@ -150,7 +150,7 @@ class Registry:
         def insert(tx: Tx) -> AdapterRecord:
             if version is not None and tx.find(name, version) is not None:
                 raise AdapterExists(f"{name}@{version} is already in the registry (remove it, or omit the version)")
-            if not self.store.intact(sha):  # a concurrent gc took it between put and this lock
+            if not self.store.has(sha):  # a concurrent gc took it between put and this lock
                 self.store.put_bytes(data)
             rec = AdapterRecord(
                 name=name, version=version or tx.next_auto_version(name), kind=adapter.kind,
@@ -285,7 +285,7 @@ class Registry:
                     f"base {fp} is declared with k={row['k']} and {row['adapters']} adapter version(s) use it; "
                     f"remove them before declaring k={basis.rank}"
                 )
-            if not self.store.intact(sha):  # a concurrent gc took it
+            if not self.store.has(sha):  # a concurrent gc took it
                 with self.store.temp_path(".safetensors") as again:
                     save_basis(basis, again)
                     self.store.put_file(again)
@@ -296,7 +296,11 @@ class Registry:
         return fp
 
     def basis(self, fingerprint: str) -> Basis:
-        """The declared basis of a base (hash-verified once, then cached in memory)."""
+        """The declared basis of a base (hash-verified once, then cached in memory).
+
+        The cache lives as long as this Registry: a base re-declared with another k by
+        another process (allowed only while no adapter uses it) is seen by new instances.
+        """
         if fingerprint in self._bases:
             return self._bases[fingerprint]
         row = self.catalog.read(lambda tx: tx.basis_row(fingerprint))

@@ -38,10 +38,15 @@ def perturbed(kind: str, config: dict | None, basis: Basis, seed: int) -> Adapte
 
 
 @pytest.fixture(scope="session")
-def bases(tmp_path_factory) -> tuple[Basis, Basis]:
+def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("models")
-    first = compute_basis(save_llama(root / "base_a", seed=0), K, TARGETS, progress=False)
-    second = compute_basis(save_llama(root / "base_b", seed=1), K, TARGETS, progress=False)
+    return save_llama(root / "base_a", seed=0), save_llama(root / "base_b", seed=1)
+
+
+@pytest.fixture(scope="session")
+def bases(model_dirs) -> tuple[Basis, Basis]:
+    first = compute_basis(model_dirs[0], K, TARGETS, progress=False)
+    second = compute_basis(model_dirs[1], K, TARGETS, progress=False)
     assert first.fingerprint != second.fingerprint
     return first, second
 
