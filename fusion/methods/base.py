@@ -16,6 +16,7 @@ from keyword arguments; an unknown or bad parameter is an ``InvalidConfig`` nami
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -49,7 +50,7 @@ class FusionContext:
         return self.basis[self.layers[0]].k
 
 
-class FusionMethod:
+class FusionMethod(ABC):
     """One fusion method: its name, paper, parameters and the combine function."""
 
     name: ClassVar[str]
@@ -73,8 +74,9 @@ class FusionMethod:
     def params_dict(self, p: Any) -> dict[str, Any]:
         return config_to_dict(p)
 
+    @abstractmethod
     def combine(self, cores: torch.Tensor, weights: torch.Tensor, p: Any, ctx: FusionContext) -> torch.Tensor:
-        raise NotImplementedError  # each method defines its combination
+        """The fused cores of the group (see the module docstring for the shapes)."""
 
 
 METHODS: dict[str, FusionMethod] = {}

@@ -35,12 +35,13 @@ class SlicesParams:
 
 
 def occupancy(cores: torch.Tensor, ctx: FusionContext) -> torch.Tensor:
-    """(L, N, k) bool: the directions each adapter occupies on each layer."""
+    """(L, N, k) bool from entries (L, N, E): the directions each adapter occupies on each layer."""
     k = ctx.k
     if ctx.diagonal:
         support = cores != 0  # (L, N, k)
     else:
-        support = (cores != 0).any(dim=-1) | (cores != 0).any(dim=-2)  # rows or columns touched
+        touched = cores.reshape(*cores.shape[:2], k, k) != 0  # (L, N, k, k)
+        support = touched.any(dim=-1) | touched.any(dim=-2)  # rows or columns touched
     occ = torch.zeros_like(support)
     for n, adapter in enumerate(ctx.adapters):
         if hasattr(adapter.cfg, "directions"):
