@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "adapters_zoo.cli",  # basis, train, count-params
     "adapters_zoo.registry.cli",  # registry add | list | show | rm | verify | gc | bases
     "fusion.cli",  # fuse, merge, export-lora, import-lora
+    "serving.serve_cli",  # serve, demo
 ]
 
 

@@ -37,15 +37,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class MixtureSpec:
-    """A mixture as the caches key it: sorted (name@version, weight), method, params (canonical JSON)."""
+    """A mixture as the caches key it: sorted (name@version, weight), method, params (canonical JSON), digests."""
 
     components: tuple[tuple[str, float], ...] = ()
     method: str = "linear"
     params: str = "{}"
+    digests: tuple[str, ...] = ()  # content hashes of the components: a re-added name@version is a new key
 
     @classmethod
     def of(cls, components: list[tuple[str, float]] | tuple = (), method: str = "linear",
-           params: dict[str, Any] | None = None) -> MixtureSpec:
+           params: dict[str, Any] | None = None, digests: dict[str, str] | None = None) -> MixtureSpec:
         comps = tuple(sorted((str(ref), float(w)) for ref, w in components))
         if any(not math.isfinite(w) for _, w in comps):
             raise InvalidMixture("mixture weights must be finite numbers")
@@ -53,7 +54,7 @@ class MixtureSpec:
             params_json = json.dumps(params or {}, sort_keys=True, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as err:
             raise InvalidMixture(f"fusion params must be plain JSON values ({err})") from err
-        return cls(comps, method, params_json)
+        return cls(comps, method, params_json, tuple((digests or {}).get(ref, "") for ref, _ in comps))
 
     @property
     def is_base(self) -> bool:
@@ -135,20 +136,7 @@ class Engine:
     @classmethod
     def load(cls, model_dir: str | Path, basis: Basis, config: EngineConfig | None = None,
              backend: Backend | None = None) -> Engine:
-        """Model (in its stored dtype, for the fingerprint check) and tokenizer from a local directory."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model_dir = Path(model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise ModelDirError(f"{model_dir}: not a model directory (no config.json)")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        except (OSError, ValueError, TypeError) as err:
-            raise ModelDirError(f"{model_dir}: no usable tokenizer ({err})") from err
-        try:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", use_safetensors=True)
-        except (OSError, ValueError) as err:
-            raise ModelDirError(f"{model_dir}: cannot load the model ({err})") from err
+        model, tokenizer = load_model_dir(model_dir)
         return cls(model, tokenizer, basis, config, backend)
 
     def _wrap(self, name: str, table: LayerSlots) -> None:
@@ -225,6 +213,24 @@ class Engine:
         cache = self.new_cache()
         logits = self.forward(ids, mask, positions_of(mask), cache, row_slots)
         return logits, cache, mask
+
+
+def load_model_dir(model_dir: str | Path):
+    """(model in its stored dtype, for the fingerprint check; tokenizer) from a local directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ModelDirError(f"{model_dir}: not a model directory (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError) as err:
+        raise ModelDirError(f"{model_dir}: no usable tokenizer ({err})") from err
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", use_safetensors=True)
+    except (OSError, ValueError) as err:
+        raise ModelDirError(f"{model_dir}: cannot load the model ({err})") from err
+    return model, tokenizer
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:

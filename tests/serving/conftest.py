@@ -30,6 +30,11 @@ def perturbed(kind: str, config: dict | None, basis, seed: int, layers: list[str
 
 
 @pytest.fixture(scope="session")
+def make_adapter():
+    return perturbed
+
+
+@pytest.fixture(scope="session")
 def model():
     return build_tiny_model(0)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import threading
+import time
 
 import pytest
 import torch
@@ -64,3 +66,87 @@ def test_batched_greedy_generation_equals_solo_reference(engine, model, tokenize
         assert result.finish_reason == "length" and result.completion_tokens == 12
         assert result.output == tokenizer.decode(expected, skip_special_tokens=True)
     assert engine.slots.pinned == 0, "finished requests unpin their slots"
+
+
+def test_fused_mixtures_match_reference(engine, model, tokenizer, basis, adapters):
+    from fusion import fuse
+
+    prompt = prompts_for(tokenizer, 3)[2]
+    linear = MixtureSpec.of([("scale", 0.6), ("lora", 0.3), ("rotation", 0.5)])
+    pairs = [(adapters["scale"], 0.6), (adapters["lora"], 0.3), (adapters["rotation"], 0.5)]
+    ties = MixtureSpec.of([("scale", 0.6), ("svft", 0.4)], "ties", {"density": 0.5})
+    ties_pairs = [(adapters["scale"], 0.6), (adapters["svft"], 0.4)]
+    misses = engine.mixtures.misses
+    cores = {spec: engine.prepare(spec, lambda p=p: p) for spec, p in ((linear, pairs), (ties, ties_pairs))}
+    assert engine.prepare(linear, lambda: pytest.fail("a cached mixture is not fused again")) is cores[linear]
+    assert engine.mixtures.misses == misses + 2
+    slots = [engine.slots.acquire(cores[linear]), engine.slots.acquire(cores[ties])]
+    try:
+        logits, _, _ = engine.prefill([prompt, prompt], slots)
+    finally:
+        for s in slots:
+            engine.slots.release(s)
+    # linear: against Σ w ΔW of the sources (no fusion code involved); ties: against its fused adapter's dense ΔW
+    torch.testing.assert_close(logits[0], reference_logits(model, basis, prompt, pairs), rtol=1e-4, atol=1e-4)
+    fused = fuse([a for a, _ in ties_pairs], [w for _, w in ties_pairs], basis, method="ties", density=0.5)
+    torch.testing.assert_close(logits[1], reference_logits(model, basis, prompt, [(fused, 1.0)]), rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_staggered_arrivals_and_slot_eviction_equal_reference(model, tokenizer, basis, adapters):
+    """Requests join while others decode, through a slot table smaller than the mixtures in flight."""
+    engine = Engine(copy.deepcopy(model), tokenizer, basis, EngineConfig(slots=3, residual_slots=2))
+    scheduler = Scheduler(engine, SchedulerConfig(max_batch=8)).start()
+    names = ["scale", "svft", "lora", "rotation", "additive", "scale_q", "base", "svft"]
+    prompts = prompts_for(tokenizer, len(names))
+    lengths = [20, 5, 9, 14, 3, 11, 7, 6]
+    results: dict[int, object] = {}
+    try:
+        for wave in (range(0, 3), range(3, 6), range(6, 8)):
+            requests = [GenerationRequest(prompts[i], SamplingParams(max_tokens=lengths[i], temperature=0,
+                                                                     ignore_eos=True),
+                                          None if names[i] == "base" else single(engine, adapters, names[i]))
+                        for i in wave]
+            done = threading.Event()
+            waiting = {"n": len(requests)}
+
+            def on_event(event, i, done=done, waiting=waiting):
+                if event.kind != "text":
+                    results[i] = event
+                    waiting["n"] -= 1
+                    if waiting["n"] == 0:
+                        done.set()
+
+            for i, request in zip(wave, requests):
+                scheduler.submit(request, lambda ev, i=i, cb=on_event: cb(ev, i))
+            steps = scheduler.steps
+            while scheduler.steps < steps + 2 and not done.is_set():  # the next wave arrives mid-decode
+                time.sleep(0.001)
+        deadline = time.time() + 60
+        while len(results) < len(names) and time.time() < deadline:
+            time.sleep(0.01)
+    finally:
+        scheduler.stop()
+    assert engine.slots.evictions > 0, "more mixtures than slots: some were evicted and written again"
+    for i, name in enumerate(names):
+        mixture = [] if name == "base" else [(adapters[name], 1.0)]
+        expected = reference_generate(model, basis, prompts[i], mixture, max_tokens=lengths[i])
+        assert results[i].token_ids == expected, (i, name)
+
+
+def test_sampling_is_seeded_and_batch_independent(engine, tokenizer, adapters):
+    scheduler = Scheduler(engine, SchedulerConfig(max_batch=8)).start()
+    try:
+        prompt = prompts_for(tokenizer, 1)[0]
+        params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.8, seed=123, ignore_eos=True)
+        alone = generate(scheduler, [GenerationRequest(prompt, params, single(engine, adapters, "svft"))])[0]
+        crowd = [GenerationRequest(prompt, params, single(engine, adapters, "svft"))] + [
+            GenerationRequest(p, SamplingParams(max_tokens=10, temperature=1.0, ignore_eos=True))
+            for p in prompts_for(tokenizer, 5)]
+        together = generate(scheduler, crowd)[0]
+        other_seed = generate(scheduler, [GenerationRequest(prompt, SamplingParams(
+            max_tokens=10, temperature=0.9, top_p=0.8, seed=124, ignore_eos=True), single(engine, adapters, "svft"))])
+    finally:
+        scheduler.stop()
+    assert together.token_ids == alone.token_ids
+    assert other_seed[0].token_ids != alone.token_ids

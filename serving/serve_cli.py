@@ -1,0 +1,212 @@
+"""``specfuse serve`` and ``specfuse demo``, and running the server in-process (tests, benchmarks).
+
+    specfuse serve MODEL_DIR [--home DIR --host 127.0.0.1 --port 8000 --device cpu|cuda
+                              --api-key KEY --protect-all]
+    specfuse demo [--host 127.0.0.1 --port 8000]
+
+``serve`` loads the model, finds its basis among the registry's declared bases (by the
+fingerprint of its weights) and serves the registry's adapters of that base. ``demo``
+builds a small demo zoo (a tiny character-level Llama, its basis, a few adapters) into
+``$SPECFUSE_HOME``, else ``~/.specfuse-demo``, unless it is there already, then serves it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+DEMO_HOME = "~/.specfuse-demo"
+
+
+def register_cli(subparsers) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="serve a base model and its registry adapters over an OpenAI-compatible HTTP API",
+        description="Serve MODEL_DIR; every request may name its own mixture of the registry's adapters.",
+    )
+    serve.add_argument("model_dir", metavar="MODEL_DIR")
+    serve.add_argument("--home", default=None, metavar="DIR", help="registry home (default: $SPECFUSE_HOME, "
+                       "else ~/.specfuse)")
+    _server_options(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    demo = subparsers.add_parser(
+        "demo", help="build the demo zoo if missing, then serve it",
+        description=f"Build a tiny demo base, its basis and a few adapters into $SPECFUSE_HOME (else {DEMO_HOME}) "
+                    "unless present, then serve them.",
+    )
+    _server_options(demo)
+    demo.set_defaults(func=cmd_demo)
+
+
+def _server_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when present")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--api-key", default=os.environ.get("SPECFUSE_API_KEY"), metavar="KEY",
+                   help="bearer token for writes (default: $SPECFUSE_API_KEY)")
+    p.add_argument("--protect-all", action="store_true", help="require the key on every endpoint but /health")
+    p.add_argument("--name", default=None, help="model name in responses (default: the model directory's name)")
+    p.add_argument("--slots", type=int, default=32, help="mixtures resident on the device")
+    p.add_argument("--residual-slots", type=int, default=8, help="of which this many hold a residual (LoRA) part")
+    p.add_argument("--max-batch", type=int, default=32, help="rows decoded together")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting before 429")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=1024, help="bound on a request's max_tokens")
+    p.add_argument("--max-mixture", type=int, default=16, help="adapters in one mixture")
+
+
+@dataclass
+class ServerSettings:
+    model_dir: Path
+    home: Path | None = None
+    device: str | None = None
+    dtype: str | None = None
+    name: str | None = None
+    slots: int = 32
+    residual_slots: int = 8
+    max_batch: int = 32
+    max_queue: int = 256
+    max_prompt_tokens: int = 2048
+    max_tokens: int = 1024
+    max_mixture: int = 16
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, model_dir: Path, home: Path | None) -> ServerSettings:
+        return cls(model_dir, home, args.device, args.dtype, args.name, args.slots, args.residual_slots,
+                   args.max_batch, args.max_queue, args.max_prompt_tokens, args.max_tokens, args.max_mixture)
+
+
+def build_service(settings: ServerSettings):
+    """Registry, basis (found by fingerprint), engine, scheduler (started) and service."""
+    from adapters_zoo.registry import Registry
+    from serving.engine import Engine, EngineConfig, load_model_dir
+    from serving.metrics import Metrics
+    from serving.scheduler import Scheduler, SchedulerConfig
+    from serving.services import Limits, Service, find_basis
+
+    registry = Registry(settings.home)
+    engine_config = EngineConfig(device=settings.device, dtype=settings.dtype, slots=settings.slots,
+                                 residual_slots=min(settings.residual_slots, settings.slots))
+    model, tokenizer = load_model_dir(settings.model_dir)
+    engine = Engine(model, tokenizer, find_basis(registry, model), engine_config)
+    metrics = Metrics()
+    scheduler = Scheduler(engine, SchedulerConfig(max_batch=settings.max_batch, max_queue=settings.max_queue),
+                          metrics).start()
+    limits = Limits(max_prompt_tokens=settings.max_prompt_tokens, max_tokens=settings.max_tokens,
+                    max_mixture=settings.max_mixture)
+    return Service(engine, scheduler, registry, limits, metrics, settings.name or settings.model_dir.name)
+
+
+class ServerThread:
+    """uvicorn serving ``app`` from a background thread on 127.0.0.1 (port 0: a free one)."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = self.sock.getsockname()[:2]
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the server thread died while starting")
+            self.thread.join(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+def _serve(service, host: str, port: int, api_key: str | None, protect_all: bool) -> int:
+    import uvicorn
+
+    from serving.app import create_app
+
+    app = create_app(service, api_key=api_key, protect_all=protect_all)
+    adapters = len(service.registry.compatible(service.fingerprint))
+    print(f"specfuse: serving {service.model_name} ({adapters} adapter versions, device {service.engine.device}) "
+          f"on http://{host}:{port}/v1", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    finally:
+        service.scheduler.stop()
+        service.registry.close()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    home = Path(args.home).expanduser() if args.home else None
+    service = build_service(ServerSettings.from_args(args, Path(args.model_dir), home))
+    return _serve(service, args.host, args.port, args.api_key, args.protect_all)
+
+
+def demo_home() -> Path:
+    env = os.environ.get("SPECFUSE_HOME")
+    return Path(env).expanduser() if env else Path(DEMO_HOME).expanduser()
+
+
+# name, kind, config, seed: untrained kinds moved off the identity by a seeded perturbation, so each
+# mixture visibly changes the tiny model's output (placeholders until a trained zoo builder exists)
+DEMO_ADAPTERS = [
+    ("demo-scale", "scale", {"rank": 8}, 1),
+    ("demo-svft", "svft", {"pattern": "banded", "d": 1}, 2),
+    ("demo-rotation", "rotation", {"rank": 4}, 3),
+    ("demo-lora", "lora", {"rank": 4}, 4),
+]
+DEMO_RANK = 8
+
+
+def ensure_demo(home: Path) -> Path:
+    """The demo base model dir under ``home``, with its basis and adapters in ``home``'s registry."""
+    import torch
+
+    from adapters_zoo.basis import compute_basis
+    from adapters_zoo.demo_model import save_tiny_model
+    from adapters_zoo.format import new_adapter
+    from adapters_zoo.registry import Registry
+
+    model_dir = home / "demo-base"
+    if not (model_dir / "config.json").is_file():
+        print(f"specfuse demo: building a tiny demo base in {model_dir}", file=sys.stderr)
+        save_tiny_model(model_dir, seed=0)
+    with Registry(home) as registry:
+        fingerprint = registry.add_basis(compute_basis(model_dir, DEMO_RANK, progress=False, device="cpu"))
+        basis = registry.basis(fingerprint)
+        present = {rec.name for rec in registry.compatible(fingerprint)}
+        for name, kind, config, seed in DEMO_ADAPTERS:
+            if name in present:
+                continue
+            adapter = new_adapter(kind, config, basis, meta={"name": name, "demo": True})
+            gen = torch.Generator().manual_seed(seed)
+            for params in adapter.params.values():
+                for key, t in params.items():
+                    if key not in adapter.kind_impl.frozen:
+                        params[key] = t + 0.5 * torch.randn(t.shape, generator=gen)
+            registry.add(adapter, name, tags=["demo"], description=f"demo {kind} adapter (seeded, untrained)")
+    return model_dir
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    home = demo_home()
+    model_dir = ensure_demo(home)
+    service = build_service(ServerSettings.from_args(args, model_dir, home))
+    return _serve(service, args.host, args.port, args.api_key, args.protect_all)
