@@ -237,6 +237,21 @@ def eval_loss(model, tokenizer, examples: list[Example], batch_size: int = 16, m
 # --------------------------------------------------------------------------- training
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """``device``, or cuda when present, else cpu; asking for cuda without one is an InvalidConfig."""
+    if not device:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise InvalidConfig(f"unknown device {device!r} (use cpu or cuda)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidConfig(f"device {device!r} asked for, but no CUDA device is available")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise InvalidConfig(f"device {device!r} asked for, but there are {torch.cuda.device_count()} CUDA devices")
+    return resolved
+
+
 def lr_factor(step: int, steps: int, warmup_ratio: float) -> float:
     """Linear warmup over ⌈warmup_ratio·steps⌉ steps, then cosine decay toward 0 (step is 0-based)."""
     warmup = math.ceil(warmup_ratio * steps)
@@ -294,7 +309,7 @@ def train_adapter(
         raise TrainingDataError("no training examples")
     if preserve_examples is None and cfg.preserve:
         preserve_examples = load_examples(cfg.preserve, need_completion=False)
-    device = torch.device(cfg.device) if cfg.device else default_device()
+    device = resolve_device(cfg.device)
     if verify_basis:
         check_basis_matches_model(basis, model)
     layers = target_layers(model, basis, cfg.targets)
@@ -374,6 +389,7 @@ def load_model_dir(model_dir: str | Path, device: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(model_dir)
+    resolve_device(device)  # before the slow part
     if not (model_dir / "config.json").is_file():
         raise ModelDirError(f"{model_dir}: not a model directory (no config.json)")
     try:
@@ -385,5 +401,4 @@ def load_model_dir(model_dir: str | Path, device: str | None = None):
                                                      use_safetensors=True)
     except (OSError, ValueError, KeyError) as err:
         raise ModelDirError(f"{model_dir}: cannot load the model ({type(err).__name__}: {err})") from None
-    device = torch.device(device) if device else default_device()
-    return model.to(device).eval(), tokenizer
+    return model.to(resolve_device(device)).eval(), tokenizer

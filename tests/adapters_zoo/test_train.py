@@ -249,6 +249,29 @@ def test_training_refuses_bad_setups(llama, data, tokenizer, other_llama_dir):
     assert not any(isinstance(m, SpectralLinear) for m in model.modules())  # restored after the failure
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_cuda(tiny_llama_dir, data, tokenizer):
+    model = _load(tiny_llama_dir)
+    basis = basis_from_model(model, 8)
+    train, held_out = data
+    before = eval_loss(model, tokenizer, held_out)
+    adapter, stats = train_adapter(model, tokenizer, basis, train, TrainConfig(kind="rotation", device="cuda", **FAST),
+                                   progress=False)
+    assert stats.device.startswith("cuda") and next(model.parameters()).is_cuda
+    assert all(t.device.type == "cpu" for p in adapter.params.values() for t in p.values())
+    with attached(model, adapter, basis):
+        after = eval_loss(model, tokenizer, held_out)
+    assert after < before - 0.05
+
+
+def test_asking_for_a_missing_device_is_a_config_error(llama, data, tokenizer):
+    model, basis = llama
+    with pytest.raises(InvalidConfig, match="CUDA device"):
+        train_adapter(model, tokenizer, basis, data[0], TrainConfig(steps=1, device="cuda:99"), progress=False)
+    with pytest.raises(InvalidConfig, match="unknown device"):
+        train_adapter(model, tokenizer, basis, data[0], TrainConfig(steps=1, device="tpu9"), progress=False)
+
+
 def test_load_model_dir(tiny_llama_dir, tmp_path):
     model, tok = load_model_dir(tiny_llama_dir, "cpu")
     assert type(model).__name__ == "LlamaForCausalLM" and not model.training and tok.eos_token == "</s>"
