@@ -46,7 +46,7 @@ def _check_consistent(home: Path, must_hold: list[str]) -> list[str]:
 def test_a_writer_killed_at_any_point_loses_nothing_and_leaves_the_store_consistent(registry, adapter_files):
     registry.add(adapter_files["math"], "math", tags=["before"])
     committed = ["math@1"]  # refs known to be stored (a writer prints a ref once add returned)
-    for round_, delay in enumerate([0.0, 0.004, 0.012, 0.03, 0.07, 0.15]):
+    for round_, delay in enumerate([0.004, 0.012, 0.03, 0.07, 0.15]):
         proc = _start("add", registry.home, adapter_files["code"], "code", -1, round_)
         _wait_ready(proc)
         time.sleep(delay)
@@ -59,10 +59,9 @@ def test_a_writer_killed_at_any_point_loses_nothing_and_leaves_the_store_consist
     assert code_versions == list(range(1, len(code_versions) + 1))  # a killed add allocates no version
     assert len(code_versions) >= 1, "no add finished in any round: the kill test exercised nothing"
 
-    removed = registry.gc()  # blobs of adds killed before their commit, temp files of dead writers
+    registry.gc()  # blobs of adds killed before their commit, temp files of dead writers
     assert registry.unreferenced() == [] and registry.store.temp_files() == []
     assert _check_consistent(registry.home, committed) == refs
-    assert removed >= 0
 
 
 def test_concurrent_writers_readers_and_gc_lose_and_duplicate_no_version(registry, adapter_files, tmp_path):
