@@ -2,9 +2,10 @@
 
     specfuse basis MODEL_DIR --rank K|full [--targets q_proj,v_proj] [--method auto|exact|randomized]
                    [--out FILE] [--home DIR] [--json]
-    specfuse train MODEL_DIR --kind KIND --data TRAIN.jsonl --out FILE [--basis FILE]
-                   [--rank R --targets ... --steps N --lr X --batch-size B --pattern P --d D --slice A:B
-                    --lora-rank Q --seed S --preserve FILE --kl-weight W --eval FILE --home DIR --json]
+    specfuse train MODEL_DIR --kind KIND --data TRAIN.jsonl --out FILE [--basis FILE | --basis-rank K|full]
+                   [--rank R|full --targets ... --steps N --lr X --batch-size B --pattern P --d D --slice A:B
+                    --lora-rank Q --no-gate --seed S --max-length T --preserve FILE --kl-weight W --eval FILE
+                    --device cpu|cuda --home DIR --json]
     specfuse count-params CONFIG.json|MODEL_DIR --kind KIND --targets a,b|all-linear
                    [--rank R|full --pattern P --d D --slice A:B --lora-rank Q --no-gate --json]
     specfuse inspect ADAPTER.safetensors [--basis FILE] [--json]
@@ -192,10 +193,13 @@ def _register_train(subparsers) -> None:
 
 def cmd_train(args) -> int:
     from adapters_zoo.basis import check_basis_matches_model, compute_basis, load_basis, save_basis
+    from adapters_zoo.errors import InvalidConfig
     from adapters_zoo.format import save_adapter
     from adapters_zoo.train import TrainConfig, attached, eval_loss, load_examples, load_model_dir, train_adapter
 
     # Cheap checks first: a typo fails in a second, before any model is loaded.
+    if args.basis and args.basis_rank:
+        raise InvalidConfig("--basis-rank is for a basis train computes; it cannot apply to --basis FILE")
     kind_config = kind_config_from_args(args.kind, args)
     cfg = TrainConfig(kind=args.kind, kind_config=kind_config, targets=args.targets, steps=args.steps,
                       batch_size=args.batch_size, seed=args.seed, preserve=args.preserve, kl_weight=args.kl_weight,

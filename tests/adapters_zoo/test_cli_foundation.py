@@ -249,6 +249,9 @@ def test_unknown_kind_and_misplaced_flags(capsys, tiny_llama_dir, reverse_task, 
     assert "rank must be" in fails(capsys, "basis", tiny_llama_dir, "--rank", "most")
     assert "no linear layer matches" in fails(capsys, "basis", tiny_llama_dir, "--rank", "4", "--targets", "qproj")
     assert "not a directory" in fails(capsys, "basis", tmp_path / "nowhere", "--rank", "4")
+    assert "--basis-rank is for a basis train computes" in fails(
+        capsys, "train", tiny_llama_dir, "--kind", "scale", "--basis", tmp_path / "b.st", "--basis-rank", "16",
+        "--data", reverse_task["train"], "--out", tmp_path / "x.safetensors")
     assert "steps must be ≥ 1" in fails(capsys, "train", tiny_llama_dir, "--kind", "scale", "--steps", "0", "--data",
                                         reverse_task["train"], "--out", tmp_path / "x.safetensors")
 
