@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from adapters_zoo.basis import Basis, LayerBasis
@@ -43,6 +44,29 @@ def add_deltas(model, adapters: list[Adapter], weights: list[float], basis: Basi
                 module = model.get_submodule(layer)
                 dw = sum(parts)
                 module.weight += dw.T if basis.transposed.get(layer) else dw
+
+
+def make_peft_lora(model_dir, out_dir, seed: int = 0, **config) -> PeftModel:
+    """A real PEFT LoRA on the model, with B moved off zero (a trained-looking adapter), saved to out_dir."""
+    cfg = LoraConfig(task_type="CAUSAL_LM", **config)
+    model = get_peft_model(load_model(model_dir), cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(str(out_dir))
+    return model.eval()
+
+
+def peft_delta(peft_model, layer: str) -> torch.Tensor:
+    module = peft_model.base_model.model.get_submodule(layer)
+    dw = module.get_delta_weight("default").detach()
+    return dw.T if module.fan_in_fan_out else dw  # (out, in)
+
+
+LORA_CONFIG = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
+               "rank_pattern": {"down_proj": 2}, "alpha_pattern": {"v_proj": 3}}
 
 
 # --------------------------------------------------------------------------- hand-made cores

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from fusion_helpers import core_adapter, load_model, logits, moved
-from peft import LoraConfig, PeftModel, get_peft_model
+from fusion_helpers import LORA_CONFIG, core_adapter, load_model, logits, make_peft_lora, moved, peft_delta
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from adapters_zoo.errors import AdapterFormatError, IncompatibleAdapter
@@ -70,29 +70,6 @@ def test_gpt2_export_sets_fan_in_fan_out_and_matches(gpt2_basis, tiny_gpt2_dir, 
 
 
 # --------------------------------------------------------------------------- import
-
-
-def make_peft_lora(model_dir, out_dir, seed: int = 0, **config) -> PeftModel:
-    """A real PEFT LoRA on the model, with B moved off zero (a trained-looking adapter), saved to out_dir."""
-    cfg = LoraConfig(task_type="CAUSAL_LM", **config)
-    model = get_peft_model(load_model(model_dir), cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(str(out_dir))
-    return model.eval()
-
-
-def peft_delta(peft_model, layer: str) -> torch.Tensor:
-    module = peft_model.base_model.model.get_submodule(layer)
-    dw = module.get_delta_weight("default").detach()
-    return dw.T if module.fan_in_fan_out else dw  # (out, in)
-
-
-LORA_CONFIG = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
-               "rank_pattern": {"down_proj": 2}, "alpha_pattern": {"v_proj": 3}}
 
 
 @pytest.mark.parametrize("rslora", [False, True])
