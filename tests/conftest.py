@@ -48,25 +48,18 @@ def _token_ids(tok) -> dict:
             "eos_token_id": tok.eos_token_id}
 
 
-def tiny_llama(seed: int, tok) -> LlamaForCausalLM:
+def tiny_model(arch: str, seed: int, tok):
+    """A random tiny ``llama`` / ``qwen2`` / ``gpt2`` causal LM (eval mode) for the char tokenizer."""
+    ids = _token_ids(tok)
+    if arch == "gpt2":  # c_attn / c_proj / c_fc are Conv1D: weights stored (in, out)
+        cls = GPT2LMHeadModel
+        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=MAX_POSITIONS, initializer_range=INIT_RANGE, **ids)
+    else:
+        config_cls, cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+        cfg = config_cls(**TINY, **ids, max_position_embeddings=MAX_POSITIONS, initializer_range=INIT_RANGE,
+                         tie_word_embeddings=False)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(**TINY, **_token_ids(tok), max_position_embeddings=MAX_POSITIONS, initializer_range=INIT_RANGE,
-                      tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tiny_qwen2(seed: int, tok) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(**TINY, **_token_ids(tok), max_position_embeddings=MAX_POSITIONS, initializer_range=INIT_RANGE,
-                      tie_word_embeddings=False)
-    return Qwen2ForCausalLM(cfg).eval()
-
-
-def tiny_gpt2(seed: int, tok) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=MAX_POSITIONS, initializer_range=INIT_RANGE,
-                     **_token_ids(tok))
-    return GPT2LMHeadModel(cfg).eval()  # c_attn / c_proj / c_fc are Conv1D: weights stored (in, out)
+    return cls(cfg).eval()
 
 
 def save(model, tok, out_dir: Path, max_shard_size: str | None = None) -> Path:
@@ -78,12 +71,12 @@ def save(model, tok, out_dir: Path, max_shard_size: str | None = None) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, tokenizer) -> Path:
-    return save(tiny_llama(0, tokenizer), tokenizer, tmp_path_factory.mktemp("llama"))
+    return save(tiny_model("llama", 0, tokenizer), tokenizer, tmp_path_factory.mktemp("llama"))
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_sharded_dir(tmp_path_factory, tokenizer) -> Path:
-    out = save(tiny_llama(0, tokenizer), tokenizer, tmp_path_factory.mktemp("llama-sharded"), SHARD_SIZE)
+    out = save(tiny_model("llama", 0, tokenizer), tokenizer, tmp_path_factory.mktemp("llama-sharded"), SHARD_SIZE)
     assert len(list(out.glob("model-*.safetensors"))) >= 2, "the sharded fixture must have several shards"
     return out
 
@@ -91,17 +84,17 @@ def tiny_llama_sharded_dir(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def other_llama_dir(tmp_path_factory, tokenizer) -> Path:
     """Same architecture as ``tiny_llama_dir``, other weights: another base model."""
-    return save(tiny_llama(1, tokenizer), tokenizer, tmp_path_factory.mktemp("llama-other"))
+    return save(tiny_model("llama", 1, tokenizer), tokenizer, tmp_path_factory.mktemp("llama-other"))
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory, tokenizer) -> Path:
-    return save(tiny_qwen2(0, tokenizer), tokenizer, tmp_path_factory.mktemp("qwen2"))
+    return save(tiny_model("qwen2", 0, tokenizer), tokenizer, tmp_path_factory.mktemp("qwen2"))
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory, tokenizer) -> Path:
-    return save(tiny_gpt2(0, tokenizer), tokenizer, tmp_path_factory.mktemp("gpt2"))
+    return save(tiny_model("gpt2", 0, tokenizer), tokenizer, tmp_path_factory.mktemp("gpt2"))
 
 
 @pytest.fixture(scope="session")
