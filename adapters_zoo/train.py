@@ -327,9 +327,9 @@ def train_adapter(
     was_training = model.training
     grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
     model.to(device).eval()
-    model.requires_grad_(False)
-    attach(model, adapter, basis)
     try:
+        model.requires_grad_(False)
+        attach(model, adapter, basis)
         params = adapter_parameters(model)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         losses, kls = [], []
@@ -389,7 +389,7 @@ def load_model_dir(model_dir: str | Path, device: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(model_dir)
-    resolve_device(device)  # before the slow part
+    device = resolve_device(device)  # before the slow part
     if not (model_dir / "config.json").is_file():
         raise ModelDirError(f"{model_dir}: not a model directory (no config.json)")
     try:
@@ -401,4 +401,4 @@ def load_model_dir(model_dir: str | Path, device: str | None = None):
                                                      use_safetensors=True)
     except (OSError, ValueError, KeyError) as err:
         raise ModelDirError(f"{model_dir}: cannot load the model ({type(err).__name__}: {err})") from None
-    return model.to(resolve_device(device)).eval(), tokenizer
+    return model.to(device).eval(), tokenizer
