@@ -107,7 +107,7 @@ def _source_bytes(source: Path | str | bytes | Adapter) -> tuple[bytes, str]:
 
 class Registry:
     def __init__(self, home: str | Path | None = None, *, catalog_url: str | None = None):
-        self.home = Path(home).expanduser() if home is not None else default_home()
+        self.home = (Path(home).expanduser() if home is not None else default_home()).absolute()
         if self.home.exists() and not self.home.is_dir():
             raise RegistryError(f"registry home {self.home} exists and is not a directory")
         self.store = BlobStore(self.home)
