@@ -14,7 +14,9 @@ import importlib
 import sys
 
 COMMAND_MODULES = [
+    "adapters_zoo.zoo",  # zoo build
     "adapters_zoo.cli",  # basis, train, count-params
+    "adapters_zoo.analysis",  # analyze
     "adapters_zoo.registry.cli",  # registry add | list | show | rm | verify | gc | bases
     "fusion.cli",  # fuse, merge, export-lora, import-lora
     "serving.serve_cli",  # serve, demo
