@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import K, perturbed
+from registry_fixtures import K, perturbed
 from safetensors import safe_open
 from safetensors.torch import save_file
 

@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from conftest import TARGETS, K
+from registry_fixtures import TARGETS, K
 
 from adapters_zoo.basis import save_basis
 from adapters_zoo.registry import Registry
