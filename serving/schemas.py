@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapters_zoo.errors import InvalidRequest
 from serving.generation import SamplingParams
+from serving.services import Job
 
 MAX_PROMPTS = 32  # prompts in one completion request
 MAX_N = 8  # choices per prompt
@@ -152,23 +152,6 @@ class FuseRequest(_Strict):
     version: str | None = None
     tags: list[str] = Field(default_factory=list, max_length=32)
     description: str = ""
-
-
-@dataclass
-class Job:
-    """A generation request as the services see it."""
-
-    endpoint: str  # "completion" | "chat"
-    model: str
-    prompts: list[str | list[int]]  # completion: text or token ids per prompt
-    messages: list[dict[str, str]] | None  # chat
-    params: SamplingParams
-    n: int
-    stream: bool
-    include_usage: bool
-    adapters: dict[str, Any] | None
-    fusion_method: str | None
-    fusion_params: dict[str, Any] | None
 
 
 # --------------------------------------------------------------------------- responses

@@ -12,7 +12,9 @@ typed error; the app maps error classes to status codes in one handler.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -33,10 +35,10 @@ from serving.engine import Engine, MixtureSpec
 from serving.generation import SamplingParams
 from serving.metrics import Metrics
 from serving.scheduler import Event, GenerationRequest, RequestHandle, Scheduler
-from serving.schemas import Job
 from serving.slots import MixtureCores
 
 BASE = "base"
+ADAPTER_CACHE = 1024  # parsed registry adapters kept in memory (they are small: k-sized tensors per layer)
 
 
 @dataclass
@@ -48,6 +50,23 @@ class Limits:
     max_upload_bytes: int = 64 << 20  # adapter uploads; past it: 413
     default_completion_tokens: int = 16  # OpenAI's default for /v1/completions
     default_chat_tokens: int = 256
+
+
+@dataclass
+class Job:
+    """A generation request as the services see it."""
+
+    endpoint: str  # "completion" | "chat"
+    model: str
+    prompts: list[str | list[int]]  # completion: text or token ids per prompt
+    messages: list[dict[str, str]] | None  # chat
+    params: SamplingParams
+    n: int
+    stream: bool
+    include_usage: bool
+    adapters: dict[str, Any] | None
+    fusion_method: str | None
+    fusion_params: dict[str, Any] | None
 
 
 def find_basis(registry: Registry, model) -> Basis:
@@ -79,6 +98,8 @@ class Service:
         self.model_name = model_name
         self.fingerprint = engine.basis.fingerprint
         self.started = int(time.time())
+        self._adapters: OrderedDict[str, Adapter] = OrderedDict()  # sha256 -> parsed adapter
+        self._adapter_lock = threading.Lock()
         m = self.metrics
         slots, mixtures = engine.slots, engine.mixtures
         m.watch("specfuse_slot_cache_hits_total", "mixture found in a device slot", lambda: slots.hits, "counter")
@@ -126,9 +147,22 @@ class Service:
         spec = MixtureSpec.of(records, method or "linear", params, digests)
 
         def load() -> list[tuple[Adapter, float]]:
-            return [(self.registry.load(ref), weight) for ref, weight in spec.components]
+            return [(self._adapter(ref, sha), weight) for (ref, weight), sha in zip(spec.components, spec.digests)]
 
         return spec, load
+
+    def _adapter(self, ref: str, sha256: str) -> Adapter:
+        """A registry adapter, parsed once per content hash (blobs are content-addressed: never stale)."""
+        with self._adapter_lock:
+            if sha256 in self._adapters:
+                self._adapters.move_to_end(sha256)
+                return self._adapters[sha256]
+        adapter = self.registry.load(ref)
+        with self._adapter_lock:
+            self._adapters[sha256] = adapter
+            while len(self._adapters) > ADAPTER_CACHE:
+                self._adapters.popitem(last=False)
+        return adapter
 
     def prepare_mixture(self, model: str, adapters=None, method=None, params=None) -> MixtureCores | None:
         """Resolve and reduce a mixture (blocking: registry reads, maybe fusion). None: the base model."""

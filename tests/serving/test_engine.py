@@ -150,3 +150,33 @@ def test_sampling_is_seeded_and_batch_independent(engine, tokenizer, adapters):
         scheduler.stop()
     assert together.token_ids == alone.token_ids
     assert other_seed[0].token_ids != alone.token_ids
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_other_architectures(arch, tokenizer, make_adapter):
+    """GPT-2 (Conv1D layers, weights stored transposed) and Qwen2 (q/k/v biases) route the same way."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    from adapters_zoo.basis import basis_from_model
+
+    torch.manual_seed(0)
+    ids = {"vocab_size": len(tokenizer), "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    if arch == "gpt2":
+        base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **ids)).eval()
+    else:
+        base = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, **ids)).eval()
+    basis = basis_from_model(base, rank=8)
+    adapter = make_adapter("rotation", {"rank": 6}, basis, 11)
+    engine = Engine(copy.deepcopy(base), tokenizer, basis, EngineConfig(slots=2, residual_slots=0))
+    mixture = engine.prepare(MixtureSpec.of([("rot", 1.0)]), lambda: [(adapter, 1.0)])
+    scheduler = Scheduler(engine).start()
+    try:
+        prompts = prompts_for(tokenizer, 2)
+        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        results = generate(scheduler, [GenerationRequest(prompts[0], params, mixture),
+                                       GenerationRequest(prompts[1], params)])
+    finally:
+        scheduler.stop()
+    assert results[0].token_ids == reference_generate(base, basis, prompts[0], [(adapter, 1.0)], 6)
+    assert results[1].token_ids == reference_generate(base, basis, prompts[1], [], 6)

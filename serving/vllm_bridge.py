@@ -1,0 +1,138 @@
+"""Scale-out through vLLM: a registry mixture becomes the LoRA directory vLLM loads.
+
+A fused mixture is ``ΔW = U_k C V_kᵀ (+ B A)``, a LoRA of rank ≤ k (+ q), so vLLM serves
+it with its own multi-LoRA kernels, on as many GPUs and nodes as it runs on. Two ways:
+
+- ahead of time: ``export_mixture(registry, "math:0.7,code:0.3", out_root, base_name)``
+  writes a PEFT LoRA directory (``fusion.lora_io.export_peft_lora``) and returns its path,
+  for ``vllm serve BASE --enable-lora --lora-modules name=PATH``;
+- on demand: the vLLM general plugin ``register_resolver`` (entry point
+  ``vllm.general_plugins`` in pyproject) registers :class:`MixtureResolver` with vLLM's
+  LoRA resolver registry, so a request whose ``model`` is a mixture string is fused,
+  exported and loaded the first time it is seen.
+
+Exported directories are named by a hash of the mixture's key (resolved
+``name@version``, weights, method, params and the blobs' sha256), never by user text,
+so a request cannot choose a path, and a mixture is exported once. vLLM is imported only
+inside ``register_resolver``.
+
+Environment of the plugin: ``SPECFUSE_HOME`` (the registry; else ``~/.specfuse``),
+``SPECFUSE_VLLM_LORA_DIR`` (exports; else ``$SPECFUSE_HOME/vllm-loras``),
+``SPECFUSE_VLLM_BASE`` (optional: the fingerprint of the base vLLM serves; mixtures of
+other bases are refused), ``SPECFUSE_VLLM_MAX_MIXTURE`` (default 16).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from adapters_zoo.errors import IncompatibleAdapter, SpecfuseError
+from serving.engine import MixtureSpec
+
+EXPORT_FORMAT = 1  # bump when the export layout changes: old exports are not reused
+
+
+def mixture_key(spec: MixtureSpec) -> str:
+    """A stable, path-safe name for a resolved mixture."""
+    text = json.dumps([EXPORT_FORMAT, spec.components, spec.method, spec.params, spec.digests], sort_keys=True)
+    return "specfuse-" + hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def export_mixture(registry, mixture: str | Mapping[str, float], out_root: str | Path,
+                   base_model_name_or_path: str, method: str = "linear", params: dict[str, Any] | None = None,
+                   base_fingerprint: str | None = None, max_entries: int = 16) -> Path:
+    """Fuse ``mixture`` (registry refs) and write it as a PEFT LoRA directory; returns the directory.
+
+    The export is reused while the mixture resolves to the same blobs; it is written to a
+    temporary directory and renamed, so a crash or a concurrent export never leaves half of one.
+    """
+    from fusion import fuse
+    from fusion.lora_io import export_peft_lora
+
+    resolved = registry.resolve_mixture(mixture, max_entries=max_entries)
+    fingerprint = resolved[0][1].base_fingerprint
+    if base_fingerprint is not None and fingerprint != base_fingerprint:
+        raise IncompatibleAdapter(f"the mixture belongs to base {fingerprint}, not to the served {base_fingerprint}")
+    digests = {ref: registry.get(ref).sha256 for ref, _, _ in resolved}
+    spec = MixtureSpec.of([(ref, w) for ref, _, w in resolved], method, params, digests)
+    out_root = Path(out_root)
+    target = out_root / mixture_key(spec)
+    if (target / "adapter_config.json").is_file():
+        return target
+    basis = registry.basis(fingerprint)
+    adapters, weights = [a for _, a, _ in resolved], [w for _, _, w in resolved]
+    if len(adapters) == 1 and weights[0] == 1.0 and method == "linear" and not params:
+        fused = adapters[0]
+    else:
+        fused = fuse(adapters, weights, basis, method=method, **(params or {}))
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = out_root / f".tmp-{uuid.uuid4().hex}"
+    try:
+        export_peft_lora(fused, basis, tmp, base_model_name_or_path=base_model_name_or_path)
+        (tmp / "specfuse_mixture.json").write_text(json.dumps(
+            {"mixture": spec.label, "components": spec.components, "method": method, "params": spec.fusion_params,
+             "base_fingerprint": fingerprint}, indent=2) + "\n")
+        try:
+            tmp.rename(target)
+        except OSError:  # another process exported the same mixture first: theirs is identical
+            if not (target / "adapter_config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def lora_int_id(path: Path) -> int:
+    """vLLM's integer id of an adapter: positive, stable, distinct per export."""
+    return int(hashlib.sha256(path.name.encode()).hexdigest()[:15], 16) + 1
+
+
+class MixtureResolver:
+    """vLLM LoRA resolver: ``lora_name`` is a mixture (``math``, ``math:0.7,code:0.3``).
+
+    ``make_request(lora_name, lora_int_id, lora_path)`` builds vLLM's ``LoRARequest``;
+    names that are not a valid mixture of this registry resolve to None (vLLM then
+    answers that the model does not exist).
+    """
+
+    def __init__(self, registry, out_root: str | Path, make_request: Callable[..., Any],
+                 base_fingerprint: str | None = None, max_entries: int = 16):
+        self.registry = registry
+        self.out_root = Path(out_root)
+        self.make_request = make_request
+        self.base_fingerprint = base_fingerprint
+        self.max_entries = max_entries
+
+    async def resolve_lora(self, base_model_name: str, lora_name: str):
+        try:
+            path = await asyncio.to_thread(export_mixture, self.registry, lora_name, self.out_root, base_model_name,
+                                           base_fingerprint=self.base_fingerprint, max_entries=self.max_entries)
+        except SpecfuseError:
+            return None
+        return self.make_request(lora_name=lora_name, lora_int_id=lora_int_id(path), lora_path=str(path))
+
+
+def register_resolver() -> None:
+    """The ``vllm.general_plugins`` entry point: register :class:`MixtureResolver` with vLLM."""
+    try:
+        from vllm.lora.request import LoRARequest
+        from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
+    except ImportError as err:
+        raise ImportError(f"the specfuse vLLM plugin runs inside vLLM, which is not importable here ({err})") from err
+    from adapters_zoo.registry import Registry, default_home
+
+    home = default_home()
+    out_root = Path(os.environ.get("SPECFUSE_VLLM_LORA_DIR") or home / "vllm-loras")
+    resolver_class = type("SpecfuseLoRAResolver", (MixtureResolver, LoRAResolver), {})
+    resolver = resolver_class(Registry(home), out_root, LoRARequest,
+                              base_fingerprint=os.environ.get("SPECFUSE_VLLM_BASE") or None,
+                              max_entries=int(os.environ.get("SPECFUSE_VLLM_MAX_MIXTURE", "16")))
+    LoRAResolverRegistry.register_resolver("specfuse", resolver)

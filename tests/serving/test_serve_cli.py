@@ -1,0 +1,69 @@
+"""The ``serve`` / ``demo`` commands end to end, and the engine's import boundary."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+
+from adapters_zoo.demo_model import save_model
+from serving.cli import main
+
+
+def test_engine_imports_without_the_http_stack():
+    code = ("import sys\n"
+            "for name in ('fastapi', 'uvicorn', 'pydantic', 'starlette'):\n"
+            "    sys.modules[name] = None  # importing any of them now fails\n"
+            "import serving.engine, serving.scheduler, serving.backend, serving.reference, serving.services\n"
+            "import serving.metrics, serving.vllm_bridge\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_serve_refuses_a_model_without_a_declared_basis(tmp_path, model, tokenizer, capsys):
+    save_model(model, tokenizer, tmp_path / "base")
+    assert main(["serve", str(tmp_path / "base"), "--home", str(tmp_path / "empty-home")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading progress bar
+    assert last.startswith("specfuse serve: error:") and "no basis" in last and "specfuse basis" in last
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_demo_builds_the_zoo_and_serves_it(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "SPECFUSE_HOME": str(tmp_path / "demo"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "demo", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        ids = [m.id for m in client.models.list().data]
+        assert ids[0] == "base" and "demo-scale" in ids
+        r = client.completions.create(model="demo-scale:0.5,demo-lora:0.5", prompt="hi", max_tokens=4,
+                                      temperature=0, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 4
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert (tmp_path / "demo" / "demo-base" / "config.json").is_file()

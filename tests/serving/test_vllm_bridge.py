@@ -1,0 +1,71 @@
+"""Registry mixtures as PEFT LoRA directories (what vLLM loads), and the on-demand resolver."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import importlib.util
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from adapters_zoo.registry import Registry
+from serving.reference import reference_logits
+from serving.vllm_bridge import MixtureResolver, export_mixture, register_resolver
+
+
+@dataclass
+class LoRARequest:  # the fields of vllm.lora.request.LoRARequest the resolver fills
+    lora_name: str
+    lora_int_id: int
+    lora_path: str
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, basis, adapters):
+    reg = Registry(tmp_path_factory.mktemp("bridge-home"))
+    reg.add_basis(basis)
+    for name in ("scale", "svft", "rotation", "lora"):
+        reg.add(adapters[name], name)
+    yield reg
+    reg.close()
+
+
+def test_exported_mixture_loads_in_peft_and_equals_the_mixture(registry, tmp_path, model, tokenizer, basis,
+                                                               adapters):
+    from peft import PeftModel
+
+    out = export_mixture(registry, "scale:0.7,rotation:0.3,lora:0.5", tmp_path, "tiny-base")
+    assert out.parent == tmp_path and out.name.startswith("specfuse-")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == "tiny-base"
+    assert export_mixture(registry, "rotation:0.3,scale:0.7,lora:0.5", tmp_path, "tiny-base") == out, "reused"
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(out)).eval()
+    prompt = tokenizer("vllm bridge")["input_ids"]
+    with torch.no_grad():
+        got = peft_model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    expected = reference_logits(model, basis, prompt,
+                                [(adapters["scale"], 0.7), (adapters["rotation"], 0.3), (adapters["lora"], 0.5)])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_resolver_resolves_mixture_names_and_refuses_the_rest(registry, tmp_path, basis):
+    resolver = MixtureResolver(registry, tmp_path, LoRARequest, base_fingerprint=basis.fingerprint, max_entries=4)
+    request = asyncio.run(resolver.resolve_lora("tiny-base", "svft:0.5,scale:0.5"))
+    assert request.lora_name == "svft:0.5,scale:0.5" and request.lora_int_id > 0
+    assert (tmp_path / request.lora_path.rsplit("/", 1)[-1] / "adapter_model.safetensors").is_file()
+    same = asyncio.run(resolver.resolve_lora("tiny-base", "scale:0.5,svft:0.5"))
+    assert same.lora_path == request.lora_path and same.lora_int_id == request.lora_int_id
+    for bad in ("nothere", "scale:-1", "../../etc", "a,b,c,d,e", "scale:nan"):
+        assert asyncio.run(resolver.resolve_lora("tiny-base", bad)) is None, bad
+    other = MixtureResolver(registry, tmp_path, LoRARequest, base_fingerprint="0" * 32)
+    assert asyncio.run(other.resolve_lora("tiny-base", "scale")) is None, "adapters of another base"
+
+
+def test_register_resolver_explains_a_missing_vllm():
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed: the plugin would register for real")
+    with pytest.raises(ImportError, match="vLLM"):
+        register_resolver()
