@@ -202,7 +202,7 @@ def run_peft(model, basis, adapters: list, requests, settings: Settings, workdir
         out = workdir / "peft" / f"{len(adapters)}" / name
         export_peft_lora(adapter, basis, out, base_model_name_or_path="bench-base")
         dirs.append(out)
-    base = copy.deepcopy(model)
+    base = copy.deepcopy(model).to(_dtype(settings.device))
     peft_model = PeftModel.from_pretrained(base, str(dirs[0]), adapter_name=names[0])
     for name, path in zip(names[1:], dirs[1:]):
         peft_model.load_adapter(str(path), adapter_name=name)
@@ -245,6 +245,10 @@ def run_merge(model, basis, adapters: list, requests, settings: Settings, m: int
     return latencies, tokens, time.perf_counter() - start
 
 
+def _dtype(device: str) -> torch.dtype:
+    return torch.float32 if device == "cpu" else torch.bfloat16  # what the engine runs in
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -285,7 +289,7 @@ def run(settings: Settings) -> dict:
         register_s = time.perf_counter() - t
 
         engine_model = copy.deepcopy(model)
-        dtype = None if settings.device == "cpu" else "bfloat16"
+        dtype = str(_dtype(settings.device)).removeprefix("torch.")
         engine = Engine(engine_model, tokenizer, basis.to("cpu"),
                         EngineConfig(device=settings.device, dtype=dtype, slots=2 * settings.max_batch,
                                      residual_slots=0, mixture_cache=4 * settings.requests))
@@ -334,8 +338,7 @@ def run(settings: Settings) -> dict:
                 lat, tok, sec = run_peft(model, basis.to("cpu"), adapters[:n], reqs, settings, workdir, rng)
                 rows.append(summarize("peft", n, 1, lat, tok, sec, "one LoRA per row, static batches"))
                 print(_line(rows[-1]), flush=True)
-        dense = copy.deepcopy(model).to(settings.device, torch.float32 if settings.device == "cpu" else
-                                        torch.bfloat16)
+        dense = copy.deepcopy(model).to(settings.device, _dtype(settings.device))
         dense_basis = basis.to(settings.device, dense.dtype)
         for m in sorted({1, max(settings.mixture_sizes)}):
             lat, tok, sec = run_merge(dense, dense_basis, [_to(a, settings.device) for a in adapters[:max(

@@ -315,13 +315,18 @@ class Generation:
     async def events(self, disconnected: Callable[[], Awaitable[bool]] | None = None,
                      poll_s: float = 0.5) -> AsyncIterator[tuple[int, Event]]:
         remaining, first = self.count, True
+        checked = time.perf_counter()
         try:
             while remaining:
                 try:
                     index, event = await asyncio.wait_for(self._queue.get(), timeout=poll_s)
                 except asyncio.TimeoutError:
-                    if disconnected is not None and await disconnected():
+                    index, event = -1, None
+                if disconnected is not None and time.perf_counter() - checked >= poll_s:
+                    checked = time.perf_counter()  # checked between events too: a busy stream still notices
+                    if await disconnected():
                         return
+                if event is None:
                     continue
                 if first:
                     self.service.metrics.ttft.observe(time.perf_counter() - self._start)

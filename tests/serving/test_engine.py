@@ -180,3 +180,17 @@ def test_other_architectures(arch, tokenizer, make_adapter):
         scheduler.stop()
     assert results[0].token_ids == reference_generate(base, basis, prompts[0], [(adapter, 1.0)], 6)
     assert results[1].token_ids == reference_generate(base, basis, prompts[1], [], 6)
+
+
+def test_bfloat16_engine_follows_the_float32_one(model, tokenizer, basis, adapters):
+    """The GPU dtype path (tables and model in bf16), checked on the CPU against float32."""
+    fp32 = Engine(copy.deepcopy(model), tokenizer, basis, EngineConfig(slots=2, residual_slots=1))
+    bf16 = Engine(copy.deepcopy(model), tokenizer, basis, EngineConfig(slots=2, residual_slots=1, dtype="bfloat16"))
+    prompt = prompts_for(tokenizer, 3)[2]
+    out = []
+    for engine in (fp32, bf16):
+        slot = engine.slots.acquire(single(engine, adapters, "scale_lora"))
+        out.append(engine.prefill([prompt], [slot])[0][0].float())
+    assert bf16.model.dtype == torch.bfloat16 and bf16.slots.layers[next(iter(basis.layers))].cores.dtype == \
+        torch.bfloat16
+    torch.testing.assert_close(out[1], out[0], rtol=0.05, atol=0.1)

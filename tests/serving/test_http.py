@@ -306,3 +306,39 @@ def test_queue_full_is_429_and_stopped_engine_is_503(home):
     finally:
         small.scheduler.stop()
         small.registry.close()
+
+
+def test_prompt_lists_and_n_give_indexed_choices(client):
+    r = client.completions.create(model="scale", prompt=["one", "two"], n=2, max_tokens=4, temperature=0.8,
+                                  seed=3, extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1, 2, 3] and r.usage.completion_tokens == 16
+    assert r.choices[0].text == complete_seeded(client, "one", 3) and r.choices[1].text == complete_seeded(client,
+                                                                                                          "one", 4)
+
+
+def complete_seeded(client, prompt, seed):
+    return client.completions.create(model="scale", prompt=prompt, max_tokens=4, temperature=0.8, seed=seed,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+
+
+def test_a_client_gone_mid_generation_is_noticed_between_events(service):
+    """Non-streaming requests poll for a disconnect even while tokens keep arriving."""
+    import asyncio
+
+    from serving.generation import SamplingParams
+
+    async def gone() -> bool:
+        return True
+
+    async def run() -> int:
+        generation = service.start([[1, 40, 41]], SamplingParams(max_tokens=199, temperature=0, ignore_eos=True),
+                                   1, None)
+        return len([event async for _, event in generation.events(gone, poll_s=0.01)])
+
+    cancelled = service.metrics.finished.get(reason="cancelled")
+    events = asyncio.run(run())
+    assert events < 199
+    deadline = time.time() + 10
+    while service.metrics.finished.get(reason="cancelled") == cancelled and time.time() < deadline:
+        time.sleep(0.01)
+    assert service.metrics.finished.get(reason="cancelled") == cancelled + 1
