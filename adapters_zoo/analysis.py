@@ -25,11 +25,14 @@ import json
 import math
 import statistics
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from adapters_zoo.checkpoint import Checkpoint, LayerSpec, parse_targets
 from adapters_zoo.errors import BasisMismatch, IncompatibleAdapter, InvalidConfig, ModelDirError
+
+if TYPE_CHECKING:  # torch is imported where it is used: `specfuse --help` loads this module (register_cli)
+    import torch
+
+    from adapters_zoo.checkpoint import Checkpoint, LayerSpec
 
 SHARE_THRESHOLDS = (0.5, 0.8, 0.9)
 PROFILE_BINS = 10  # the whole spectrum, index-normalised, so layers of any size average
@@ -46,6 +49,8 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     cos θ from svd(AᵀB) loses precision near 0°, sin θ from svd(B − A AᵀB) near 90°;
     each angle is taken from whichever is accurate (Björck & Golub).
     """
+    import torch
+
     cos = torch.linalg.svdvals(A.T @ B).clamp(0.0, 1.0)  # (k,) descending -> θ ascending
     sin = torch.linalg.svdvals(B - A @ (A.T @ B)).clamp(0.0, 1.0).flip(0)  # ascending -> θ ascending
     theta = torch.where(sin**2 < 0.5, torch.arcsin(sin), torch.arccos(cos))
@@ -54,7 +59,7 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 def _first_k_reaching(curve: torch.Tensor, threshold: float) -> int | None:
     """Smallest k (1-based) with curve[k-1] ≥ threshold, None if never."""
-    hits = torch.nonzero(curve >= threshold - 1e-12)
+    hits = (curve >= threshold - 1e-12).nonzero()
     return int(hits[0]) + 1 if len(hits) else None
 
 
@@ -79,7 +84,7 @@ def _ratio_profile(ratio: torch.Tensor) -> list[float | None]:
 
 
 def _nanmean(x: torch.Tensor) -> float | None:
-    x = x[~torch.isnan(x)]
+    x = x[~x.isnan()]
     return float(x.mean()) if len(x) else None
 
 
@@ -103,6 +108,8 @@ def analyze_delta(
         raise IncompatibleAdapter(f"weight shape {tuple(W_base.shape)} and delta shape {tuple(delta.shape)} differ")
     if top_k < 1:
         raise InvalidConfig(f"top_k must be ≥ 1, got {top_k}")
+    import torch
+
     W = W_base.to(torch.float64)
     dW = delta.to(torch.float64)
     out_f, in_f = W.shape
@@ -130,8 +137,9 @@ def analyze_delta(
     energy = float(dW.pow(2).sum())
     shares: dict = {"two_sided": None, "left": None, "right": None}
     curve: dict = {"k": k_grid(k, rank), "two_sided": None, "left": None, "right": None}
-    k_for: dict = {str(t): None for t in SHARE_THRESHOLDS}
-    delta_rank_for: dict = {str(t): None for t in SHARE_THRESHOLDS}
+    nothing = {str(t): None for t in SHARE_THRESHOLDS}
+    k_for, k_for_left, k_for_right, delta_rank_for = nothing, nothing, nothing, nothing
+    delta_sigma = torch.linalg.svdvals(dW)  # (r,) ΔW's own spectrum
     if energy > 0:
         M = U.T @ dW @ V  # (r, r): ΔW in base coordinates
         two = M.pow(2).cumsum(0).cumsum(1).diagonal() / energy  # (r,) share of U_k..V_k, k = 1..r
@@ -140,12 +148,25 @@ def analyze_delta(
         shares = {"two_sided": float(two[k - 1]), "left": float(left[k - 1]), "right": float(right[k - 1])}
         idx = [g - 1 for g in curve["k"]]
         curve.update(two_sided=_floats(two[idx]), left=_floats(left[idx]), right=_floats(right[idx]))
-        k_for = {str(t): _first_k_reaching(two, t) for t in SHARE_THRESHOLDS}
-        own = torch.linalg.svdvals(dW).pow(2).cumsum(0) / energy  # ΔW's own best rank-k capture
-        delta_rank_for = {str(t): _first_k_reaching(own, t) for t in SHARE_THRESHOLDS}
+        own = delta_sigma.pow(2).cumsum(0) / energy  # ΔW's own best rank-k capture
+
+        def k_reaching(curve: torch.Tensor) -> dict:
+            return {str(t): _first_k_reaching(curve, t) for t in SHARE_THRESHOLDS}
+
+        k_for, k_for_left, k_for_right, delta_rank_for = map(k_reaching, (two, left, right, own))
+
+    # Wedin: the top-k subspaces move by at most ~‖ΔW‖₂ / gap. A ratio ≳ 1 means large angles
+    # can come from mixing the k-th direction with near-equal neighbours, not a real reorientation.
+    gap = float(S[k - 1] - S[k]) if k < rank else None
+    delta_over_gap = None
+    if gap is not None:
+        delta_over_gap = float(delta_sigma[0]) / gap if gap > 0 else math.inf
 
     angles_u = principal_angles(U[:, :k], U2[:, :k])  # (k,)
     angles_v = principal_angles(V[:, :k], V2[:, :k])  # (k,)
+    # per direction, by index: angle between u_i and u'_i (sign-free); ill-defined where σ_i ≈ σ_i±1
+    vec_u = torch.rad2deg(torch.arccos((U[:, :k] * U2[:, :k]).sum(0).abs().clamp(max=1.0)))  # (k,)
+    vec_v = torch.rad2deg(torch.arccos((V[:, :k] * V2[:, :k]).sum(0).abs().clamp(max=1.0)))  # (k,)
 
     fro_base = float(S.norm())
     return {
@@ -170,14 +191,24 @@ def analyze_delta(
         "share_random": {"two_sided": k * k / (out_f * in_f), "left": k / out_f, "right": k / in_f},
         "share_curve": curve,
         "k_for_share": k_for,
+        "k_for_share_left": k_for_left,
+        "k_for_share_right": k_for_right,
         "delta_rank_for_share": delta_rank_for,
         "angles_left_deg": _floats(angles_u),
         "angles_right_deg": _floats(angles_v),
+        "vector_angles_left_deg": _floats(vec_u),
+        "vector_angles_right_deg": _floats(vec_v),
         "angles": {
             "left_max": float(angles_u.max()),
             "left_mean": float(angles_u.mean()),
             "right_max": float(angles_v.max()),
             "right_mean": float(angles_v.mean()),
+            "left_vec_first": float(vec_u[0]),  # u_1 vs u'_1
+            "right_vec_first": float(vec_v[0]),
+        },
+        "gap": {
+            "rel": gap / float(S[k - 1]) if gap is not None and float(S[k - 1]) > 0 else None,  # (σ_k−σ_k+1)/σ_k
+            "delta_over_gap": delta_over_gap,  # ‖ΔW‖₂ / (σ_k − σ_k+1)
         },
     }
 
@@ -186,7 +217,7 @@ def analyze_pair(W_base: torch.Tensor, W_tuned: torch.Tensor, top_k: int) -> dic
     """Spectral comparison of a base weight and its fine-tuned version, both (out, in)."""
     if W_base.shape != W_tuned.shape:
         raise ModelDirError(f"base shape {tuple(W_base.shape)} != tuned shape {tuple(W_tuned.shape)}")
-    return analyze_delta(W_base, W_tuned.to(torch.float64) - W_base.to(torch.float64), top_k)
+    return analyze_delta(W_base, W_tuned.double() - W_base.double(), top_k)
 
 
 # ---------------------------------------------------------------- summary across layers
@@ -206,11 +237,17 @@ SUMMARY_METRICS: list[tuple[str, str]] = [
     ("k_for_share", "0.5"),
     ("k_for_share", "0.8"),
     ("k_for_share", "0.9"),
+    ("k_for_share_left", "0.9"),
+    ("k_for_share_right", "0.9"),
     ("delta_rank_for_share", "0.9"),
     ("angles", "left_max"),
     ("angles", "left_mean"),
     ("angles", "right_max"),
     ("angles", "right_mean"),
+    ("angles", "left_vec_first"),
+    ("angles", "right_vec_first"),
+    ("gap", "rel"),
+    ("gap", "delta_over_gap"),
 ]
 
 
@@ -251,8 +288,8 @@ def summarize(layers: dict[str, dict]) -> dict:
 
 
 def _check_finite(w: torch.Tensor, where: str) -> torch.Tensor:
-    if not torch.isfinite(w).all():
-        raise ModelDirError(f"{where}: weight has non-finite values")
+    if not w.isfinite().all():
+        raise IncompatibleAdapter(f"{where}: adapter delta has NaN or infinite values")
     return w
 
 
@@ -330,20 +367,21 @@ def analyze(
         raise InvalidConfig("analyze: give exactly one of tuned_dir and adapter_file")
     if top_k < 1:
         raise InvalidConfig(f"top_k must be ≥ 1, got {top_k}")
+    from adapters_zoo.checkpoint import Checkpoint, parse_targets
+
     base = Checkpoint(base_dir)
     if tuned_dir is not None:
         tuned = Checkpoint(tuned_dir)
         specs = _matching_layers(base, tuned, targets)
 
         def delta_of(spec: LayerSpec, W: torch.Tensor) -> torch.Tensor:
-            W_tuned = _check_finite(tuned.weight(spec), f"{tuned.dir}: {spec.name}")
-            return W_tuned.to(torch.float64) - W.to(torch.float64)
+            return tuned.weight(spec).double() - W.double()  # weight() checks shape and finiteness
     else:
         specs, delta_of = _adapter_deltas(base, adapter_file, basis_file, targets)
 
     layers: dict[str, dict] = {}
     for spec in _progress(specs, progress, "analyze"):
-        W = _check_finite(base.weight(spec), f"{base.dir}: {spec.name}")  # (out, in)
+        W = base.weight(spec)  # (out, in) float32, shape and finiteness checked by the reader
         layers[spec.name] = analyze_delta(W, delta_of(spec, W), top_k)
 
     meta = {

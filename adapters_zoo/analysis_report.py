@@ -16,7 +16,7 @@ import torch
 from adapters_zoo.analysis import PROFILE_BINS, k_grid, layer_metric
 
 
-def _fmt(v, digits: int = 3) -> str:
+def _fmt(v, digits: int = 4) -> str:
     if v is None:
         return "–"
     if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) >= 1):
@@ -43,18 +43,34 @@ def findings(result: dict) -> list[str]:
         f"(a random ΔW: {_fmt(rand)}), left {_fmt(mean('share.left'))}, right {_fmt(mean('share.right'))}.",
         f"Two-sided share reaches 50% / 80% / 90% at median k = "
         f"{_fmt(_median(s, 'k_for_share.0.5'))} / {_fmt(_median(s, 'k_for_share.0.8'))} / "
-        f"{_fmt(_median(s, 'k_for_share.0.9'))}; ΔW's own rank for 90% of its energy: "
+        f"{_fmt(_median(s, 'k_for_share.0.9'))} (one-sided 90%: left {_fmt(_median(s, 'k_for_share_left.0.9'))}, "
+        f"right {_fmt(_median(s, 'k_for_share_right.0.9'))}); ΔW's own rank for 90% of its energy: "
         f"median {_fmt(_median(s, 'delta_rank_for_share.0.9'))}.",
         f"Principal angles of the top-{k} subspaces: left mean {_fmt(mean('angles.left_mean'))}°, "
         f"max {_fmt(s['angles.left_max']['max'] if s.get('angles.left_max') else None)}°; right mean "
         f"{_fmt(mean('angles.right_mean'))}°, max "
-        f"{_fmt(s['angles.right_max']['max'] if s.get('angles.right_max') else None)}°.",
+        f"{_fmt(s['angles.right_max']['max'] if s.get('angles.right_max') else None)}°. "
+        f"Median ‖ΔW‖₂ / (σ_k − σ_k+1) = {_fmt(_median(s, 'gap.delta_over_gap'))} "
+        "(≳ 1: the k-th direction can trade places with its neighbours, so the last angles are large "
+        "whatever the change does to the leading directions).",
     ]
     return lines
 
 
 def _median(summary: dict, name: str):
     return summary[name]["median"] if summary.get(name) else None
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Lines of a Markdown table."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+# columns of the per-type and per-layer tables: metric names of analysis.SUMMARY_METRICS
+_COLUMNS = [
+    "rel_delta", "sigma.top_ratio_mean", "sigma.tail_ratio_mean", "share.two_sided", "share.left",
+    "share.right", "k_for_share.0.9", "angles.left_mean", "angles.right_mean", "gap.delta_over_gap",
+]  # fmt: skip
 
 
 def _markdown(result: dict, plots: list[str]) -> str:
@@ -72,47 +88,30 @@ def _markdown(result: dict, plots: list[str]) -> str:
         "",
         "## Summary over layers",
         "",
-        "| metric | mean | median | min | max |",
-        "|---|---|---|---|---|",
     ]
-    for name, st in summary["all"].items():
-        if st:
-            out.append(
-                f"| {name} | {_fmt(st['mean'])} | {_fmt(st['median'])} | {_fmt(st['min'])} | "
-                f"{_fmt(st['max'])} |"
-            )
-    cols = [
-        "rel_delta", "sigma.top_ratio_mean", "sigma.tail_ratio_mean", "share.two_sided", "share.left",
-        "share.right", "k_for_share.0.9", "angles.left_mean", "angles.right_mean",
-    ]  # fmt: skip
-    out += [
-        "",
-        "## By module type (means)",
-        "",
-        "| type | " + " | ".join(cols) + " |",
-        "|---|" + "---|" * len(cols),
-    ]
-    for t, st in summary["by_type"].items():
-        out.append(f"| {t} | " + " | ".join(_fmt(st[c]["mean"] if st[c] else None) for c in cols) + " |")
-    out += [
-        "",
-        "## Per layer",
-        "",
-        "| layer | shape | " + " | ".join(cols) + " |",
-        "|---|---|" + "---|" * len(cols),
-    ]
+    stats = ("mean", "median", "min", "max")
+    out += markdown_table(
+        ["metric", *stats], [[name] + [_fmt(st[s]) for s in stats] for name, st in summary["all"].items() if st]
+    )
+    out += ["", "## By module type (means)", ""]
+    out += markdown_table(
+        ["type", *_COLUMNS],
+        [[t] + [_fmt(st[c]["mean"] if st[c] else None) for c in _COLUMNS] for t, st in summary["by_type"].items()],
+    )
+    out += ["", "## Per layer", ""]
+    rows = []
     for name, lay in layers.items():
-        vals = []
-        for c in cols:
-            group, _, key = c.partition(".") if "." in c else ("", "", c)
-            vals.append(_fmt(layer_metric(lay, group, key)))
-        out.append(f"| {name} | {lay['shape'][0]}×{lay['shape'][1]} | " + " | ".join(vals) + " |")
+        cells = [_fmt(layer_metric(lay, *(c.split(".", 1) if "." in c else ("", c)))) for c in _COLUMNS]
+        rows.append([name, f"{lay['shape'][0]}×{lay['shape'][1]}", *cells])
+    out += markdown_table(["layer", "shape", *_COLUMNS], rows)
     out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     out += [
         "Definitions: ratio = σ_tuned[i] / σ_base[i] by index; shares are fractions of ‖ΔW‖_F² "
         "(two-sided ‖U_kᵀΔWV_k‖², left ‖U_kᵀΔW‖², right ‖ΔWV_k‖²); k_for_share.t = smallest k whose "
-        "two-sided share ≥ t; delta_rank_for_share.0.9 = rank ΔW itself needs for 90% of its energy; "
-        "angles = principal angles between the base and tuned top-k singular subspaces.",
+        "two-sided share ≥ t (k_for_share_left/right: one-sided); delta_rank_for_share.0.9 = rank ΔW itself "
+        "needs for 90% of its energy; angles = principal angles between the base and tuned top-k singular "
+        "subspaces; gap.rel = (σ_k − σ_k+1)/σ_k of the base; gap.delta_over_gap = ‖ΔW‖₂ / (σ_k − σ_k+1), "
+        "Wedin's bound on how far the top-k subspaces can move, up to a constant.",
         "",
     ]
     return "\n".join(out)
@@ -182,9 +181,7 @@ def _plots(result: dict, out_dir: Path) -> list[str]:
             rows = [_on_grid(lay["share_curve"]["k"], lay["share_curve"][key], grid) for lay in with_delta]
             _band(ax, grid, _padded(rows, len(grid)), key, color)
         rand = [
-            statistics.fmean(
-                min(g, lay["rank"]) ** 2 / (lay["shape"][0] * lay["shape"][1]) for lay in with_delta
-            )
+            statistics.fmean(min(g, lay["rank"]) ** 2 / (lay["shape"][0] * lay["shape"][1]) for lay in with_delta)
             for g in grid
         ]
         ax.plot(grid, rand, color="grey", ls="--", label="two-sided, random ΔW")
@@ -203,7 +200,15 @@ def _plots(result: dict, out_dir: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     _band(ax, x, _padded([lay["angles_left_deg"] for lay in layers], k), "left (U)", "C0")
     _band(ax, x, _padded([lay["angles_right_deg"] for lay in layers], k), "right (V)", "C2")
-    ax.set(xlabel="principal angle index", ylabel="degrees", title=f"base vs tuned top-{k} subspaces")
+    for key, color in (("vector_angles_left_deg", "C0"), ("vector_angles_right_deg", "C2")):
+        rows = _padded([lay[key] for lay in layers], k)
+        side = "u_i vs u'_i" if "left" in key else "v_i vs v'_i"
+        ax.plot(x, torch.nanmean(rows, 0).numpy(), ":", color=color, label=f"{side}, by index")
+    ax.set(
+        xlabel="principal angle (ascending) / singular index",
+        ylabel="degrees",
+        title=f"base vs tuned top-{k} subspaces",
+    )
     ax.legend()
     save(fig, "principal_angles.png")
 
