@@ -11,8 +11,9 @@ rest of the spectrum stable. This script checks that on the demo base:
    test split before and after, so we know the fine-tune learned the task.
 
 Writes benchmarks/results/spectra.md, spectra.json, spectra.png, and one full analysis
-report per task under benchmarks/results/spectra/<run>/. Checkpoints go to
-benchmarks/results/tmp/ (ignored by git). About 6 minutes on 2 CPU cores:
+report per run (task × learning rate) under benchmarks/results/spectra/<run>/. Checkpoints
+go to benchmarks/results/tmp/ (ignored by git). 9 fine-tunes take about 5 minutes on 2 busy
+CPU cores, plus 2.5 minutes to pretrain the base the first time (cached after):
 
     python benchmarks/bench_spectra.py
 """
