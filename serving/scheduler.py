@@ -201,15 +201,15 @@ class Scheduler:
         with self._cond:
             waiting = list(self._pending)
         for handle in waiting:
-            if len(self._rows) + len(rows) >= self.config.max_batch:
-                break
             request = handle.request
-            if handle.cancelled:
+            if handle.cancelled:  # gone while waiting: it leaves the queue even when the batch is full
                 self._remove_pending(handle)
                 handle.emit(Event("done", finish_reason="cancelled", prompt_tokens=len(request.prompt)))
                 continue
+            if len(self._rows) + len(rows) >= self.config.max_batch:
+                continue
             if rows and len(request.prompt) > budget:
-                break
+                continue
             try:
                 slot = -1 if request.mixture is None else self.engine.slots.acquire(request.mixture)
             except NoFreeSlot:

@@ -6,8 +6,9 @@
 
 ``serve`` loads the model, finds its basis among the registry's declared bases (by the
 fingerprint of its weights) and serves the registry's adapters of that base. ``demo``
-builds a small demo zoo (a tiny character-level Llama, its basis, a few adapters) into
-``$SPECFUSE_HOME``, else ``~/.specfuse-demo``, unless it is there already, then serves it.
+builds the demo zoo (``adapters_zoo.zoo``: a pretrained character-level Llama, its basis,
+one trained adapter per task × kind) into ``$SPECFUSE_HOME``, else ``~/.specfuse-demo``,
+unless it is there already, then serves it.
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ def register_cli(subparsers) -> None:
 
     demo = subparsers.add_parser(
         "demo", help="build the demo zoo if missing, then serve it",
-        description=f"Build a tiny demo base, its basis and a few adapters into $SPECFUSE_HOME (else {DEMO_HOME}) "
-                    "unless present, then serve them.",
+        description=f"Build the demo zoo (a pretrained character-level base, its basis, one adapter per task and "
+                    f"kind) into $SPECFUSE_HOME (else {DEMO_HOME}) unless present, then serve it.",
     )
+    demo.add_argument("--full", action="store_true", help="build the full zoo (every task, longer training) "
+                      "instead of the quick one, when it is missing")
     _server_options(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -164,49 +167,30 @@ def demo_home() -> Path:
     return Path(env).expanduser() if env else Path(DEMO_HOME).expanduser()
 
 
-# name, kind, config, seed: untrained kinds moved off the identity by a seeded perturbation, so each
-# mixture visibly changes the tiny model's output (placeholders until a trained zoo builder exists)
-DEMO_ADAPTERS = [
-    ("demo-scale", "scale", {"rank": 8}, 1),
-    ("demo-svft", "svft", {"pattern": "banded", "d": 1}, 2),
-    ("demo-rotation", "rotation", {"rank": 4}, 3),
-    ("demo-lora", "lora", {"rank": 4}, 4),
-]
-DEMO_RANK = 8
+def ensure_demo(home: Path, settings=None, progress: bool = True) -> Path:
+    """The demo base model dir; builds the demo zoo (``adapters_zoo.zoo.build_zoo``) under ``home/zoo`` first
+    when it is missing, registering its basis and adapters in the registry at ``home``.
 
+    ``settings``: a ``ZooSettings`` (its ``out`` is replaced by ``home/zoo``); default: the quick zoo.
+    The zoo's ``report.json`` is written last, so an interrupted build is resumed, not served.
+    """
+    from dataclasses import replace
 
-def ensure_demo(home: Path) -> Path:
-    """The demo base model dir under ``home``, with its basis and adapters in ``home``'s registry."""
-    import torch
+    from adapters_zoo.zoo import ZooSettings, build_zoo
 
-    from adapters_zoo.basis import compute_basis
-    from adapters_zoo.demo_model import save_tiny_model
-    from adapters_zoo.format import new_adapter
-    from adapters_zoo.registry import Registry
-
-    model_dir = home / "demo-base"
-    if not (model_dir / "config.json").is_file():
-        print(f"specfuse demo: building a tiny demo base in {model_dir}", file=sys.stderr)
-        save_tiny_model(model_dir, seed=0)
-    with Registry(home) as registry:
-        fingerprint = registry.add_basis(compute_basis(model_dir, DEMO_RANK, progress=False, device="cpu"))
-        basis = registry.basis(fingerprint)
-        present = {rec.name for rec in registry.compatible(fingerprint)}
-        for name, kind, config, seed in DEMO_ADAPTERS:
-            if name in present:
-                continue
-            adapter = new_adapter(kind, config, basis, meta={"name": name, "demo": True})
-            gen = torch.Generator().manual_seed(seed)
-            for params in adapter.params.values():
-                for key, t in params.items():
-                    if key not in adapter.kind_impl.frozen:
-                        params[key] = t + 0.5 * torch.randn(t.shape, generator=gen)
-            registry.add(adapter, name, tags=["demo"], description=f"demo {kind} adapter (seeded, untrained)")
-    return model_dir
+    zoo_dir = home / "zoo"
+    if not (zoo_dir / "report.json").is_file():
+        print(f"specfuse demo: building the demo zoo in {zoo_dir} (pretrained base, task adapters; the quick zoo "
+              "takes a few minutes on 2 cores)", file=sys.stderr)
+        settings = replace(settings, out=zoo_dir) if settings is not None else ZooSettings(out=zoo_dir, quick=True)
+        build_zoo(settings, home=home, progress=progress)
+    return zoo_dir / "base"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from adapters_zoo.zoo import ZooSettings
+
     home = demo_home()
-    model_dir = ensure_demo(home)
+    model_dir = ensure_demo(home, ZooSettings(out=home / "zoo", quick=not args.full))
     service = build_service(ServerSettings.from_args(args, model_dir, home))
     return _serve(service, args.host, args.port, args.api_key, args.protect_all)

@@ -13,7 +13,9 @@ import httpx
 import openai
 
 from adapters_zoo.demo_model import save_model
+from adapters_zoo.zoo import ZooSettings
 from serving.cli import main
+from serving.serve_cli import ensure_demo
 
 
 def test_engine_imports_without_the_http_stack():
@@ -39,6 +41,13 @@ def _free_port() -> int:
 
 
 def test_demo_builds_the_zoo_and_serves_it(tmp_path):
+    """A miniature zoo (the real builder, tiny sizes) built by ``ensure_demo``, then ``specfuse demo`` serves it."""
+    tiny = ZooSettings(out=tmp_path, suites=("compatible",), kinds=("scale", "rotation"), peft_lora=False,
+                       tasks_per_suite=2, rank=8, steps=4, batch_size=8, n_train=16, n_eval=4, pretrain_steps=4,
+                       model_overrides=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2))
+    model_dir = ensure_demo(tmp_path / "demo", tiny, progress=False)
+    assert model_dir == tmp_path / "demo" / "zoo" / "base" and (model_dir / "config.json").is_file()
     port = _free_port()
     env = {**os.environ, "SPECFUSE_HOME": str(tmp_path / "demo"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "demo", "--port", str(port)], env=env,
@@ -55,10 +64,13 @@ def test_demo_builds_the_zoo_and_serves_it(tmp_path):
                 time.sleep(0.2)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         ids = [m.id for m in client.models.list().data]
-        assert ids[0] == "base" and "demo-scale" in ids
-        r = client.completions.create(model="demo-scale:0.5,demo-lora:0.5", prompt="hi", max_tokens=4,
-                                      temperature=0, extra_body={"ignore_eos": True})
+        assert ids[0] == "base" and {"reverse_upper-scale", "sort_digits-rotation"} <= set(ids)
+        r = client.completions.create(model="reverse_upper-scale:0.5,sort_digits-rotation:0.5", prompt="hi",
+                                      max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
         assert r.usage.completion_tokens == 4
+        chat = client.chat.completions.create(model="sort_digits-scale", max_tokens=4, temperature=0,
+                                              messages=[{"role": "user", "content": "sortd:3141="}])
+        assert chat.choices[0].message.role == "assistant"
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -66,4 +78,3 @@ def test_demo_builds_the_zoo_and_serves_it(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    assert (tmp_path / "demo" / "demo-base" / "config.json").is_file()
