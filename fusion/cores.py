@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -18,6 +19,7 @@ from adapters_zoo.basis import Basis, LayerBasis
 from adapters_zoo.format import Adapter
 
 Residual = tuple[torch.Tensor, torch.Tensor]  # B (out, q), A (q, in)
+MAX_STACKS = 4  # stacked layer groups kept per adapter
 
 
 @dataclass
@@ -26,6 +28,19 @@ class AdapterCores:
     residuals: dict[str, Residual | None]  # layer -> (B, A)
     diagonal: dict[str, bool]  # layer -> the core has no off-diagonal entry
     projected: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> U_kᵀ B A V_k (k, k), lazily
+    stacks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # see ``stack``
+
+    @cached_property
+    def all_diagonal(self) -> bool:
+        return all(self.diagonal.values())
+
+    @cached_property
+    def has_residual(self) -> bool:
+        return any(r is not None for r in self.residuals.values())
+
+    def core_layers(self, project: bool) -> set[str]:
+        """Layers where this adapter has a core (or, projecting, a residual that becomes one)."""
+        return {layer for layer, c in self.cores.items() if c is not None or (project and self.residuals[layer])}
 
     def projected_residual(self, layer: str, lb: LayerBasis) -> torch.Tensor | None:
         res = self.residuals.get(layer)
@@ -34,6 +49,31 @@ class AdapterCores:
         if layer not in self.projected:
             self.projected[layer] = project_residual(res[0], res[1], lb)[0]
         return self.projected[layer]
+
+    def layer_core(self, layer: str, lb: LayerBasis, project: bool) -> torch.Tensor | None:
+        core = self.cores.get(layer)
+        if project:
+            proj = self.projected_residual(layer, lb)
+            if proj is not None:
+                core = proj if core is None else core + proj
+        return core
+
+    def stack(self, layers: tuple[str, ...], basis: Basis, project: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cores (L, k, k), present (L,) bool) on ``layers`` (one k), zeros where absent; cached.
+
+        A server fuses the same adapters over the same layers mixture after mixture, so the
+        stacked tensor is kept for the last few layer groups asked for.
+        """
+        key = (layers, project)
+        if key not in self.stacks:
+            lb = basis[layers[0]]
+            zero = torch.zeros(lb.k, lb.k, dtype=lb.U.dtype, device=lb.U.device)
+            cores = [self.layer_core(layer, basis[layer], project) for layer in layers]
+            present = torch.tensor([c is not None for c in cores], device=zero.device)
+            if len(self.stacks) >= MAX_STACKS:
+                self.stacks.pop(next(iter(self.stacks)))
+            self.stacks[key] = (torch.stack([zero if c is None else c for c in cores]), present)
+        return self.stacks[key]
 
 
 _CACHE: dict[tuple[int, int], tuple[weakref.ref, weakref.ref, AdapterCores]] = {}

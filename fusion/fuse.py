@@ -60,34 +60,9 @@ def _label(adapter: Adapter, i: int) -> str:
     return f"adapter #{i} ({name})" if name else f"adapter #{i}"
 
 
-def _layer_core(entry: AdapterCores, layer: str, basis: Basis, project: bool) -> torch.Tensor | None:
-    core = entry.cores.get(layer)
-    if project:
-        proj = entry.projected_residual(layer, basis[layer])
-        if proj is not None:
-            core = proj if core is None else core + proj
-    return core
-
-
-def _stack(entries: list[AdapterCores], layers: list[str], basis: Basis, project: bool, diagonal: bool):
-    """-> cores (L, N, k, k) or (L, N, k), present (L, N)."""
-    k = basis[layers[0]].k
-    lb = basis[layers[0]]
-    zero = torch.zeros(k, k, dtype=lb.U.dtype, device=lb.U.device)
-    rows, present = [], []
-    for layer in layers:
-        cores = [_layer_core(e, layer, basis, project) for e in entries]
-        present.append([c is not None for c in cores])
-        rows.append(torch.stack([zero if c is None else c for c in cores]))  # (N, k, k)
-    stacked = torch.stack(rows)  # (L, N, k, k)
-    if diagonal:
-        stacked = stacked.diagonal(dim1=-2, dim2=-1)  # (L, N, k)
-    return stacked, torch.tensor(present, device=zero.device)
-
-
 def _concat_residual(entries: list[AdapterCores], weights: list[float], layer: str):
     parts = [(w * e.residuals[layer][0], e.residuals[layer][1]) for e, w in zip(entries, weights)
-             if e.residuals.get(layer) is not None]
+             if e.has_residual and e.residuals.get(layer) is not None]
     if not parts:
         return None
     return torch.cat([b for b, _ in parts], dim=1), torch.cat([a for _, a in parts], dim=0)  # (out, Q), (Q, in)
@@ -131,45 +106,45 @@ def fuse(
     check_same_basis(adapters, basis)
     entries = [adapter_cores(a, basis) for a in adapters]
 
-    layers = [name for name in basis.layer_names() if any(name in a.params for a in adapters)]
-    core_layers = [
-        layer for layer in layers
-        if any(_layer_core(e, layer, basis, project) is not None for e in entries if layer in e.cores)
-    ]
-    diagonal = impl.elementwise and all(
-        e.diagonal[layer] and (not project or e.residuals[layer] is None)
-        for e in entries for layer in e.cores
-    )
+    touched = set().union(*(a.params for a in adapters))
+    layers = [name for name in basis.layer_names() if name in touched]
+    with_core = set().union(*(e.core_layers(project) for e in entries))
+    diagonal = impl.elementwise and all(e.all_diagonal and not (project and e.has_residual) for e in entries)
     groups: dict[int, list[str]] = defaultdict(list)
-    for layer in core_layers:
-        groups[basis[layer].k].append(layer)
+    for layer in layers:
+        if layer in with_core:
+            groups[basis[layer].k].append(layer)
 
     fused: dict[str, torch.Tensor] = {}
     notes: list[str] = []
     for group in groups.values():
-        stacked, present = _stack(entries, group, basis, project, diagonal)
+        stacks = [e.stack(tuple(group), basis, project) for e in entries]
+        stacked = torch.stack([c for c, _ in stacks], dim=1)  # (L, N, k, k)
+        present = torch.stack([mask for _, mask in stacks], dim=1)  # (L, N)
+        L, N, k, _ = stacked.shape
         w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
         ctx = FusionContext(group, adapters, basis, present, diagonal, notes)
-        if impl.elementwise:
-            L, N = stacked.shape[:2]
-            out = impl.combine(stacked.reshape(L, N, -1), w, p, ctx).reshape(stacked.shape[:1] + stacked.shape[2:])
-        else:
+        if not impl.elementwise:
             out = impl.combine(stacked, w, p, ctx)  # (L, k, k)
-        fused.update(zip(group, out.unbind(0)))
+        elif diagonal:
+            out = impl.combine(stacked.diagonal(dim1=-2, dim2=-1), w, p, ctx)  # (L, N, k) -> (L, k)
+        else:
+            out = impl.combine(stacked.reshape(L, N, k * k), w, p, ctx).reshape(L, k, k)
+        fused.update((layer, out[i].clone()) for i, layer in enumerate(group))  # own storage, not views
 
+    has_residual = any(e.has_residual for e in entries)
     out_params: dict[str, dict[str, torch.Tensor]] = {}
     for layer in layers:
         layer_params = {}
         if layer in fused:
-            layer_params["c" if diagonal else "C"] = fused[layer].contiguous()
-        if not project:
+            layer_params["c" if diagonal else "C"] = fused[layer]
+        if not project and has_residual:
             res = _concat_residual(entries, weights, layer)
             if res is not None:
                 layer_params["B"], layer_params["A"] = res[0].contiguous(), res[1].contiguous()
         if layer_params:
             out_params[layer] = layer_params
 
-    has_residual = any(e.residuals.get(layer) is not None for e in entries for layer in e.residuals)
     meta: dict[str, Any] = {
         "fusion": {
             "method": impl.name,

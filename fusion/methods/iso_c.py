@@ -40,7 +40,7 @@ class IsoCParams:
 
 def flatten_spectrum(m: torch.Tensor, norm: str = "mean") -> torch.Tensor:
     """(L, k, k) -> (L, k, k) with every nonzero singular value replaced by their mean."""
-    P, s, Qh = torch.linalg.svd(m.to(torch.float64))  # (L, k, k), (L, k), (L, k, k)
+    P, s, Qh = torch.linalg.svd(m)  # (L, k, k), (L, k), (L, k, k)
     nonzero = s > RANK_RTOL * s[:, :1].clamp(min=torch.finfo(torch.float32).tiny)  # (L, k)
     count = nonzero.sum(dim=1, keepdim=True).clamp(min=1)  # (L, 1)
     if norm == "mean":
@@ -48,7 +48,7 @@ def flatten_spectrum(m: torch.Tensor, norm: str = "mean") -> torch.Tensor:
     else:
         level = ((s.square() * nonzero).sum(dim=1, keepdim=True) / count).sqrt()
     flat = level * nonzero  # (L, k)
-    return ((P * flat.unsqueeze(1)) @ Qh).to(m.dtype)
+    return (P * flat.unsqueeze(1)) @ Qh
 
 
 @register

@@ -50,7 +50,7 @@ def polar_factor(x: torch.Tensor) -> torch.Tensor:
 def tsv_merge(cores: torch.Tensor, weights: torch.Tensor, rank: int) -> torch.Tensor:
     """(L, N, k, k), (N,) -> (L, k, k)."""
     L, N, k, _ = cores.shape
-    P, s, Qh = torch.linalg.svd(weighted(cores, weights).to(torch.float64))  # (L, N, k, k), (L, N, k), ·
+    P, s, Qh = torch.linalg.svd(weighted(cores, weights))  # (L, N, k, k), (L, N, k), (L, N, k, k)
     P, s, Q = P[..., :rank], s[..., :rank], Qh[..., :rank, :].transpose(-1, -2)  # (L, N, k, r), (L, N, r)
     live = ((s > RANK_RTOL * s[..., :1]) & (s > 0)).to(s)  # (L, N, r), per adapter's own scale
     P, Q, s = P * live.unsqueeze(-2), Q * live.unsqueeze(-2), s * live
@@ -58,7 +58,7 @@ def tsv_merge(cores: torch.Tensor, weights: torch.Tensor, rank: int) -> torch.Te
     Q_cat = Q.permute(0, 2, 1, 3).reshape(L, k, N * rank)
     s_cat = s.reshape(L, 1, N * rank)
     merged = (polar_factor(P_cat) * s_cat) @ polar_factor(Q_cat).transpose(-1, -2)  # (L, k, k)
-    return merged.to(cores.dtype)
+    return merged
 
 
 @register
