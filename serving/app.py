@@ -2,7 +2,7 @@
 
     POST   /v1/completions            text completion (stream: SSE)
     POST   /v1/chat/completions       chat with the tokenizer's template (stream: SSE)
-    GET    /v1/models                 base + every adapter of the served base
+    GET    /v1/models[/{id}]          base + every adapter of the served base
     GET    /v1/adapters[/{ref}]       registry records          (?kind=&tag=)
     POST   /v1/adapters               upload raw safetensors    (?name=&version=&tag=&description=)
     DELETE /v1/adapters/{ref}         remove a version, or every version of a name
@@ -201,6 +201,10 @@ def create_app(service: Service, api_key: str | None = None, protect_all: bool =
     @app.get("/v1/models", dependencies=read)
     async def models():
         return {"object": "list", "data": await run_in_threadpool(service.models)}
+
+    @app.get("/v1/models/{model_id}", dependencies=read)
+    async def model(model_id: str):
+        return await run_in_threadpool(service.model, model_id)
 
     @app.get("/v1/adapters", dependencies=read)
     async def list_adapters(kind: str | None = None, tag: str | None = None):

@@ -22,6 +22,7 @@ from typing import Any
 
 from adapters_zoo.basis import Basis, fingerprint_model
 from adapters_zoo.errors import (
+    AdapterNotFound,
     BaseNotDeclared,
     BasisMismatch,
     IncompatibleAdapter,
@@ -231,11 +232,21 @@ class Service:
         for rec in self.registry.compatible(self.fingerprint):
             by_name.setdefault(rec.name, []).append(rec)
         for name, recs in sorted(by_name.items()):
-            latest = self.registry.get(name)
-            out.append({"id": name, "object": "model", "created": _epoch(latest.created), "owned_by": "specfuse",
-                        "root": latest.ref, "parent": BASE, "kind": latest.kind, "tags": list(latest.tags),
-                        "versions": [r.version for r in recs]})
+            out.append(self._model_entry(name, recs[-1], [r.version for r in recs]))  # listed oldest first
         return out
+
+    def _model_entry(self, model_id: str, rec, versions: list[str]) -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": _epoch(rec.created), "owned_by": "specfuse",
+                "root": rec.ref, "parent": BASE, "kind": rec.kind, "tags": list(rec.tags), "versions": versions}
+
+    def model(self, model_id: str) -> dict[str, Any]:
+        """One entry of ``models``: ``base``, an adapter name or ``name@version`` (AdapterNotFound otherwise)."""
+        if model_id in (BASE, self.model_name):
+            return self.models()[0]
+        rec = self.registry.get(model_id)
+        if rec.base_fingerprint != self.fingerprint:
+            raise AdapterNotFound(f"adapter {rec.ref} belongs to another base than the one served here")
+        return self._model_entry(model_id, rec, [rec.version])
 
     def adapters(self, kind: str | None = None, tag: str | None = None) -> list[dict[str, Any]]:
         return [rec.to_json() for rec in self.registry.list(kind=kind, tag=tag, base=self.fingerprint)]

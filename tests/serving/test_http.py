@@ -193,6 +193,9 @@ def test_client_disconnect_frees_row_and_slot(server, service):
 def test_models_lists_base_and_adapters(client):
     ids = [m.id for m in client.models.list().data]
     assert ids[0] == "base" and set(NAMES) <= set(ids)
+    assert client.models.retrieve("svft@1").id == "svft@1" and client.models.retrieve("base").id == "base"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("missing")
 
 
 def test_registry_upload_fuse_delete_over_http(server, client, basis, make_adapter):
