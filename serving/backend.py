@@ -103,8 +103,14 @@ class Routing:
 
 
 class Backend(Protocol):
+    """The adapter term of one layer for a batch of rows, each row ``i`` in slot ``s = slot[i]``::
+
+        for i in rows:                                   # x (rows, …, in), y (rows, …, out)
+            y[i] += U @ (C[s] @ (V.T @ x[i]))            # C[S] = 0: base rows add nothing
+            if residual_rank[s]: y[i] += B[s] @ (A[s] @ x[i])
+    """
+
     def apply(self, y: torch.Tensor, x: torch.Tensor, slots: LayerSlots, routing: Routing) -> torch.Tensor:
-        """Return ``y`` plus every row's adapter term (see the module docstring); x (rows, …, in)."""
         ...
 
 
