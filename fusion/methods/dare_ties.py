@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters_zoo.errors import InvalidConfig
 from fusion.methods.base import FusionContext, FusionMethod, check_density, register
-from fusion.methods.sparsify import SIGN_METHODS, random_drop, seeded_generator
+from fusion.methods.sparsify import check_majority_sign, random_drop, seeded_generator
 from fusion.methods.ties import ties_merge
 
 
@@ -29,8 +28,7 @@ class DareTiesParams:
 
     def validate(self) -> None:
         check_density(self.density)
-        if self.majority_sign not in SIGN_METHODS:
-            raise InvalidConfig(f"majority_sign must be one of {', '.join(SIGN_METHODS)}, got {self.majority_sign!r}")
+        check_majority_sign(self.majority_sign)
 
 
 @register

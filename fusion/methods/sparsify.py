@@ -14,6 +14,11 @@ from adapters_zoo.errors import InvalidConfig
 SIGN_METHODS = ("total", "frequency")
 
 
+def check_majority_sign(method: str) -> None:
+    if method not in SIGN_METHODS:
+        raise InvalidConfig(f"majority_sign must be one of {', '.join(SIGN_METHODS)}, got {method!r}")
+
+
 def magnitude_trim(x: torch.Tensor, density: float) -> torch.Tensor:
     """Keep, per (layer, adapter), the ``density`` fraction of its nonzero entries largest in |x|.
 
@@ -50,10 +55,9 @@ def elect_sign(x: torch.Tensor, method: str = "total") -> torch.Tensor:
     """
     if method == "total":
         mass = x.sum(dim=1)
-    elif method == "frequency":
-        mass = x.sign().sum(dim=1)
     else:
-        raise InvalidConfig(f"majority_sign must be one of {', '.join(SIGN_METHODS)}, got {method!r}")
+        check_majority_sign(method)
+        mass = x.sign().sum(dim=1)
     return torch.where(mass >= 0, 1.0, -1.0).to(x)
 
 

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters_zoo.errors import InvalidConfig
 from fusion.methods.base import FusionContext, FusionMethod, check_density, register, weighted
-from fusion.methods.sparsify import SIGN_METHODS, disjoint_mean, elect_sign, magnitude_trim
+from fusion.methods.sparsify import check_majority_sign, disjoint_mean, elect_sign, magnitude_trim
 
 
 @dataclass
@@ -32,8 +31,7 @@ class TiesParams:
 
     def validate(self) -> None:
         check_density(self.density)
-        if self.majority_sign not in SIGN_METHODS:
-            raise InvalidConfig(f"majority_sign must be one of {', '.join(SIGN_METHODS)}, got {self.majority_sign!r}")
+        check_majority_sign(self.majority_sign)
 
 
 def ties_merge(x: torch.Tensor, weights: torch.Tensor, majority_sign: str) -> torch.Tensor:
