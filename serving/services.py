@@ -178,7 +178,10 @@ class Service:
         if job.endpoint == "chat":
             if not getattr(tok, "chat_template", None):
                 raise InvalidRequest("this model's tokenizer has no chat template: use /v1/completions", "messages")
-            text = tok.apply_chat_template(job.messages, tokenize=False, add_generation_prompt=True)
+            try:
+                text = tok.apply_chat_template(job.messages, tokenize=False, add_generation_prompt=True)
+            except Exception as err:  # the model's own Jinja template refusing these messages (e.g. a system role)
+                raise InvalidRequest(f"the model's chat template refused these messages: {err}", "messages") from err
             prompts = [tok(text, add_special_tokens=False)["input_ids"]]
         else:
             prompts = []
