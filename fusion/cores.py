@@ -34,13 +34,21 @@ class AdapterCores:
     def all_diagonal(self) -> bool:
         return all(self.diagonal.values())
 
-    @cached_property
+    @property
     def has_residual(self) -> bool:
-        return any(r is not None for r in self.residuals.values())
+        return bool(self.layers_with_residual)
 
-    def core_layers(self, project: bool) -> set[str]:
+    @cached_property
+    def layers_with_core(self) -> frozenset[str]:
+        return frozenset(layer for layer, c in self.cores.items() if c is not None)
+
+    @cached_property
+    def layers_with_residual(self) -> frozenset[str]:
+        return frozenset(layer for layer, r in self.residuals.items() if r is not None)
+
+    def core_layers(self, project: bool) -> frozenset[str]:
         """Layers where this adapter has a core (or, projecting, a residual that becomes one)."""
-        return {layer for layer, c in self.cores.items() if c is not None or (project and self.residuals[layer])}
+        return self.layers_with_core | self.layers_with_residual if project else self.layers_with_core
 
     def projected_residual(self, layer: str, lb: LayerBasis) -> torch.Tensor | None:
         res = self.residuals.get(layer)
