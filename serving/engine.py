@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.backend = backend or TorchBackend()
         self.context = RoutingContext()
+        self.lock = threading.Lock()  # one forward at a time: the scheduler's steps and routing probes
         tables = {}
         for name, lb in self.basis.layers.items():
             tables[name] = LayerSlots.allocate(lb.U, lb.V, self.config.slots, self.config.residual_slots,
@@ -198,12 +200,14 @@ class Engine:
         """Logits (rows, vocab) of the last position of every row; ``cache`` grows by the input."""
         if len(row_slots) != input_ids.shape[0]:
             raise ValueError(f"{len(row_slots)} slots for {input_ids.shape[0]} rows")
-        self.context.routing = self.routing(row_slots)
-        try:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
-        finally:
-            self.context.routing = None
+        routing = self.routing(row_slots)
+        with self.lock:
+            self.context.routing = routing
+            try:
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
+            finally:
+                self.context.routing = None
         return out.logits[:, -1]  # (rows, V)
 
     def prefill(self, prompts: list[list[int]], row_slots: list[int]) -> tuple[torch.Tensor, DynamicCache,
@@ -213,6 +217,45 @@ class Engine:
         cache = self.new_cache()
         logits = self.forward(ids, mask, positions_of(mask), cache, row_slots)
         return logits, cache, mask
+
+    @torch.inference_mode()
+    def probe(self, prompts: list[list[int]], projections: bool = False) -> PromptProbe:
+        """The base model's view of prompts (slot -1, no cache), for routing: pooled features, and
+        ``h = V_kᵀ x`` at every target layer when ``projections``. Safe to call from any thread."""
+        ids, mask = left_pad(prompts, self.pad_id, self.device)
+        captured: dict[str, torch.Tensor] = {}
+
+        def capture(module: RoutedLinear, args) -> None:
+            captured[module.name] = (args[0] @ module.slots.V).float()  # (n, T, k)
+
+        with self.lock:  # hooks only while this forward runs: the scheduler's steps never see them
+            hooks = [m.register_forward_pre_hook(capture) for m in self.model.modules()
+                     if projections and isinstance(m, RoutedLinear)]
+            try:
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions_of(mask), use_cache=False,
+                                 output_hidden_states=True, logits_to_keep=1)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+        h = out.hidden_states[-1].float()  # (n, T, hidden)
+        m = mask.unsqueeze(-1).to(h.dtype)  # (n, T, 1)
+        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)  # (n, hidden): as adapters_zoo.signatures pools
+        features = torch.nn.functional.normalize(pooled, dim=-1)
+        return PromptProbe(features.cpu(), mask.cpu(), {k: v.cpu() for k, v in captured.items()})
+
+
+@dataclass
+class PromptProbe:
+    """What a base-model pass over n left-padded prompts tells a router."""
+
+    features: torch.Tensor  # (n, hidden) L2-normalised mean-pooled last hidden state
+    mask: torch.Tensor  # (n, T) 1 on real tokens
+    projections: dict[str, torch.Tensor]  # layer -> V_kᵀ x (n, T, k); empty unless asked for
+
+    def layer_inputs(self, row: int, layers: list[str]) -> torch.Tensor:
+        """Row ``row``'s real tokens at ``layers`` -> (L, T_row, k)."""
+        real = self.mask[row].bool()
+        return torch.stack([self.projections[name][row, real] for name in layers])
 
 
 def load_model_dir(model_dir: str | Path):
