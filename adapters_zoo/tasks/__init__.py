@@ -6,7 +6,7 @@ Two suites of eight tasks each (``SUITES``):
   and answers differently; only the prefix says which task is asked, so adapters fused
   into one model fight over the same inputs.
 - ``compatible``: each task reads its own kind of input (uppercase letters, digits,
-  dates, sums, brackets, ...), so a fused model could tell from the input alone.
+  dates, addresses, brackets, ...), so a fused model could tell from the input alone.
 
 Conventions (what ``specfuse train`` and the evaluation rely on):
 
@@ -33,7 +33,7 @@ from adapters_zoo.tasks.suites import (
     Task,
     make_split,
     pretraining_example,
-    pretraining_pairs,
+    pretraining_tasks,
     read_jsonl,
     split_of,
     suite_tasks,
@@ -57,7 +57,7 @@ __all__ = [
     "generate_answers",
     "make_split",
     "pretraining_example",
-    "pretraining_pairs",
+    "pretraining_tasks",
     "read_jsonl",
     "split_of",
     "suite_tasks",

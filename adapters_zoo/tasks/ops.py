@@ -88,9 +88,9 @@ def reformat_date(s: str) -> str:
     return f"{day}/{month}/{year}"
 
 
-def add(s: str) -> str:
-    a, b = s.split("+")
-    return str(int(a) + int(b))
+def host_of(s: str) -> str:
+    """The part of an address after ``@``: ``ann@mail.org`` → ``mail.org``."""
+    return s.split("@", 1)[1]
 
 
 def close_brackets(s: str) -> str:
@@ -115,7 +115,7 @@ OPS: dict[str, Op] = {
         Op("swp", swap_pairs),
         Op("cnt", count_stars),
         Op("dat", reformat_date),
-        Op("add", add),
+        Op("hst", host_of),
         Op("cls", close_brackets),
         Op("flt", keep_digits),
     )
@@ -136,8 +136,11 @@ def _date(rng: random.Random) -> str:
     return f"{rng.randint(1900, 2099)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
 
 
-def _sum(rng: random.Random) -> str:
-    return f"{rng.randint(0, 99)}+{rng.randint(0, 99)}"
+def _email(rng: random.Random) -> str:
+    def word() -> str:
+        return "".join(rng.choice(LOWER) for _ in range(rng.randint(2, 5)))
+
+    return f"{word()}@{word()}.{rng.choice(('com', 'org', 'net'))}"
 
 
 def _mixed(rng: random.Random) -> str:
@@ -157,7 +160,7 @@ DOMAINS: dict[str, Domain] = {
         Domain("digits", _chars(DIGITS, 3, 6)),
         Domain("stars", _chars("*-", 4, 12)),
         Domain("date", _date),
-        Domain("sum", _sum),
+        Domain("email", _email),
         Domain("openers", _chars("([{<", 2, 6)),
         Domain("mixed", _mixed),
     )

@@ -25,7 +25,8 @@ from adapters_zoo.tasks.ops import DOMAINS, OPS, Domain, Op
 EOS = "</s>"  # the demo tokenizer's eos token; ends every completion
 SPLITS = ("train", "validation", "test")
 _BUCKETS = {"train": range(0, 8), "validation": range(8, 9), "test": range(9, 10)}
-_MAX_DRAWS_PER_EXAMPLE = 200  # rejection sampling: give up on domains too small for n
+_MAX_DRAWS = 200  # rejection sampling: draws for one input of a split before giving up
+_MAX_MISSES = 2000  # draws in a row that add no new input: the split is (nearly) exhausted
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ SUITES: dict[str, list[Task]] = {
         _task("shift_lower", "step", "sft", "lower"),
         _task("count_stars", "tally", "cnt", "stars"),
         _task("date_format", "when", "dat", "date"),
-        _task("add", "sum", "add", "sum"),
+        _task("email_host", "site", "hst", "email"),
         _task("close_brackets", "shut", "cls", "openers"),
         _task("keep_digits", "keep", "flt", "mixed"),
     ],
@@ -95,7 +96,7 @@ def _check_split(split: str) -> None:
 def sample_input(domain: Domain, split: str, rng: random.Random) -> str:
     """One input of ``domain`` that belongs to ``split`` (rejection sampling)."""
     _check_split(split)
-    for _ in range(_MAX_DRAWS_PER_EXAMPLE):
+    for _ in range(_MAX_DRAWS):
         x = domain.sample(rng)
         if split_of(x) == split:
             return x
@@ -109,30 +110,43 @@ def make_split(task: Task, split: str, n: int, seed: int = 0, eos: str = EOS) ->
         raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(f"{seed}:{task.name}:{split}")  # str seeds hash with sha512: stable
     inputs: dict[str, None] = {}  # ordered set
-    for _ in range(n * _MAX_DRAWS_PER_EXAMPLE):
-        if len(inputs) == n:
-            break
+    misses = 0
+    while len(inputs) < n and misses < _MAX_MISSES:
         x = task.domain.sample(rng)
-        if split_of(x) == split:
+        if x in inputs or split_of(x) != split:
+            misses += 1
+        else:
             inputs[x] = None
+            misses = 0
     if len(inputs) < n:
         raise ValueError(f"task {task.name!r} has only {len(inputs)} distinct {split} inputs, asked {n}")
     return [task.example(x, eos) for x in inputs]
 
 
-def pretraining_pairs() -> list[tuple[Op, Domain]]:
-    """Every (op, domain) pair some suite asks for, each once, in a fixed order."""
-    pairs: dict[tuple[str, str], tuple[Op, Domain]] = {}
-    for tasks in SUITES.values():
-        for task in tasks:
-            pairs.setdefault((task.op.key, task.domain.name), (task.op, task.domain))
-    return list(pairs.values())
+# Ops the base also learns on every domain, so that no kind of input implies its op: a
+# base that met stars only under "cnt" would count the stars of "tally:*-*=" unasked.
+_EVERY_DOMAIN_OPS = ("rev", "rot")
 
 
-def pretraining_example(op: Op, domain: Domain, rng: random.Random, eos: str = EOS) -> dict[str, str]:
-    """An op under its own key, on a train-split input: ``rev:abc=`` → ``cba</s>``."""
-    x = sample_input(domain, "train", rng)
-    return {"prompt": f"{op.key}:{x}=", "completion": op.fn(x) + eos}
+def pretraining_tasks() -> list[Task]:
+    """What the demo base is pretrained on, each op under its own key (``rev:abc=cba``).
+
+    Every (op, domain) pair a suite asks for, plus ``_EVERY_DOMAIN_OPS`` on every domain a
+    suite uses; each pair once, in a fixed order. Evaluated on held-out inputs they say
+    which skills the base has before any adapter.
+    """
+    suite_pairs = [(t.op, t.domain) for tasks in SUITES.values() for t in tasks]
+    extra_pairs = [(OPS[key], domain) for _, domain in suite_pairs for key in _EVERY_DOMAIN_OPS]
+    tasks: dict[str, Task] = {}
+    for op, domain in suite_pairs + extra_pairs:
+        name = f"{op.key}/{domain.name}"
+        tasks.setdefault(name, Task(name, op.key, op, domain))
+    return list(tasks.values())
+
+
+def pretraining_example(task: Task, rng: random.Random, eos: str = EOS) -> dict[str, str]:
+    """One example of ``task`` on a train-split input, drawn from ``rng``."""
+    return task.example(sample_input(task.domain, "train", rng), eos)
 
 
 def write_jsonl(path: str | Path, examples: Iterable[dict[str, str]]) -> Path:
