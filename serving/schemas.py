@@ -48,7 +48,8 @@ class _Generation(_Strict):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     # specfuse: the mixture as a weight map, and how to fuse it
-    adapters: dict[str, Any] | None = None
+    adapters: dict[str, Any] | str | None = Field(default=None, description="{name: weight}, or 'auto' / "
+                                                   "{'auto': {routing options}} (serving.routing)")
     fusion_method: str | None = None
     fusion_params: dict[str, Any] | None = None
     ignore_eos: bool = False  # vLLM's extra: generate max_tokens tokens regardless of eos

@@ -4,7 +4,9 @@ Routes parse and format; everything else is here. A request's mixture is named i
 ``model`` (``base``, ``math``, ``math@2``, ``math:0.7,code:0.3``) or given as
 ``adapters: {"math": 0.7}`` (then ``model`` is ``base`` or the served model's name); refs
 are resolved to ``name@version`` in the registry, so a new version is a new mixture, and
-the mixture is reduced by the engine (fused at most once while cached). Every bound a
+the mixture is reduced by the engine (fused at most once while cached). ``model: "auto"``
+(or ``adapters: "auto"`` / ``{"auto": {...}}``) lets :mod:`serving.routing` pick each
+prompt's mixture from a base-model probe of the prompt before it is queued. Every bound a
 request can push (prompt tokens, max_tokens, mixture length, n) is checked here with a
 typed error; the app maps error classes to status codes in one handler.
 """
@@ -35,6 +37,7 @@ from adapters_zoo.registry import Registry, mixture_pairs
 from serving.engine import Engine, MixtureSpec
 from serving.generation import SamplingParams
 from serving.metrics import Metrics
+from serving.routing import AUTO, AutoRouter, AutoSpec, RouteDecision, auto_spec, resolve_candidates
 from serving.scheduler import Event, GenerationRequest, RequestHandle, Scheduler
 from serving.slots import MixtureCores
 
@@ -65,7 +68,7 @@ class Job:
     n: int
     stream: bool
     include_usage: bool
-    adapters: dict[str, Any] | None
+    adapters: dict[str, Any] | str | None  # a weight map, or "auto" / {"auto": {...}} (serving.routing)
     fusion_method: str | None
     fusion_params: dict[str, Any] | None
 
@@ -101,6 +104,7 @@ class Service:
         self.started = int(time.time())
         self._adapters: OrderedDict[str, Adapter] = OrderedDict()  # sha256 -> parsed adapter
         self._adapter_lock = threading.Lock()
+        self.router = AutoRouter(engine)
         m = self.metrics
         slots, mixtures = engine.slots, engine.mixtures
         m.watch("specfuse_slot_cache_hits_total", "mixture found in a device slot", lambda: slots.hits, "counter")
@@ -115,6 +119,10 @@ class Service:
         m.watch("specfuse_slots_pinned", "device slots used by running requests", lambda: slots.pinned)
         m.watch("specfuse_requests_running", "rows in the running batch", lambda: scheduler.running)
         m.watch("specfuse_requests_waiting", "requests waiting for a row", lambda: scheduler.waiting)
+        m.watch("specfuse_routed_prompts_total", "prompts given a mixture by model auto", lambda: self.router.routed,
+                "counter")
+        m.watch("specfuse_routed_to_base_total", "auto prompts no adapter matched (served by the base)",
+                lambda: self.router.to_base, "counter")
 
     # ------------------------------------------------------------------ mixtures
 
@@ -212,16 +220,30 @@ class Service:
                 f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the model's "
                 f"context of {self.engine.max_positions} tokens", param="max_tokens")
 
-    def prepare(self, job: Job) -> tuple[list[list[int]], MixtureCores | None]:
-        """Everything a generation needs before it is queued (blocking; run it in a worker thread)."""
+    def prepare(self, job: Job) -> tuple[list[list[int]], MixtureCores | None | list[MixtureCores | None]]:
+        """Everything a generation needs before it is queued (blocking; run it in a worker thread).
+
+        An ``auto`` job gets one mixture per prompt, chosen from the prompt (``route``)."""
         prompts = self.encode(job)
-        mixture = self.prepare_mixture(job.model, job.adapters, job.fusion_method, job.fusion_params)
-        return prompts, mixture
+        spec = auto_spec(job.model, job.adapters, (BASE, self.model_name))
+        if spec is None:
+            return prompts, self.prepare_mixture(job.model, job.adapters, job.fusion_method, job.fusion_params)
+        return prompts, [None if not d.pairs else self.prepare_mixture(BASE, dict(d.pairs), job.fusion_method,
+                                                                       job.fusion_params)
+                         for d in self.route(prompts, spec)]
+
+    def route(self, prompts: list[list[int]], spec: AutoSpec) -> list[RouteDecision]:
+        """The mixture ``spec`` picks for each prompt (token ids): base-model probe, then a router."""
+        if spec.top_m > self.limits.max_mixture:
+            raise InvalidRequest(f"adapters.auto.top_m is {spec.top_m}, this server mixes at most "
+                                 f"{self.limits.max_mixture} adapters", param="adapters.auto.top_m")
+        candidates = resolve_candidates(self.registry, self.fingerprint, spec, self._adapter)
+        return self.router.route(prompts, spec, candidates)
 
     # ------------------------------------------------------------------ generation
 
     def start(self, prompts: list[list[int]], params: SamplingParams, n: int,
-              mixture: MixtureCores | None) -> Generation:
+              mixture: MixtureCores | None | list[MixtureCores | None]) -> Generation:
         """Queue ``len(prompts) * n`` generations now (ServerBusy if the queue is full)."""
         return Generation(self, prompts, params, n, mixture)
 
@@ -230,7 +252,9 @@ class Service:
     def models(self) -> list[dict[str, Any]]:
         """``base`` and every adapter of this base (latest version by name; all versions listed)."""
         out = [{"id": BASE, "object": "model", "created": self.started, "owned_by": "specfuse",
-                "root": self.model_name, "parent": None}]
+                "root": self.model_name, "parent": None},
+               {"id": AUTO, "object": "model", "created": self.started, "owned_by": "specfuse",
+                "root": self.model_name, "parent": BASE, "kind": "router"}]  # each prompt picks its adapters
         by_name: dict[str, list] = {}
         for rec in self.registry.compatible(self.fingerprint):
             by_name.setdefault(rec.name, []).append(rec)
@@ -246,6 +270,8 @@ class Service:
         """One entry of ``models``: ``base``, an adapter name or ``name@version`` (AdapterNotFound otherwise)."""
         if model_id in (BASE, self.model_name):
             return self.models()[0]
+        if model_id == AUTO:
+            return self.models()[1]
         rec = self.registry.get(model_id)
         if rec.base_fingerprint != self.fingerprint:
             raise AdapterNotFound(f"adapter {rec.ref} belongs to another base than the one served here")
@@ -304,8 +330,9 @@ class Generation:
     """
 
     def __init__(self, service: Service, prompts: list[list[int]], params: SamplingParams, n: int,
-                 mixture: MixtureCores | None):
+                 mixture: MixtureCores | None | list[MixtureCores | None]):
         self.service = service
+        mixtures = mixture if isinstance(mixture, list) else [mixture] * len(prompts)  # a list: one per prompt
         self.count = len(prompts) * n
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
@@ -315,7 +342,7 @@ class Generation:
             for i, ids in enumerate(prompts):
                 for j in range(n):
                     p = params if params.seed is None or j == 0 else replace(params, seed=params.seed + j)
-                    request = GenerationRequest(ids, p, mixture)
+                    request = GenerationRequest(ids, p, mixtures[i])
                     self._handles.append(service.scheduler.submit(request, self._callback(i * n + j)))
         except BaseException:
             self.cancel()

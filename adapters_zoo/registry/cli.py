@@ -1,4 +1,4 @@
-"""``specfuse registry``: add, list, show, rm, verify, gc, bases, add-basis.
+"""``specfuse registry``: add, list, show, rm, verify, gc, bases, add-basis, sign.
 
 Every subcommand takes ``--home DIR`` (else ``$SPECFUSE_HOME``, else ``~/.specfuse``) and
 ``--json``. Exit codes: 0 done, 1 ``verify`` found problems, 2 an error (one line on
@@ -61,6 +61,10 @@ def register_cli(subparsers) -> None:
     add_basis = sub.add_parser("add-basis", parents=[common], help="declare a base from a basis.safetensors file")
     add_basis.add_argument("file", metavar="BASIS_FILE")
     add_basis.set_defaults(func=cmd_add_basis)
+
+    from adapters_zoo.registry.sign import add_sign_parser  # routing signatures for serving's model "auto"
+
+    add_sign_parser(sub, common)
 
 
 def _open(args):
