@@ -1,0 +1,343 @@
+"""Spectral fusion vs LoRA merging: quality, size and speed of fusing task adapters into one.
+
+On a zoo (``specfuse zoo build``: the demo base, its basis, one adapter per task × kind and
+real PEFT LoRA baselines, on a *conflicting* and a *compatible* suite of 8 tasks):
+
+1. sources: the zoo's adapters of every kind (trained plainly), fusion-ready variants
+   trained here (``+kl``: KL to the base on other tasks' and pretraining prompts;
+   ``@slice``: disjoint basis directions per task; cached on disk), and the PEFT LoRAs;
+2. individual accuracy of every adapter (validation and test);
+3. fusion of all tasks and of random subsets (2, 4, …) with every method: the spectral
+   ones of ``fusion.methods`` on cores, PEFT's ``add_weighted_adapter`` combinations on
+   the LoRAs, and exact task arithmetic on their dense ΔW; weights (and density) chosen
+   on validation, measured on test (``fusion_quality/protocol.py``);
+4. pairwise interference matrices; the per-request reference (``serving.engine``: every
+   prompt with its own task's adapter in one mixed batch);
+5. ``benchmarks/results/fusion_quality.{json,md}``, ``fusion_quality.png`` (normalized
+   accuracy vs tasks fused), ``fusion_quality_bytes.png`` (accuracy vs bytes).
+
+    python benchmarks/bench_fusion_quality.py --zoo /work/zoo-full      # full: ~40 min on 2 cores
+    python benchmarks/bench_fusion_quality.py --zoo /tmp/zoo-quick --quick
+
+Scores are cached under ``benchmarks/results/tmp/fusion_quality/`` (keyed by adapter
+content), so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads crawl on a shared 2-core box
+
+
+from common import RESULTS, SCRATCH, environment, environment_line, set_threads  # noqa: E402
+from fusion_quality import report  # noqa: E402
+from fusion_quality.fusers import PEFT_METHODS, SPECTRAL_METHODS, PeftFuser, SpectralFuser, methods_for  # noqa: E402
+from fusion_quality.protocol import (  # noqa: E402
+    Evaluator,
+    Grid,
+    ResultCache,
+    individual_scores,
+    interference,
+    run_method,
+    subsets,
+)
+from fusion_quality.sources import PEFT, VARIANTS, Source, Zoo, open_zoo, peft_source, trained_source, zoo_source  # noqa: E402
+
+ALL_METHODS = SPECTRAL_METHODS + PEFT_METHODS
+QUICK_METHODS = ("linear", "ties", "slices", "peft:cat", "peft:ties", "dense_ta")
+
+
+@dataclass
+class Settings:
+    zoo: Path
+    out: Path = RESULTS
+    stem: str = "fusion_quality"  # output files: {stem}.json, .md, .png, _bytes.png
+    quick: bool = False
+    suites: tuple[str, ...] | None = None  # None: every suite of the zoo
+    kinds: tuple[str, ...] | None = None  # zoo kinds; None: every kind of the zoo
+    variants: tuple[str, ...] = tuple(VARIANTS)  # fusion-ready variants trained here
+    peft: bool = True
+    methods: tuple[str, ...] = ALL_METHODS
+    sizes: tuple[int, ...] = (2, 4, 8)  # tasks fused (capped at the suite's size)
+    draws: int = 3  # random subsets per size below the suite's
+    grid: Grid = field(default_factory=Grid)
+    seed: int = 0
+    generation_check: bool = True  # decode the all-task fusions by generation too
+    interference: tuple[str, ...] = ("scale", "additive@slice+kl", PEFT)  # sources with a pairwise matrix
+    per_request: bool = True
+    threads: int = 2
+    cache: Path | None = SCRATCH / "fusion_quality"  # None: no disk cache (tests)
+    progress: bool = True
+
+    @classmethod
+    def quick_settings(cls, zoo: Path, **overrides) -> Settings:
+        """One suite, three sources, six methods, one draw and seed: minutes on a quick zoo."""
+        base = dict(zoo=zoo, stem="fusion_quality_quick", quick=True, suites=("compatible",), kinds=("scale",),
+                    variants=("additive@slice+kl",), methods=QUICK_METHODS, sizes=(2, 8), draws=1,
+                    grid=Grid(weights=(0.5, 1.0), densities=(0.5,), seeds=(0,)), interference=("scale",))
+        base.update(overrides)
+        return cls(**base)
+
+
+def log(settings: Settings, message: str) -> None:
+    if settings.progress:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def load_splits(zoo: Zoo, suites: list[str]) -> dict[tuple[str, str, str], list[dict[str, str]]]:
+    return {(suite, task.name, split): zoo.split(suite, task.name, split)
+            for suite in suites for task in zoo.tasks(suite) for split in ("validation", "test")}
+
+
+def build_sources(settings: Settings, zoo: Zoo, suite: str, model, tokenizer) -> tuple[list[Source], int]:
+    """The suite's sources in report order; also how many fusion-ready adapters were trained now."""
+    kinds = [k for k in zoo.kinds(suite) if k != PEFT and (settings.kinds is None or k in settings.kinds)]
+    sources = [zoo_source(zoo, suite, kind) for kind in kinds]
+    trained = 0
+    cache_dir = (settings.cache or SCRATCH / "fusion_quality") / "adapters" / zoo.basis.fingerprint[:12]
+    for name in settings.variants:
+        before = sum(1 for _ in cache_dir.rglob("*.safetensors")) if cache_dir.is_dir() else 0
+        start = time.perf_counter()
+        log(settings, f"{suite}: fusion-ready adapters {name} (trained here, cached)")
+        sources.append(trained_source(zoo, suite, VARIANTS[name], model, tokenizer, cache_dir, settings.progress))
+        after = sum(1 for _ in cache_dir.rglob("*.safetensors"))
+        trained += after - before
+        log(settings, f"{suite}: {name} ready in {time.perf_counter() - start:.0f} s")
+    if settings.peft and PEFT in zoo.kinds(suite):
+        sources.append(peft_source(zoo, suite))
+    return sources, trained
+
+
+def source_record(source: Source, alone: dict, zoo: Zoo) -> dict[str, Any]:
+    zoo_acc = {}
+    for task in source.tasks:
+        kind = PEFT if source.family == "peft" else source.name
+        try:
+            zoo_acc[task] = zoo.entry(source.suite, task, kind)["accuracy"]
+        except Exception:  # fusion-ready sources are not in the zoo
+            pass
+    individual = {}
+    for task, scores in alone.items():
+        gen = scores["test:generation"]
+        individual[task] = {"validation_forward": scores["validation:forward"].accuracy,
+                            "test_forward": scores["test:forward"].accuracy,
+                            "test_generation": gen.accuracy, "disagree": gen.disagree, "examples": gen.n}
+    return {"suite": source.suite, "name": source.name, "family": source.family, "training": source.training,
+            "kind": source.kind, "params": source.params, "bytes": source.bytes, "digest": source.digest,
+            "individual": individual, "zoo_accuracy": zoo_acc}
+
+
+def run(settings: Settings) -> dict[str, Any]:
+    """The whole benchmark; returns the result dict (also written as JSON, Markdown and PNG)."""
+    from adapters_zoo.demo_model import load_base
+
+    set_threads(settings.threads)
+    started = time.perf_counter()
+    zoo = open_zoo(settings.zoo)
+    suites = [s for s in zoo.suites if settings.suites is None or s in settings.suites]
+    if not suites:
+        raise SystemExit(f"none of the suites {settings.suites} is in the zoo (it has {zoo.suites})")
+    model, tokenizer = load_base(zoo.base_dir)
+    splits = load_splits(zoo, suites)
+    cache = ResultCache(settings.cache / f"scores-{zoo.basis.fingerprint[:12]}.json" if settings.cache else None)
+    evaluator = Evaluator(tokenizer, splits, cache)
+    spectral = SpectralFuser(model, tokenizer, zoo.basis)
+    peft_fuser = PeftFuser(load_base(zoo.base_dir)[0], tokenizer) if settings.peft else None
+    server = None
+
+    result: dict[str, Any] = {"sources": [], "runs": [], "interference": {}, "per_request": {}, "base_accuracy": {}}
+    trained_total = 0
+    tasks_per_suite = {}
+    for suite in suites:
+        sources, trained = build_sources(settings, zoo, suite, model, tokenizer)
+        trained_total += trained
+        tasks = [t.name for t in zoo.tasks(suite)]
+        tasks_per_suite[suite] = len(tasks)
+        result["base_accuracy"][suite] = {t: zoo.entry(suite, t, zoo.kinds(suite)[0])["base_accuracy"] for t in tasks}
+        individual: dict[str, dict] = {}
+        for source in sources:
+            fuser = peft_fuser if source.family == "peft" else spectral
+            log(settings, f"{suite}: individual accuracy of {source.name}")
+            individual[source.name] = individual_scores(
+                evaluator, fuser, source, {"validation": ("forward",), "test": ("forward", "generation")})
+            result["sources"].append(source_record(source, individual[source.name], zoo))
+
+        for source in sources:
+            for method in methods_for(source, settings.methods):
+                fuser = spectral if (source.family == "spectral" or method == "dense_ta") else peft_fuser
+                for n in sorted({min(n, len(tasks)) for n in settings.sizes}):
+                    draws = subsets(tasks, n, settings.draws, settings.seed, suite)
+                    full = n == len(tasks)
+                    seeds = settings.grid.seeds if (full and method in ("dare_linear", "dare_ties", "peft:dare_linear",
+                                                                         "peft:dare_ties")) else (None,)
+                    for d, subset in enumerate(draws):
+                        for seed in seeds:
+                            seed = d if seed is None else seed
+                            run_ = run_method(evaluator, fuser, source, method, subset, settings.grid, d, seed,
+                                              individual[source.name],
+                                              "generation" if (full and settings.generation_check) else "forward")
+                            result["runs"].append(asdict(run_))
+                log(settings, f"{suite}: {source.name} + {method} done "
+                              f"({evaluator.generated:,} generated, {evaluator.forwarded:,} forward so far)")
+
+        for source in sources:
+            if source.name not in settings.interference:
+                continue
+            method = "peft:cat" if source.family == "peft" else "linear"  # both: the exact sum of the two ΔW
+            fuser = peft_fuser if source.family == "peft" else spectral
+            log(settings, f"{suite}: pairwise interference of {source.name} ({method})")
+            matrix = interference(evaluator, fuser, source, method, individual[source.name])
+            result["interference"].setdefault(suite, {})[f"{source.name} ({method})"] = matrix
+
+        if settings.per_request:
+            if server is None:
+                from fusion_quality.serving_ref import PerRequestServer
+
+                server = PerRequestServer(zoo.base_dir, zoo.basis, slots=max(tasks_per_suite.values()) + 1,
+                                          max_residual_rank=64)
+            for source in sources:
+                log(settings, f"{suite}: per-request mixtures, {source.name}")
+                acc = server.accuracy(source, {t: splits[(suite, t, "test")] for t in tasks})
+                alone = {t: individual[source.name][t]["test:generation"].accuracy for t in tasks}
+                mean_alone = statistics.fmean(alone.values())
+                result["per_request"].setdefault(suite, {})[source.name] = {
+                    "accuracy": statistics.fmean(acc.values()), "individual": mean_alone,
+                    "normalized": report.mean_normalized(acc, alone), "per_task": acc,
+                    "tasks_equal": sum(abs(acc[t] - alone[t]) < 1e-9 for t in tasks), "tasks": len(tasks),
+                }
+
+    result["summary"] = report.summarize(result["runs"])
+    result["suites"] = suites
+    result["tasks_per_suite"] = tasks_per_suite
+    result["goals"] = report.goals(result["summary"], suites, tasks_per_suite)
+    checked = [r for r in result["runs"] if r.get("disagree") is not None]
+    individual_checked = [v for s in result["sources"] for v in s["individual"].values()]
+    result["scorer_disagreement"] = {
+        "disagree": sum(r["disagree"] for r in checked) + sum(v["disagree"] or 0 for v in individual_checked),
+        "examples": sum(r["n"] * len(splits[(r["suite"], r["tasks"][0], "test")]) for r in checked)
+        + sum(v["examples"] for v in individual_checked),
+    }
+    result["cost"] = {"generated": evaluator.generated, "forwarded": evaluator.forwarded, "trained": trained_total,
+                      "cached_scores": evaluator.cached}
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    result["zoo"] = {"root": str(zoo.root), "quick": bool(zoo.settings.get("quick")), "steps": zoo.settings["steps"],
+                     "k": zoo.basis.rank, "base_fingerprint": zoo.basis.fingerprint, "seed": zoo.settings["seed"],
+                     "report_seconds": zoo.report.get("seconds")}
+    return result
+
+
+def write(result: dict[str, Any], settings: Settings, command: str) -> list[Path]:
+    env = environment()
+    result["command"] = command
+    result["environment"] = env
+    result["environment_line"] = environment_line(env)
+    result["stem"] = settings.stem
+    result["settings"] = json.loads(json.dumps(
+        {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}, default=_jsonable))
+    settings.out.mkdir(parents=True, exist_ok=True)
+    paths = [settings.out / f"{settings.stem}.json", settings.out / f"{settings.stem}.md"]
+    paths[0].write_text(json.dumps(result, indent=1, default=_jsonable) + "\n")
+    paths[1].write_text(report.markdown(result))
+    return paths + report.plots(result, settings.out, settings.stem)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value):
+        return asdict(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def split(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in split(text))
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--zoo", required=True, type=Path, help="a built zoo (specfuse zoo build --out DIR)")
+    p.add_argument("--quick", action="store_true", help="one suite, few sources, methods and seeds (minutes)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
+    p.add_argument("--suites", help="comma-separated suites (default: the zoo's)")
+    p.add_argument("--kinds", help="comma-separated zoo kinds to fuse (default: the zoo's)")
+    p.add_argument("--variants", help=f"comma-separated fusion-ready variants ({', '.join(VARIANTS)}; '' for none)")
+    p.add_argument("--methods", help="comma-separated methods (default: all)")
+    p.add_argument("--sizes", help="comma-separated numbers of tasks fused (default 2,4,8)")
+    p.add_argument("--draws", type=int, help="random subsets per size (default 3)")
+    p.add_argument("--weights", help="grid of uniform weights λ (default 0.5,1,1.5)")
+    p.add_argument("--densities", help="grid of densities (default 0.2,0.5)")
+    p.add_argument("--seeds", help="DARE seeds on the all-task fusion (default 0,1,2)")
+    p.add_argument("--seed", type=int, default=0, help="subset draws")
+    p.add_argument("--no-peft", action="store_true", help="skip the PEFT LoRA baselines")
+    p.add_argument("--no-per-request", action="store_true", help="skip the serving engine reference")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--stem", help="output file stem (default fusion_quality, fusion_quality_quick with --quick)")
+    p.add_argument("--cache", type=Path, help="cache folder (default benchmarks/results/tmp/fusion_quality)")
+    p.add_argument("--no-cache", action="store_true", help="score everything again (no disk cache)")
+    args = p.parse_args(argv)
+
+    overrides: dict[str, Any] = {"out": args.out, "seed": args.seed, "threads": args.threads, "peft": not args.no_peft,
+                                 "per_request": not args.no_per_request}
+    for name in ("suites", "kinds", "methods"):
+        if getattr(args, name):
+            overrides[name] = split(getattr(args, name))
+    if args.variants is not None:
+        overrides["variants"] = split(args.variants)
+    if args.sizes:
+        overrides["sizes"] = tuple(int(x) for x in split(args.sizes))
+    if args.draws is not None:
+        overrides["draws"] = args.draws
+    if args.stem:
+        overrides["stem"] = args.stem
+    if args.cache:
+        overrides["cache"] = args.cache
+    if args.no_cache:
+        overrides["cache"] = None
+    settings = Settings.quick_settings(args.zoo, **overrides) if args.quick else Settings(zoo=args.zoo, **overrides)
+    grid = {}
+    for name, attr in (("weights", "weights"), ("densities", "densities"), ("seeds", "seeds")):
+        if getattr(args, name):
+            grid[attr] = tuple(int(x) for x in split(args.seeds)) if name == "seeds" else _floats(getattr(args, name))
+    if grid:
+        settings.grid = dataclasses.replace(settings.grid, **grid)
+    unknown = [m for m in settings.methods if m not in ALL_METHODS]
+    if unknown:
+        p.error(f"unknown method {unknown[0]!r} (known: {', '.join(ALL_METHODS)})")
+    unknown = [v for v in settings.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant {unknown[0]!r} (known: {', '.join(VARIANTS)})")
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    from adapters_zoo.errors import SpecfuseError
+
+    settings = parse_args(argv)
+    command = "python benchmarks/bench_fusion_quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    try:
+        result = run(settings)
+    except SpecfuseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path in write(result, settings, command):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

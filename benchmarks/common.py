@@ -1,0 +1,89 @@
+"""What every benchmark records beside its numbers: hardware, threads, versions, date, commit.
+
+    from common import RESULTS, environment, set_threads
+    set_threads(2)
+    record = {"environment": environment(), ...}
+
+Scripts under ``benchmarks/`` run as ``python benchmarks/<script>.py``, so this module is
+imported by its bare name (the script's folder is first on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SCRATCH = RESULTS / "tmp"  # ignored by git: caches, checkpoints, intermediate files
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit(repo: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo or Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def set_threads(threads: int) -> None:
+    """Fix torch's intra-op threads (the shared machine has 2 cores: ask for what you use)."""
+    import torch
+
+    if threads < 1:
+        raise ValueError(f"threads must be ≥ 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def environment() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(),
+    }
+    try:
+        import peft
+
+        info["peft"] = peft.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def environment_line(env: dict[str, Any]) -> str:
+    """One Markdown line: hardware, threads, versions, date, commit."""
+    parts = [f"{env['cpu']} ({env['logical_cpus']} logical CPUs, {env['torch_threads']} torch threads)"]
+    if env.get("gpu"):
+        parts.append(env["gpu"])
+    parts.append(f"torch {env['torch']}, transformers {env['transformers']}"
+                 + (f", peft {env['peft']}" if env.get("peft") else ""))
+    parts.append(env["date"])
+    if env.get("commit"):
+        parts.append(f"commit `{env['commit']}`")
+    return "; ".join(parts)

@@ -1,0 +1,176 @@
+"""The two ways a set of task adapters becomes one model, behind one interface.
+
+    fuser.individual(source, task)                       -> context: the model with that task's adapter
+    fuser.fused(source, tasks, method, weight, params)   -> context: (model, FusedInfo) with the merge applied
+
+- :class:`SpectralFuser`: ``fusion.fuse`` on k×k cores (every registered method), the
+  fused adapter's dense ΔW added into the base weights for the block (exact, and as fast
+  to run as the base). Also runs exact task arithmetic on the PEFT LoRAs (imported as
+  kind ``lora``: Σ λ·(α/r)·B A on dense ΔW), the reference every LoRA merge approximates.
+- :class:`PeftFuser`: real PEFT, ``PeftModel.load_adapter`` for every task directory and
+  ``add_weighted_adapter`` for each merge; the merged adapter is evaluated through PEFT's
+  own forward and deleted after.
+
+Methods are named as in the results: spectral methods by their registry name, PEFT's
+combinations as ``peft:{combination_type}``, dense task arithmetic as ``dense_ta``.
+Every method gets the same uniform weight λ per adapter; density (and a seed for the
+random ones) where the method has them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from adapters_zoo.basis import Basis
+from adapters_zoo.errors import InvalidConfig
+from adapters_zoo.format import adapter_to_bytes
+from fusion_quality.scoring import merged_weights
+from fusion_quality.sources import Source
+
+SPECTRAL_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "iso_c", "tsv", "geodesic",
+                    "slices")
+PEFT_COMBINATIONS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "ties_svd", "magnitude_prune")
+PEFT_METHODS = tuple(f"peft:{c}" for c in PEFT_COMBINATIONS) + ("dense_ta",)
+WITH_DENSITY = {"ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_svd"}  # the name after "peft:"
+RANDOM = {"dare_linear", "dare_ties"}
+
+
+def base_name(method: str) -> str:
+    return method.split(":", 1)[-1]
+
+
+def uses_density(method: str) -> bool:
+    return base_name(method) in WITH_DENSITY
+
+
+def is_random(method: str) -> bool:
+    return base_name(method) in RANDOM
+
+
+def methods_for(source: Source, wanted: tuple[str, ...]) -> list[str]:
+    """The methods of ``wanted`` that apply to ``source`` (geodesic: rotation kinds; slices: sliced sources)."""
+    if source.family == "peft":
+        return [m for m in wanted if m in PEFT_METHODS]
+    out = []
+    for m in wanted:
+        if m not in SPECTRAL_METHODS:
+            continue
+        if m == "geodesic" and source.kind != "rotation":
+            continue
+        if m == "slices" and "slices" not in source.training:
+            continue
+        out.append(m)
+    return out
+
+
+@dataclass
+class FusedInfo:
+    params: int  # parameters of the fused artifact (core entries + residual factors, or LoRA factors)
+    bytes: int  # its size as a file (safetensors)
+    seconds: float  # time to fuse (cores or factors already in memory)
+    rank: int | None = None  # LoRA rank of a PEFT merge
+
+
+class SpectralFuser:
+    family = "spectral"
+
+    def __init__(self, model: torch.nn.Module, tokenizer, basis: Basis):
+        self.model, self.tokenizer, self.basis = model, tokenizer, basis
+
+    @contextlib.contextmanager
+    def individual(self, source: Source, task: str) -> Iterator[torch.nn.Module]:
+        with merged_weights(self.model, source.adapters[task], self.basis) as model:
+            yield model
+
+    def fuse(self, source: Source, tasks: list[str], method: str, weight: float, density: float | None = None,
+             seed: int = 0):
+        from fusion import fuse
+        from fusion.cores import clear_cache
+
+        adapters = [source.adapters[t] for t in tasks]
+        params = {}
+        if method == "dense_ta":
+            method = "linear"
+        if uses_density(method):
+            params["density"] = density
+        if is_random(method):
+            params["seed"] = seed
+        clear_cache()  # timed from the adapters' own parameters, as a server meeting them the first time
+        start = time.perf_counter()
+        fused = fuse(adapters, [weight] * len(adapters), self.basis, method, **params)
+        seconds = time.perf_counter() - start
+        return fused, FusedInfo(fused.num_params(), len(adapter_to_bytes(fused)), seconds)
+
+    @contextlib.contextmanager
+    def fused(self, source: Source, tasks: list[str], method: str, weight: float, density: float | None = None,
+              seed: int = 0) -> Iterator[tuple[torch.nn.Module, FusedInfo]]:
+        adapter, info = self.fuse(source, tasks, method, weight, density, seed)
+        with merged_weights(self.model, adapter, self.basis) as model:
+            yield model, info
+
+
+class PeftFuser:
+    """A PeftModel on its own copy of the base holding every task's LoRA of every PEFT source loaded."""
+
+    family = "peft"
+
+    def __init__(self, model: torch.nn.Module, tokenizer):
+        self.base, self.tokenizer = model, tokenizer
+        self.peft = None
+        self.names: dict[tuple[str, str], str] = {}  # (suite, task) -> adapter name in the PeftModel
+        self._merges = 0
+
+    def load(self, source: Source) -> None:
+        from peft import PeftModel
+
+        for task, path in source.peft_dirs.items():
+            key = (source.suite, task)
+            if key in self.names:
+                continue
+            name = f"{source.suite}__{task}"
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.base, str(path), adapter_name=name, is_trainable=False)
+            else:
+                self.peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            self.names[key] = name
+        self.peft.eval()
+
+    @contextlib.contextmanager
+    def individual(self, source: Source, task: str) -> Iterator[torch.nn.Module]:
+        self.load(source)
+        self.peft.set_adapter(self.names[(source.suite, task)])
+        yield self.peft
+
+    @contextlib.contextmanager
+    def fused(self, source: Source, tasks: list[str], method: str, weight: float, density: float | None = None,
+              seed: int = 0) -> Iterator[tuple[torch.nn.Module, FusedInfo]]:
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save
+
+        combination = base_name(method)
+        if not method.startswith("peft:") or combination not in PEFT_COMBINATIONS:
+            raise InvalidConfig(f"{method!r} is not a PEFT merge (known: {', '.join(PEFT_METHODS)})")
+        self.load(source)
+        names = [self.names[(source.suite, t)] for t in tasks]
+        self._merges += 1
+        merged = f"merge{self._merges}"
+        kwargs = {"density": density} if uses_density(method) else {}
+        torch.manual_seed(seed)  # PEFT's DARE draws its masks from the global generator
+        start = time.perf_counter()
+        self.peft.add_weighted_adapter(names, [weight] * len(names), merged, combination_type=combination, **kwargs)
+        seconds = time.perf_counter() - start
+        try:
+            self.peft.set_adapter(merged)
+            state = {k: v.detach().contiguous() for k, v in
+                     get_peft_model_state_dict(self.peft, adapter_name=merged).items()}
+            info = FusedInfo(sum(t.numel() for t in state.values()), len(save(state)), seconds,
+                             self.peft.peft_config[merged].r)
+            yield self.peft, info
+        finally:
+            self.peft.set_adapter(names[0])
+            self.peft.delete_adapter(merged)

@@ -1,0 +1,254 @@
+"""The measurement protocol, the same for every source and method.
+
+For one source (one adapter per task), a subset of its tasks and a method:
+
+1. every candidate of a small grid (uniform weight λ per adapter; density for the
+   sparsifying methods) is fused and scored on the **validation** split of the subset's
+   tasks (teacher-forced exact match); the score is the mean normalized accuracy
+   (fused / individual, per task);
+2. the best candidate is fused again and scored on the **test** split (teacher-forced
+   always; by generation too where asked, and the agreement of the two is recorded).
+
+Seeds: random methods (DARE) are run once per seed; subsets smaller than the suite are
+drawn several times. Each run selects on validation by itself, so the spread over runs
+includes the selection's.
+
+Every score is cached on disk under a key naming what was measured (source digest,
+method, parameters, tasks, split, scorer), so an interrupted run resumes and a second
+run only writes the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fusion_quality.fusers import FusedInfo, is_random, uses_density
+from fusion_quality.scoring import accuracy, generation_hits, teacher_forced_hits
+from fusion_quality.sources import Source
+
+SCORERS = ("forward", "generation")
+
+
+@dataclass(frozen=True)
+class Grid:
+    weights: tuple[float, ...] = (0.5, 1.0, 1.5)  # uniform λ per adapter
+    densities: tuple[float, ...] = (0.2, 0.5)  # kept fraction (TIES 20%, DARE 50% are the papers' defaults)
+    seeds: tuple[int, ...] = (0, 1, 2)  # DARE's drop masks, on the all-task fusion
+
+    def candidates(self, method: str) -> list[dict[str, float]]:
+        densities = self.densities if uses_density(method) else (None,)
+        return [{"weight": w, "density": d} for w in self.weights for d in densities]
+
+
+class ResultCache:
+    """A JSON file of ``key -> value``, rewritten atomically after every new entry."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.data: dict[str, Any] = {}
+        if path is not None and path.is_file():
+            self.data = json.loads(path.read_text())
+
+    @staticmethod
+    def key(desc: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
+
+    def get(self, desc: dict[str, Any]) -> Any:
+        return self.data.get(self.key(desc))
+
+    def put(self, desc: dict[str, Any], value: Any) -> None:
+        self.data[self.key(desc)] = value
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text(json.dumps(self.data))
+            os.replace(tmp, self.path)
+
+
+@dataclass
+class Score:
+    accuracy: float
+    hits: int
+    n: int
+    disagree: int | None = None  # generation only: examples where the forward check said otherwise
+
+
+class Evaluator:
+    """Scores model states on task splits, from the cache when it can (without building the state)."""
+
+    def __init__(self, tokenizer, splits: dict[tuple[str, str, str], list[dict[str, str]]], cache: ResultCache):
+        self.tokenizer = tokenizer
+        self.splits = splits  # (suite, task, split) -> examples
+        self.cache = cache
+        self.generated = 0  # examples decoded by generation (cost accounting)
+        self.forwarded = 0
+        self.cached = 0  # scores read from the cache instead
+
+    def score_state(self, state: dict[str, Any], enter: Callable, wanted: list[tuple[str, str, str]],
+                    suite: str) -> tuple[dict[tuple[str, str, str], Score], FusedInfo | None]:
+        """Scores of ``wanted`` (task, split, scorer) for one model state; ``enter()`` builds it if needed.
+
+        ``enter`` is a context manager factory yielding the model, or (model, FusedInfo).
+        """
+        found: dict[tuple[str, str, str], Score] = {}
+        info = None
+        info_desc = {"state": state, "info": True}
+        cached_info = self.cache.get(info_desc)
+        for item in wanted:
+            hit = self.cache.get({"state": state, "eval": list(item)})
+            if hit is not None:
+                found[item] = Score(**hit)
+                self.cached += 1
+        missing = [item for item in wanted if item not in found]
+        if not missing and (cached_info is not None or not state.get("fused")):
+            return found, FusedInfo(**cached_info) if cached_info else None
+        with enter() as entered:
+            model, info = entered if isinstance(entered, tuple) else (entered, None)
+            for task, split, scorer in missing:
+                found[(task, split, scorer)] = self._score(model, suite, task, split, scorer)
+                self.cache.put({"state": state, "eval": [task, split, scorer]}, asdict(found[(task, split, scorer)]))
+        if info is not None:
+            self.cache.put(info_desc, asdict(info))
+        elif cached_info is not None:
+            info = FusedInfo(**cached_info)
+        return found, info
+
+    def _score(self, model, suite: str, task: str, split: str, scorer: str) -> Score:
+        examples = self.splits[(suite, task, split)]
+        forward = teacher_forced_hits(model, self.tokenizer, examples)
+        self.forwarded += len(examples)
+        if scorer == "forward":
+            return Score(accuracy(forward), sum(forward), len(forward))
+        generated = generation_hits(model, self.tokenizer, examples)
+        self.generated += len(examples)
+        disagree = sum(a != b for a, b in zip(forward, generated))
+        return Score(accuracy(generated), sum(generated), len(generated), disagree)
+
+
+# --------------------------------------------------------------------------- individual accuracy
+
+
+def individual_scores(evaluator: Evaluator, fuser, source: Source, scorers: dict[str, tuple[str, ...]]
+                      ) -> dict[str, dict[str, Score]]:
+    """``{task: {"validation:forward": Score, "test:generation": Score, ...}}`` for each task's own adapter."""
+    out: dict[str, dict[str, Score]] = {}
+    for task in source.tasks:
+        wanted = [(task, split, s) for split, names in scorers.items() for s in names]
+        state = {"source": source.digest, "suite": source.suite, "individual": task, "family": source.family}
+        scores, _ = evaluator.score_state(state, lambda t=task: fuser.individual(source, t), wanted, source.suite)
+        out[task] = {f"{split}:{scorer}": score for (_, split, scorer), score in scores.items()}
+    return out
+
+
+def normalized(fused: float, alone: float) -> float | None:
+    return fused / alone if alone > 0 else None
+
+
+def mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    suite: str
+    source: str
+    family: str
+    training: str
+    method: str
+    n: int  # tasks fused
+    draw: int
+    seed: int
+    tasks: list[str]
+    chosen: dict[str, float | None]  # the candidate selected on validation
+    validation: float | None  # its mean normalized validation accuracy
+    test: dict[str, float]  # task -> accuracy (teacher-forced)
+    normalized: dict[str, float | None]  # task -> test / individual test
+    mean_normalized: float | None
+    mean_accuracy: float
+    params: int
+    bytes: int
+    fusion_ms: float
+    rank: int | None = None
+    test_generation: dict[str, float] | None = None  # task -> accuracy by generation, where measured
+    normalized_generation: float | None = None
+    disagree: int | None = None  # test examples where the two scorers disagree
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # every candidate's validation score
+
+
+def subsets(tasks: list[str], n: int, draws: int, seed: int, suite: str) -> list[list[str]]:
+    """The whole suite once when n covers it, else ``draws`` seeded random n-subsets (in suite order)."""
+    if n >= len(tasks):
+        return [list(tasks)]
+    out = []
+    for d in range(draws):
+        picked = set(random.Random(f"{seed}:{suite}:{n}:{d}").sample(tasks, n))
+        out.append([t for t in tasks if t in picked])
+    return out
+
+
+def run_method(evaluator: Evaluator, fuser, source: Source, method: str, tasks: list[str], grid: Grid, draw: int,
+               seed: int, alone: dict[str, dict[str, Score]], test_scorer: str = "forward") -> Run:
+    """Select the method's candidate on validation for this subset, then measure it on test."""
+    def state(cand: dict[str, float | None]) -> dict[str, Any]:
+        return {"source": source.digest, "suite": source.suite, "fused": True, "method": method, "tasks": tasks,
+                "weight": cand["weight"], "density": cand["density"], "seed": seed if is_random(method) else 0}
+
+    def enter(cand):
+        return lambda: fuser.fused(source, tasks, method, cand["weight"], cand["density"], seed)
+
+    tried = []
+    for cand in grid.candidates(method):
+        scores, _ = evaluator.score_state(state(cand), enter(cand), [(t, "validation", "forward") for t in tasks],
+                                          source.suite)
+        value = mean([normalized(scores[(t, "validation", "forward")].accuracy,
+                                 alone[t]["validation:forward"].accuracy) for t in tasks])
+        raw = mean([scores[(t, "validation", "forward")].accuracy for t in tasks])
+        tried.append({**cand, "validation": value, "validation_accuracy": raw})
+    best = max(tried, key=lambda c: (c["validation"] if c["validation"] is not None else c["validation_accuracy"],
+                                     -abs(c["weight"] - 1.0)))  # ties: the weight closest to plain addition
+    cand = {"weight": best["weight"], "density": best["density"]}
+    wanted = [(t, "test", "forward") for t in tasks]
+    if test_scorer == "generation":
+        wanted += [(t, "test", "generation") for t in tasks]
+    scores, info = evaluator.score_state(state(cand), enter(cand), wanted, source.suite)
+    test = {t: scores[(t, "test", "forward")].accuracy for t in tasks}
+    norm = {t: normalized(test[t], alone[t]["test:forward"].accuracy) for t in tasks}
+    run = Run(source.suite, source.name, source.family, source.training, method, len(tasks), draw, seed, tasks,
+              cand, best["validation"], test, norm, mean(list(norm.values())), sum(test.values()) / len(test),
+              info.params, info.bytes, round(info.seconds * 1000, 3), info.rank, candidates=tried)
+    if test_scorer == "generation":
+        run.test_generation = {t: scores[(t, "test", "generation")].accuracy for t in tasks}
+        run.normalized_generation = mean([normalized(run.test_generation[t], alone[t]["test:generation"].accuracy)
+                                          for t in tasks])
+        run.disagree = sum(scores[(t, "test", "generation")].disagree or 0 for t in tasks)
+    return run
+
+
+def interference(evaluator: Evaluator, fuser, source: Source, method: str, alone: dict[str, dict[str, Score]]
+                 ) -> dict[str, dict[str, float | None]]:
+    """``m[i][j]``: test accuracy on task i of i fused with j (weights 1, 1), normalized by i alone; diagonal 1."""
+    tasks = source.tasks
+    matrix: dict[str, dict[str, float | None]] = {t: {} for t in tasks}
+    for a, i in enumerate(tasks):
+        matrix[i][i] = 1.0 if alone[i]["test:forward"].accuracy > 0 else None
+        for j in tasks[a + 1 :]:
+            pair = [i, j]
+            state = {"source": source.digest, "suite": source.suite, "fused": True, "method": method, "tasks": pair,
+                     "weight": 1.0, "density": None, "seed": 0}
+            scores, _ = evaluator.score_state(
+                state, lambda p=pair: fuser.fused(source, p, method, 1.0, None, 0),
+                [(t, "test", "forward") for t in pair], source.suite)
+            for x, y in ((i, j), (j, i)):
+                matrix[x][y] = normalized(scores[(x, "test", "forward")].accuracy, alone[x]["test:forward"].accuracy)
+    return matrix

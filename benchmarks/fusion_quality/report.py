@@ -1,0 +1,349 @@
+"""Summaries, the goals' status, Markdown tables and plots from the runs of one benchmark.
+
+Everything here reads the result dict the script writes as JSON (no model, no torch), so
+the report can be rebuilt from a JSON file alone.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+GOAL_COMPATIBLE = 0.80  # normalized accuracy the 8-task fusion must keep on the compatible suite
+ISO_CTS_VIT_B32 = 0.737  # best published LoRA merge (Iso-CTS, ViT-B/32, 8 tasks), for scale
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (suite, source, method, n): mean ± std over runs (draws and seeds)."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        groups[(r["suite"], r["source"], r["method"], r["n"])].append(r)
+    rows = []
+    for (suite, source, method, n), rs in groups.items():
+        norm, norm_std = _mean_std([r["mean_normalized"] for r in rs])
+        acc, acc_std = _mean_std([r["mean_accuracy"] for r in rs])
+        gen, _ = _mean_std([r.get("normalized_generation") for r in rs])
+        chosen = Counter(_candidate_label(r["chosen"]) for r in rs).most_common()
+        per_task: dict[str, list[float]] = defaultdict(list)
+        for r in rs:
+            for task, v in r["normalized"].items():
+                if v is not None:
+                    per_task[task].append(v)
+        rows.append({
+            "suite": suite, "source": source, "family": rs[0]["family"], "training": rs[0]["training"],
+            "method": method, "n": n, "runs": len(rs),
+            "mean_normalized": norm, "std_normalized": norm_std, "mean_accuracy": acc, "std_accuracy": acc_std,
+            "normalized_generation": gen,
+            "disagree": sum(r["disagree"] for r in rs if r.get("disagree") is not None),
+            "per_task_normalized": {t: statistics.fmean(v) for t, v in per_task.items()},
+            "chosen": ", ".join(f"{label} ×{count}" if len(rs) > 1 else label for label, count in chosen),
+            "params": round(statistics.fmean(r["params"] for r in rs)),
+            "bytes": round(statistics.fmean(r["bytes"] for r in rs)),
+            "fusion_ms": statistics.median(r["fusion_ms"] for r in rs),
+        })
+    rows.sort(key=lambda r: (r["suite"], r["n"], -(r["mean_normalized"] or 0.0)))
+    return rows
+
+
+def mean_normalized(fused: dict[str, float], alone: dict[str, float]) -> float | None:
+    """Mean over tasks of fused / individual accuracy (tasks whose adapter scores 0 alone left out)."""
+    values = [fused[t] / alone[t] for t in fused if alone.get(t, 0) > 0]
+    return statistics.fmean(values) if values else None
+
+
+def _candidate_label(cand: dict[str, Any]) -> str:
+    label = f"λ={cand['weight']:g}"
+    return label + (f", d={cand['density']:g}" if cand.get("density") is not None else "")
+
+
+def _is_naive(row: dict[str, Any]) -> bool:
+    return row["family"] == "spectral" and row["training"] == "plain" and row["method"] == "linear"
+
+
+def goals(summary: list[dict[str, Any]], suites: list[str], sizes: dict[str, int]) -> list[dict[str, Any]]:
+    """The stated goals checked against the numbers, one entry per goal and suite."""
+    out = []
+    for suite in suites:
+        n = sizes[suite]
+        rows = [r for r in summary if r["suite"] == suite and r["n"] == n and r["mean_normalized"] is not None]
+        spectral = [r for r in rows if r["family"] == "spectral" and not r["source"].startswith("peft")]
+        lora = [r for r in rows if r["family"] == "peft" or r["method"] == "dense_ta"]
+        best_lora = max(lora, key=lambda r: r["mean_normalized"], default=None)
+        best_spectral = max(spectral, key=lambda r: r["mean_normalized"], default=None)
+        winners = [r for r in spectral if best_lora and r["mean_normalized"] > best_lora["mean_normalized"]
+                   and r["bytes"] <= best_lora["bytes"]]
+        best_small = max(winners, key=lambda r: r["mean_normalized"], default=None)
+        naive = max((r for r in rows if _is_naive(r)), key=lambda r: r["mean_normalized"], default=None)
+        out.append({
+            "suite": suite, "n": n, "goal": "spectral fusion beats the best PEFT LoRA merge at equal or smaller size",
+            "met": best_small is not None, "best_lora": _brief(best_lora), "best_spectral": _brief(best_spectral),
+            "best_spectral_not_larger": _brief(best_small), "best_plain_task_arithmetic": _brief(naive),
+        })
+        if suite == "compatible":
+            out.append({
+                "suite": suite, "n": n, "goal": f"{n}-task fusion keeps ≥ {GOAL_COMPATIBLE:.0%} normalized accuracy",
+                "met": bool(best_spectral and best_spectral["mean_normalized"] >= GOAL_COMPATIBLE),
+                "best_spectral": _brief(best_spectral), "reference": f"Iso-CTS {ISO_CTS_VIT_B32:.1%} on ViT-B/32",
+            })
+    return out
+
+
+def _brief(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {k: row[k] for k in ("source", "training", "method", "mean_normalized", "std_normalized", "mean_accuracy",
+                                "bytes", "chosen")}
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def _pct(v: float | None, std: float | None = None) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.1%}" + (f" ± {std:.1%}" if std else "")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} B"
+
+
+def _describe(b: dict[str, Any] | None) -> str:
+    if b is None:
+        return "none"
+    return (f"{b['source']} + {b['method']} ({_pct(b['mean_normalized'], b['std_normalized'])} normalized, "
+            f"{_size(b['bytes'])}, {b['chosen']})")
+
+
+def goals_markdown(result: dict[str, Any]) -> list[str]:
+    lines = ["## Where the goals stand", ""]
+    for g in result["goals"]:
+        mark = "**met**" if g["met"] else "**not met**"
+        if "best_lora" in g:
+            lines.append(f"- `{g['suite']}`, {g['n']} tasks fused — {g['goal']}: {mark}. Best LoRA merge: "
+                         f"{_describe(g['best_lora'])}; best spectral fusion: {_describe(g['best_spectral'])}; "
+                         f"best spectral fusion no larger than that LoRA merge and better than it: "
+                         f"{_describe(g['best_spectral_not_larger'])}. Plain task arithmetic on plainly trained "
+                         f"spectral adapters (best kind): {_describe(g['best_plain_task_arithmetic'])}.")
+        else:
+            lines.append(f"- `{g['suite']}` — {g['goal']}: {mark} (best: {_describe(g['best_spectral'])}; "
+                         f"{g['reference']}).")
+    per_request = result.get("per_request") or {}
+    if per_request:
+        worst = min((v["normalized"] for s in per_request.values() for v in s.values() if v["normalized"] is not None),
+                    default=None)
+        lines.append(f"- Per-request mixtures (serving, each prompt with its own task's adapter in one mixed batch) "
+                     f"keep {_pct(worst)} normalized accuracy in the worst source: the reference static fusion is "
+                     "measured against.")
+    return lines + [""]
+
+
+def individual_markdown(result: dict[str, Any], suite: str) -> list[str]:
+    sources = [s for s in result["sources"] if s["suite"] == suite]
+    tasks = list(sources[0]["individual"])
+    lines = [f"### Individual test accuracy, `{suite}` (greedy generation; zoo's own number in brackets)", "",
+             "| task | base | " + " | ".join(f"{s['name']}" for s in sources) + " |",
+             "|---|---|" + "---|" * len(sources)]
+    for task in tasks:
+        base = result["base_accuracy"][suite].get(task)
+        cells = []
+        for s in sources:
+            mine = s["individual"][task]["test_generation"]
+            zoo = s["zoo_accuracy"].get(task)
+            cells.append(f"{mine:.2f}" + (f" ({zoo:.2f})" if zoo is not None and abs(zoo - mine) > 1e-9 else ""))
+        lines.append(f"| {task} | {_pct(base) if base is not None else '–'} | " + " | ".join(cells) + " |")
+    means = [statistics.fmean(s["individual"][t]["test_generation"] for t in tasks) for s in sources]
+    lines.append("| **mean** | | " + " | ".join(f"**{m:.2f}**" for m in means) + " |")
+    lines += ["", "| source | training | kind | params / adapter | bytes / adapter |", "|---|---|---|---|---|"]
+    for s in sources:
+        lines.append(f"| {s['name']} | {s['training']} | {s['kind']} | {s['params']:,} | {_size(s['bytes'])} |")
+    return lines + [""]
+
+
+def per_request_markdown(result: dict[str, Any], suite: str) -> list[str]:
+    rows = (result.get("per_request") or {}).get(suite)
+    if not rows:
+        return []
+    lines = [f"### Per-request mixtures, `{suite}` (one mixed batch, each row its own task's adapter)", "",
+             "| source | per-request accuracy | individual accuracy | normalized | tasks equal |",
+             "|---|---|---|---|---|"]
+    for source, v in rows.items():
+        lines.append(f"| {source} | {_pct(v['accuracy'])} | {_pct(v['individual'])} | {_pct(v['normalized'])} | "
+                     f"{v['tasks_equal']}/{v['tasks']} |")
+    return lines + [""]
+
+
+def runs_markdown(summary: list[dict[str, Any]], suite: str, n: int, all_tasks: bool) -> list[str]:
+    rows = [r for r in summary if r["suite"] == suite and r["n"] == n]
+    if not rows:
+        return []
+    drawn = "" if all_tasks else " (random subsets; runs = draws × seeds)"
+    title = f"### `{suite}`: {n} tasks fused" + (" (all)" if all_tasks else drawn)
+    lines = [title, "",
+             "| source | training | method | normalized acc. | accuracy | runs | chosen on validation | params | "
+             "bytes | fusion ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['source']} | {r['training']} | {r['method']} | {_pct(r['mean_normalized'], r['std_normalized'])} | "
+            f"{_pct(r['mean_accuracy'])} | {r['runs']} | {r['chosen']} | {r['params']:,} | {_size(r['bytes'])} | "
+            f"{r['fusion_ms']:.1f} |")
+    if all_tasks:
+        tasks = list(rows[0]["per_task_normalized"])
+        lines += ["", f"Per-task normalized accuracy, {n} tasks fused:", "",
+                  "| source | method | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+        for r in rows:
+            cells = [_pct(r["per_task_normalized"].get(t)) for t in tasks]
+            lines.append(f"| {r['source']} | {r['method']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def interference_markdown(result: dict[str, Any], suite: str) -> list[str]:
+    lines = []
+    for label, matrix in (result.get("interference") or {}).get(suite, {}).items():
+        tasks = list(matrix)
+        lines += [f"### Pairwise interference, `{suite}`, {label}", "",
+                  "Row i, column j: test accuracy on task i with i and j fused (weights 1, 1), normalized by i alone.",
+                  "", "| task | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for i in tasks:
+            lines.append(f"| {i} | " + " | ".join(_pct(matrix[i].get(j)) for j in tasks) + " |")
+        lines.append("")
+    return lines
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s, env, zoo = result["settings"], result["environment"], result["zoo"]
+    g = s["grid"]
+    lines = [
+        "# Fusion quality: spectral fusion vs LoRA merging",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"- Zoo: `{zoo['root']}` ({'quick' if zoo['quick'] else 'full'} build: {zoo['steps']} training steps per "
+        f"adapter, basis k = {zoo['k']}, base `{zoo['base_fingerprint'][:12]}`, zoo seed {zoo['seed']}).",
+        f"- Seeds: benchmark seed {s['seed']}; DARE seeds {list(g['seeds'])} on the all-task fusion; "
+        f"{s['draws']} seeded draws per smaller subset size.",
+        f"- Hardware: {result['environment_line']}.",
+        f"- Wall time of this invocation {result['seconds'] / 60:.1f} min: {result['cost']['generated']:,} examples "
+        f"decoded by generation, {result['cost']['forwarded']:,} scored by one forward pass, "
+        f"{result['cost']['trained']} fusion-ready adapters trained, {result['cost']['cached_scores']:,} scores read "
+        "from the cache of an earlier invocation.",
+        f"- Date: {env['date']}.",
+        "",
+    ]
+    if result.get("notes"):
+        lines += [result["notes"], ""]
+    lines += goals_markdown(result)
+    lines += [
+        "## Protocol", "",
+        "Adapters: the zoo's (trained one task at a time: *plain*) and fusion-ready ones trained here with the zoo's "
+        "steps, data and learning rates: `+kl` adds KL(base ‖ adapted) on the other tasks' and the pretraining "
+        "prompts (`--preserve`), `@slice` gives task i its own basis directions [w·i, w·i+w), w = k / 8 (`--slice`). "
+        "PEFT LoRA baselines (rank 4, q,k,v,o,gate,up,down) are merged with PEFT's `add_weighted_adapter` "
+        "(`peft:*`) and by exact task arithmetic on their dense ΔW (`dense_ta`).",
+        "",
+        f"Every method: uniform weight λ ∈ {list(g['weights'])} per adapter, density ∈ {list(g['densities'])} where "
+        "the method has one, chosen by the mean normalized accuracy on the validation split (100 examples per task), "
+        "then measured on the test split (100 per task). Normalized accuracy = fused accuracy / the same adapter's "
+        "individual accuracy on the same examples, per task, then averaged (tasks whose adapter scores 0 alone are "
+        "left out). Bytes: the fused artifact as a safetensors file (fused core adapter, or the merged PEFT LoRA). "
+        "Fusion time: fusing from adapters in memory (spectral: `fusion.fuse` with cold core caches; PEFT: "
+        "`add_weighted_adapter`).",
+        "",
+        "Exact match of greedy decoding is computed two ways: by `generate` (what `adapters_zoo.tasks.evaluate` "
+        "does) and by one teacher-forced forward pass (the argmax at every answer position is the answer, then eos). "
+        "They are the same test up to floating-point near-ties; selection and subset runs use the forward pass, the "
+        "individual accuracies and every all-task fusion are decoded by generation too, and the examples where the "
+        f"two disagree are counted: **{result['scorer_disagreement']['disagree']} of "
+        f"{result['scorer_disagreement']['examples']:,}**.",
+        "",
+        "## Individual adapters", "",
+    ]
+    for suite in result["suites"]:
+        lines += individual_markdown(result, suite)
+        lines += per_request_markdown(result, suite)
+    stem = result.get("stem", "fusion_quality")
+    lines += ["## Fusion", "", f"![normalized accuracy vs tasks fused]({stem}.png)", "",
+              f"![accuracy vs bytes]({stem}_bytes.png)", ""]
+    for suite in result["suites"]:
+        all_n = result["tasks_per_suite"][suite]
+        for n in sorted({r["n"] for r in result["summary"] if r["suite"] == suite}):
+            lines += runs_markdown(result["summary"], suite, n, n == all_n)
+    interference = [line for suite in result["suites"] for line in interference_markdown(result, suite)]
+    if interference:
+        lines += ["## Interference", ""] + interference
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plots(result: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary, suites = result["summary"], result["suites"]
+    sources = list(dict.fromkeys(r["source"] for r in summary))
+    fig, axes = plt.subplots(len(suites), len(sources), figsize=(3.2 * len(sources), 3.0 * len(suites)),
+                             squeeze=False, sharey=True)
+    for i, suite in enumerate(suites):
+        for j, source in enumerate(sources):
+            ax = axes[i][j]
+            rows = [r for r in summary if r["suite"] == suite and r["source"] == source]
+            for method in dict.fromkeys(r["method"] for r in rows):
+                pts = sorted((r["n"], r["mean_normalized"], r["std_normalized"] or 0.0) for r in rows
+                             if r["method"] == method and r["mean_normalized"] is not None)
+                if pts:
+                    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                                markersize=3, capsize=2, linewidth=1, label=method)
+            pr = (result.get("per_request") or {}).get(suite, {}).get(source)
+            if pr and pr["normalized"] is not None:
+                ax.axhline(pr["normalized"], color="black", linestyle=":", linewidth=1, label="per-request")
+            if suite == "compatible":
+                ax.axhline(GOAL_COMPATIBLE, color="grey", linestyle="--", linewidth=0.8)
+            ax.set_title(f"{suite} / {source}", fontsize=8)
+            ax.set_xlabel("tasks fused", fontsize=7)
+            ax.tick_params(labelsize=7)
+            if j == 0:
+                ax.set_ylabel("normalized accuracy", fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=5, loc="best")
+    fig.tight_layout()
+    first = out_dir / f"{stem}.png"
+    fig.savefig(first, dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(suites), figsize=(6.0 * len(suites), 4.2), squeeze=False)
+    markers = {"spectral": "o", "peft": "s"}
+    for i, suite in enumerate(suites):
+        ax = axes[0][i]
+        n = result["tasks_per_suite"][suite]
+        rows = [r for r in summary if r["suite"] == suite and r["n"] == n and r["mean_normalized"] is not None]
+        colors = {s: plt.cm.tab10(k % 10) for k, s in enumerate(sources)}
+        for r in rows:
+            family = "peft" if r["family"] == "peft" or r["method"] == "dense_ta" else "spectral"
+            ax.scatter(r["bytes"], r["mean_normalized"], color=colors[r["source"]], marker=markers[family], s=18)
+            ax.annotate(r["method"], (r["bytes"], r["mean_normalized"]), fontsize=5, alpha=0.8)
+        for s in sources:
+            ax.scatter([], [], color=colors[s], label=s, s=18)
+        if rows:
+            ax.set_xscale("log")
+        ax.set_xlabel("bytes of the fused adapter (log)")
+        ax.set_ylabel("normalized accuracy")
+        ax.set_title(f"{suite}: {n} tasks fused (squares: LoRA merges)")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    second = out_dir / f"{stem}_bytes.png"
+    fig.savefig(second, dpi=110)
+    plt.close(fig)
+    return [first, second]

@@ -1,0 +1,111 @@
+"""Exact-match scoring of a model on task examples: by generation (reported) and teacher-forced (selection).
+
+Two ways to ask "does greedy decoding give the answer exactly":
+
+- ``generation_hits``: what ``adapters_zoo.tasks.evaluate`` does (batched greedy
+  ``generate``, cut at eos then newline, exact match). Every reported test number uses it.
+- ``teacher_forced_hits``: one forward pass over prompt + answer. Greedy decoding yields the
+  answer iff at every answer position the argmax is the answer's next token and, after the
+  last one, the argmax ends the answer (eos or newline). That is the same test without 16
+  sequential decoding steps (≈10× cheaper); it is used to choose hyperparameters on the
+  validation split. It can differ from generation only on near-ties (batch shapes differ)
+  and when greedy decoding emits a special token that decoding drops; the test suite
+  checks the two agree on real adapters.
+
+``merged_weights`` adds an adapter's dense ΔW into the model for a block and restores the
+exact original weights afterwards: a fused model costs nothing more to run than the base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from adapters_zoo.basis import Basis
+from adapters_zoo.format import Adapter
+from adapters_zoo.tasks import answer_of, exact_match, generate_answers
+from fusion.merge import merge_into_model
+
+MAX_NEW_TOKENS = 16  # what the zoo's evaluation allows: every answer is shorter
+GENERATION_BATCH = 256  # rows per generate call (the demo model is tiny: bigger batches, fewer steps)
+FORWARD_BATCH = 512
+
+Example = dict[str, str]
+
+
+@contextlib.contextmanager
+def merged_weights(model: torch.nn.Module, adapter: Adapter | None, basis: Basis) -> Iterator[torch.nn.Module]:
+    """``model`` with W + ΔW(adapter) in every layer the adapter touches; W restored bit for bit after."""
+    if adapter is None:
+        yield model
+        return
+    saved = {layer: model.get_submodule(layer).weight.detach().clone() for layer in adapter.layers}
+    try:
+        merge_into_model(model, adapter, basis, check=False)  # the caller checked the basis once
+        yield model
+    finally:
+        with torch.no_grad():
+            for layer, weight in saved.items():
+                model.get_submodule(layer).weight.copy_(weight)
+
+
+def generation_hits(model, tokenizer, examples: list[Example], max_new_tokens: int = MAX_NEW_TOKENS,
+                    batch_size: int = GENERATION_BATCH) -> list[bool]:
+    """Per example: greedy generation gives the completion's answer exactly (as ``evaluate`` scores it)."""
+    texts = generate_answers(model, tokenizer, [ex["prompt"] for ex in examples], max_new_tokens, batch_size)
+    return [exact_match(t, ex["completion"], tokenizer.eos_token) for t, ex in zip(texts, examples)]
+
+
+def _stop_ids(tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    newline = tokenizer.convert_tokens_to_ids("\n")
+    if newline is not None and newline != tokenizer.unk_token_id:
+        ids.add(newline)
+    return {i for i in ids if i is not None}
+
+
+@torch.no_grad()
+def teacher_forced_hits(model, tokenizer, examples: list[Example], max_new_tokens: int = MAX_NEW_TOKENS,
+                        batch_size: int = FORWARD_BATCH) -> list[bool]:
+    """Per example: the greedy answer is exact, read off one forward pass over prompt + answer."""
+    stop = _stop_ids(tokenizer)
+    stop_t = torch.tensor(sorted(stop))
+    rows = []
+    for ex in examples:
+        prompt = tokenizer(ex["prompt"])["input_ids"]  # with BOS, as generation sees it
+        answer = tokenizer(answer_of(ex["completion"], tokenizer.eos_token), add_special_tokens=False)["input_ids"]
+        rows.append((prompt, answer))
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    hits: list[bool] = []
+    try:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            width = max(len(p) + len(a) for p, a in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, (p, a) in enumerate(chunk):  # right padded: real tokens never see the padding
+                ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+                mask[i, : len(p) + len(a)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
+            predicted = logits.argmax(-1).cpu()  # (B, T): token t predicts position t + 1
+            for i, (p, a) in enumerate(chunk):
+                if len(a) > max_new_tokens:
+                    hits.append(False)
+                    continue
+                guess = predicted[i, len(p) - 1 : len(p) + len(a)]  # (len(a) + 1,)
+                ok = guess[: len(a)].tolist() == a
+                if ok and len(a) < max_new_tokens:  # the answer must also end there
+                    ok = bool(torch.isin(guess[len(a)], stop_t))
+                hits.append(ok)
+    finally:
+        model.train(was_training)
+    return hits
+
+
+def accuracy(hits: list[bool]) -> float:
+    return sum(hits) / len(hits) if hits else 0.0

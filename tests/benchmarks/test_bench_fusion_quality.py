@@ -1,0 +1,233 @@
+"""The fusion-quality benchmark in miniature: a tiny real zoo, the script's own functions, real PEFT."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import bench_fusion_quality as bench  # noqa: E402
+from fusion_quality import report  # noqa: E402
+from fusion_quality.fusers import PeftFuser, SpectralFuser  # noqa: E402
+from fusion_quality.protocol import Grid, subsets  # noqa: E402
+from fusion_quality.scoring import generation_hits, merged_weights, teacher_forced_hits  # noqa: E402
+from fusion_quality.sources import open_zoo, peft_source, slice_of, zoo_source  # noqa: E402
+
+from adapters_zoo.demo_model import load_base  # noqa: E402
+from adapters_zoo.errors import InvalidConfig  # noqa: E402
+from adapters_zoo.zoo import ZooSettings, build_zoo  # noqa: E402
+
+torch.set_num_threads(1)
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+SUITE = "compatible"
+
+
+@pytest.fixture(scope="module")
+def zoo_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("zoo")
+    build_zoo(ZooSettings(out=out, suites=(SUITE,), kinds=("scale",), peft_lora=True, tasks_per_suite=2, rank=8,
+                          steps=4, batch_size=8, n_train=32, n_eval=8, pretrain_steps=4, model_overrides=TINY,
+                          threads=1), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def zoo(zoo_dir):
+    return open_zoo(zoo_dir)
+
+
+@pytest.fixture(scope="module")
+def base(zoo):
+    return load_base(zoo.base_dir)
+
+
+@pytest.fixture(scope="module")
+def miniature(zoo_dir, tmp_path_factory):
+    """The whole script on the tiny zoo: one suite, fused-of-one and of two, every part switched on."""
+    out = tmp_path_factory.mktemp("results")
+    settings = bench.Settings.quick_settings(
+        zoo_dir, out=out, cache=out / "cache", sizes=(1, 2), draws=2, threads=1, progress=False,
+        methods=("linear", "ties", "slices", "peft:cat", "peft:ties", "dense_ta"),
+        grid=Grid(weights=(1.0,), densities=(0.5,), seeds=(0,)), interference=("scale", "peft-lora"))
+    result = bench.run(settings)
+    paths = bench.write(result, settings, "python benchmarks/bench_fusion_quality.py --quick")
+    return settings, result, paths
+
+
+def test_writes_json_markdown_and_plots(miniature):
+    settings, result, paths = miniature
+    names = {p.name for p in paths}
+    assert names == {f"{settings.stem}{suffix}" for suffix in (".json", ".md", ".png", "_bytes.png")}
+    for p in paths:
+        assert p.stat().st_size > 0
+    on_disk = json.loads((settings.out / f"{settings.stem}.json").read_text())
+    assert on_disk["suites"] == [SUITE] and on_disk["tasks_per_suite"] == {SUITE: 2}
+    md = (settings.out / f"{settings.stem}.md").read_text()
+    assert md == report.markdown(on_disk)  # the report is rebuilt from the JSON alone
+    for needle in ("--quick", "Hardware:", "torch threads", "## Where the goals stand", "normalized acc.",
+                   "Pairwise interference", "Per-request mixtures"):
+        assert needle in md
+
+
+def test_every_source_method_and_size_has_a_summary_row(miniature):
+    _, result, _ = miniature
+    names = [s["name"] for s in result["sources"]]
+    assert names == ["scale", "additive@slice+kl", "peft-lora"]
+    expected = {("scale", m) for m in ("linear", "ties")} | {("additive@slice+kl", m) for m in ("linear", "ties",
+                                                                                                   "slices")}
+    expected |= {("peft-lora", m) for m in ("peft:cat", "peft:ties", "dense_ta")}
+    rows = {(r["source"], r["method"], r["n"]): r for r in result["summary"]}
+    assert set(rows) == {(s, m, n) for s, m in expected for n in (1, 2)}
+    for (_, _, n), row in rows.items():
+        assert row["runs"] == (2 if n == 1 else 1)  # two single-task draws cover both tasks; one pair
+        assert row["params"] > 0 and row["bytes"] > 0 and row["fusion_ms"] >= 0
+        assert set(row["per_task_normalized"]) <= {"reverse_upper", "sort_digits"}
+    for r in result["runs"]:
+        assert r["chosen"]["weight"] == 1.0
+        assert (r["chosen"]["density"] is not None) == (r["method"] in ("ties", "peft:ties"))
+        assert r["candidates"] and all("validation_accuracy" in c for c in r["candidates"])
+    full = [r for r in result["runs"] if r["n"] == 2]
+    assert all(r["test_generation"] is not None and r["disagree"] is not None for r in full)
+
+
+def test_fused_of_one_equals_the_individual_accuracy(miniature):
+    _, result, _ = miniature
+    alone = {s["name"]: s["individual"] for s in result["sources"]}
+    singles = [r for r in result["runs"] if r["n"] == 1 and r["method"] in ("linear", "slices", "peft:cat",
+                                                                            "dense_ta")]
+    assert len(singles) == 2 * 5  # two tasks × (scale, sliced linear, sliced slices, peft cat, dense)
+    for r in singles:
+        (task,) = r["tasks"]
+        assert r["test"][task] == alone[r["source"]][task]["test_forward"], (r["source"], r["method"], task)
+
+
+def test_per_request_and_interference_structure(miniature):
+    _, result, _ = miniature
+    per_request = result["per_request"][SUITE]
+    assert set(per_request) == {"scale", "additive@slice+kl", "peft-lora"}
+    for v in per_request.values():
+        assert v["tasks"] == 2 and 0 <= v["tasks_equal"] <= 2 and set(v["per_task"]) == {"reverse_upper",
+                                                                                          "sort_digits"}
+    matrices = result["interference"][SUITE]
+    assert set(matrices) == {"scale (linear)", "peft-lora (peft:cat)"}
+    for matrix in matrices.values():
+        assert set(matrix) == {"reverse_upper", "sort_digits"}
+        assert all(set(row) == set(matrix) for row in matrix.values())
+
+
+def test_second_run_reads_everything_from_the_cache(miniature):
+    settings, first, _ = miniature
+    again = bench.run(settings)
+    assert again["cost"]["generated"] == 0 and again["cost"]["forwarded"] == 0 and again["cost"]["trained"] == 0
+    assert again["cost"]["cached_scores"] > 0
+    assert [r["test"] for r in again["runs"]] == [r["test"] for r in first["runs"]]
+
+
+# --------------------------------------------------------------------------- the pieces, on real adapters
+
+
+def test_merged_fused_of_one_generates_what_the_adapter_generates(zoo, base):
+    model, tokenizer = base
+    fuser = SpectralFuser(model, tokenizer, zoo.basis)
+    source = zoo_source(zoo, SUITE, "scale")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    prompts = [ex["prompt"] for ex in zoo.split(SUITE, "sort_digits", "test")]
+    with fuser.individual(source, "sort_digits") as m:
+        alone = generation_hits(m, tokenizer, zoo.split(SUITE, "sort_digits", "test"))
+        alone_text = bench_generate(m, tokenizer, prompts)
+    with fuser.fused(source, ["sort_digits"], "linear", 1.0) as (m, info):
+        assert bench_generate(m, tokenizer, prompts) == alone_text
+        assert generation_hits(m, tokenizer, zoo.split(SUITE, "sort_digits", "test")) == alone
+        assert info.params == len(zoo.basis.layers) * zoo.basis.rank  # one diagonal core per layer
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), f"{n} not restored"
+
+
+def bench_generate(model, tokenizer, prompts):
+    from adapters_zoo.tasks import generate_answers
+
+    return generate_answers(model, tokenizer, prompts, max_new_tokens=16)
+
+
+def test_teacher_forced_scoring_agrees_with_generation(zoo, base):
+    model, tokenizer = base
+    source = zoo_source(zoo, SUITE, "scale")
+    with merged_weights(model, source.adapters["reverse_upper"], zoo.basis):
+        prompts = [ex["prompt"] for ex in zoo.split(SUITE, "reverse_upper", "test")]
+        own = bench_generate(model, tokenizer, prompts)  # what greedy decoding says: a hit by construction
+        right = [{"prompt": p, "completion": g + tokenizer.eos_token} for p, g in zip(prompts, own)]
+        wrong = [{"prompt": p, "completion": g + "#" + tokenizer.eos_token} for p, g in zip(prompts, own)]
+        short = [{"prompt": p, "completion": g[:-1] + tokenizer.eos_token} for p, g in zip(prompts, own) if g]
+        for examples, expected in ((right, True), (wrong, False), (short, False)):
+            assert teacher_forced_hits(model, tokenizer, examples) == [expected] * len(examples)
+            assert generation_hits(model, tokenizer, examples) == [expected] * len(examples)
+        real = zoo.split(SUITE, "reverse_upper", "test")
+        assert teacher_forced_hits(model, tokenizer, real) == generation_hits(model, tokenizer, real)
+
+
+def test_peft_cat_equals_dense_task_arithmetic(zoo, base):
+    model, tokenizer = base
+    source = peft_source(zoo, SUITE)
+    peft_fuser = PeftFuser(load_base(zoo.base_dir)[0], tokenizer)
+    spectral = SpectralFuser(model, tokenizer, zoo.basis)
+    batch = tokenizer([ex["prompt"] for ex in zoo.split(SUITE, "sort_digits", "test")], return_tensors="pt",
+                      padding=True)
+    with torch.no_grad():
+        with peft_fuser.fused(source, source.tasks, "peft:cat", 1.0) as (m, info):
+            peft_logits = m(**batch).logits
+            assert info.rank == 8  # two rank-4 LoRAs side by side
+        with spectral.fused(source, source.tasks, "dense_ta", 1.0) as (m, _):
+            dense_logits = m(**batch).logits
+        with peft_fuser.individual(source, "sort_digits") as m:
+            alone_logits = m(**batch).logits
+    torch.testing.assert_close(peft_logits, dense_logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(peft_logits, alone_logits, atol=1e-6)  # the second LoRA did change something
+    assert len(peft_fuser.peft.peft_config) == 2  # the merged adapter was deleted after use
+
+
+def test_subsets_slices_and_grid():
+    tasks = [f"t{i}" for i in range(8)]
+    assert subsets(tasks, 8, 3, 0, "s") == [tasks]
+    drawn = subsets(tasks, 2, 3, 0, "s")
+    assert len(drawn) == 3 and all(len(d) == 2 and d == sorted(d, key=tasks.index) for d in drawn)
+    assert drawn == subsets(tasks, 2, 3, 0, "s") and drawn != subsets(tasks, 2, 3, 1, "s")
+    assert [slice_of(i, 8, 32) for i in (0, 1, 7)] == [(0, 4), (4, 8), (28, 32)]
+    with pytest.raises(InvalidConfig):
+        slice_of(0, 8, 4)
+    grid = Grid(weights=(0.5, 1.0), densities=(0.2, 0.5))
+    assert len(grid.candidates("linear")) == 2 and len(grid.candidates("ties")) == 4
+    assert len(grid.candidates("peft:ties_svd")) == 4 and len(grid.candidates("peft:svd")) == 2
+
+
+def test_goals_read_the_numbers():
+    def row(source, family, method, norm, size, training="plain"):
+        return {"suite": "compatible", "n": 8, "source": source, "family": family, "training": training,
+                "method": method, "mean_normalized": norm, "std_normalized": 0.01, "mean_accuracy": norm,
+                "bytes": size, "chosen": "λ=1"}
+
+    summary = [row("peft-lora", "peft", "peft:cat", 0.5, 20_000), row("peft-lora", "spectral", "dense_ta", 0.55,
+                                                                      40_000),
+               row("scale", "spectral", "linear", 0.6, 5_000), row("additive", "spectral", "ties", 0.9, 90_000)]
+    goals = report.goals(summary, ["compatible"], {"compatible": 8})
+    beat, keep = goals
+    assert beat["met"] and beat["best_lora"]["method"] == "dense_ta"
+    assert beat["best_spectral_not_larger"]["source"] == "scale"  # 0.6 > 0.55 at 5 KB ≤ 40 KB
+    assert beat["best_spectral"]["source"] == "additive"
+    assert keep["met"]  # additive ties keeps 90%
+    summary[2]["mean_normalized"] = 0.5
+    assert not report.goals(summary, ["compatible"], {"compatible": 8})[0]["met"]
+
+
+def test_bad_inputs_are_typed_errors(tmp_path, capsys):
+    with pytest.raises(InvalidConfig, match="not a finished zoo"):
+        open_zoo(tmp_path)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--zoo", str(tmp_path), "--methods", "linear,nope"])
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert bench.main(["--zoo", str(tmp_path), "--quick", "--no-cache"]) == 2
+    assert "not a finished zoo" in capsys.readouterr().err
