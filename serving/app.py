@@ -9,6 +9,9 @@
     POST   /v1/fuse                   fuse a mixture into a new registry adapter
     GET    /health, /metrics          liveness; Prometheus text
 
+Every generation response carries ``X-Specfuse-Mixture``: the mixture that served it
+(with ``model: "auto"``, the one routing chose for each prompt).
+
 Errors: one handler maps error classes to status codes and an OpenAI error body
 ``{"error": {"message", "type", "param", "code"}}``. With an API key, writes need
 ``Authorization: Bearer KEY``; with ``protect_all`` every endpoint but ``/health`` does.
@@ -245,9 +248,10 @@ async def _generate(service: Service, job: Job, request: Request):
     prompts, mixture = await run_in_threadpool(service.prepare, job)
     generation = service.start(prompts, job.params, job.n, mixture)  # ServerBusy here: a 429, not a broken stream
     rid = new_id(job.endpoint)
+    headers = {MIXTURE_HEADER: mixture_header(mixture)}
     if job.stream:
         return StreamingResponse(_sse(generation, rid, job), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+                                 headers={"Cache-Control": "no-cache", **headers})
     count = len(prompts) * job.n
     texts, reasons = [""] * count, ["stop"] * count
     prompt_tokens = completion_tokens = 0
@@ -263,7 +267,19 @@ async def _generate(service: Service, job: Job, request: Request):
     finally:
         generation.cancel()
     choices = list(zip(texts, reasons))
-    return completion_body(rid, job.endpoint, job.model, choices, prompt_tokens, completion_tokens)
+    return JSONResponse(completion_body(rid, job.endpoint, job.model, choices, prompt_tokens, completion_tokens),
+                        headers=headers)
+
+
+MIXTURE_HEADER = "X-Specfuse-Mixture"
+MAX_HEADER_CHARS = 2048
+
+
+def mixture_header(mixture) -> str:
+    """What served the request: ``base``, ``name@version:weight,…``; per prompt, ``;``-separated, for auto."""
+    mixtures = mixture if isinstance(mixture, list) else [mixture]
+    text = ";".join("base" if m is None else getattr(m.key, "label", str(m.key)) for m in mixtures)
+    return text if len(text) <= MAX_HEADER_CHARS else text[: MAX_HEADER_CHARS - 3] + "..."
 
 
 async def _sse(generation, rid: str, job: Job):

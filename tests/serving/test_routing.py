@@ -314,6 +314,21 @@ def test_auto_in_a_mixed_batch_equals_auto_alone_and_explicit_requests_are_uncha
     assert alone_explicit[0] == tokenizer.decode(expected, skip_special_tokens=True)
 
 
+def test_the_response_names_the_mixture_each_prompt_was_served_with(server):
+    prompts = [task_prompts("count_stars", "test", 1)[0], task_prompts("reverse_upper", "test", 1)[0]]
+    body = {"model": "auto", "prompt": prompts, "max_tokens": 2}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 200 and r.headers["x-specfuse-mixture"] == "count_stars@1:1;reverse_upper@1:1"
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "prompt": prompts[1], "stream": True},
+                      timeout=30) as stream:
+        assert stream.headers["x-specfuse-mixture"] == "reverse_upper@1:1"
+    explicit = httpx.post(server.url + "/v1/completions", json={**body, "model": "base", "adapters": {
+        "count_stars": 0.5, "sort_digits": 0.5}}, timeout=30)
+    assert explicit.headers["x-specfuse-mixture"] == "count_stars@1:0.5,sort_digits@1:0.5"  # one for every prompt
+    assert httpx.post(server.url + "/v1/completions", json={**body, "model": "base"},
+                      timeout=30).headers["x-specfuse-mixture"] == "base"
+
+
 def test_threshold_falls_back_to_the_base_model(client, service):
     prompt = task_prompts("count_stars", "test", 1)[0]
     before = service.router.to_base
