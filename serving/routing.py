@@ -328,15 +328,31 @@ class AutoRouter:
         self.fingerprint = engine.basis.fingerprint
         self.hidden = int(engine.model.get_input_embeddings().embedding_dim)
         self.cache_size = cache_size
-        self._profiles: OrderedDict[str, SpectralProfile] = OrderedDict()  # sha256 -> profile
-        self._tables: OrderedDict[tuple[str, ...], SpectralTable] = OrderedDict()  # candidate shas -> table
+        # sha256 -> signature | None, sha256 -> SpectralProfile, candidate shas -> SpectralTable
+        self._caches: dict[str, OrderedDict] = {"signature": OrderedDict(), "profile": OrderedDict(),
+                                                "table": OrderedDict()}
         self._lock = threading.Lock()
         self.routed = 0  # prompts routed
         self.to_base = 0  # of which no candidate matched
 
+    def _memo(self, cache: str, key, build: Callable[[], Any]) -> Any:
+        """LRU over content hashes (never stale); built outside the lock, a duplicate build is harmless."""
+        store = self._caches[cache]
+        with self._lock:
+            if key in store:
+                store.move_to_end(key)
+                return store[key]
+        value = build()
+        with self._lock:
+            store[key] = value
+            while len(store) > self.cache_size:
+                store.popitem(last=False)
+        return value
+
     def signatures(self, candidates: list[Candidate]) -> tuple[list[Candidate], torch.Tensor]:
         """The candidates the prototype router can score and their signatures (n, hidden)."""
-        sigs = [signature_of(c.adapter.meta, self.fingerprint, self.hidden) for c in candidates]
+        sigs = [self._memo("signature", c.sha256, lambda c=c: signature_of(c.adapter.meta, self.fingerprint,
+                                                                          self.hidden)) for c in candidates]
         missing = [c.ref for c, s in zip(candidates, sigs) if s is None]
         named = [c.ref for c in candidates if c.explicit and c.ref in missing]
         if named:
@@ -351,31 +367,13 @@ class AutoRouter:
         return [c for c, _ in kept], torch.stack([s for _, s in kept])
 
     def table(self, candidates: list[Candidate]) -> SpectralTable:
-        key = tuple(c.sha256 for c in candidates)
-        with self._lock:
-            if key in self._tables:
-                self._tables.move_to_end(key)
-                return self._tables[key]
-        profiles = [self._profile(c) for c in candidates]
-        k = next(iter(self.basis.layers.values())).k
-        table = SpectralTable.stack(profiles, self.basis.layer_names(), k)
-        with self._lock:
-            self._tables[key] = table
-            while len(self._tables) > 64:
-                self._tables.popitem(last=False)
-        return table
+        """The candidates' spectral profiles, stacked (cached per candidate set)."""
+        def build() -> SpectralTable:
+            profiles = [self._memo("profile", c.sha256, lambda c=c: spectral_profile(c.adapter, self.basis))
+                        for c in candidates]
+            return SpectralTable.stack(profiles, self.basis.layer_names(), next(iter(self.basis.layers.values())).k)
 
-    def _profile(self, candidate: Candidate) -> SpectralProfile:
-        with self._lock:
-            if candidate.sha256 in self._profiles:
-                self._profiles.move_to_end(candidate.sha256)
-                return self._profiles[candidate.sha256]
-        profile = spectral_profile(candidate.adapter, self.basis)
-        with self._lock:
-            self._profiles[candidate.sha256] = profile
-            while len(self._profiles) > self.cache_size:
-                self._profiles.popitem(last=False)
-        return profile
+        return self._memo("table", tuple(c.sha256 for c in candidates), build)
 
     def route(self, prompts: list[list[int]], spec: AutoSpec, candidates: list[Candidate]) -> list[RouteDecision]:
         """One decision per prompt (token ids), from one base-model probe of all of them."""
