@@ -115,22 +115,24 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """Batched gather + einsum; elementwise when the batch's cores are all diagonal."""
+    """Batched gather + bmm; elementwise when the batch's cores are all diagonal."""
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, slots: LayerSlots, routing: Routing) -> torch.Tensor:
         rows = x.shape[0]
-        x3 = x.reshape(rows, -1, x.shape[-1]).to(slots.U.dtype)  # (rows, T, in)
+        x3 = x.reshape(rows, -1, x.shape[-1]).to(slots.U.dtype)  # (rows, T, in); a no-op: model and tables share it
         h = x3 @ slots.V  # (rows, T, k)
         if routing.all_diagonal:
-            h = h * slots.diag[routing.index].unsqueeze(1)  # (rows, T, k) · (rows, 1, k)
+            h = h * slots.diag.index_select(0, routing.index).unsqueeze(1)  # (rows, T, k) · (rows, 1, k)
         else:
-            h = torch.einsum("btj,bij->bti", h, slots.cores[routing.index])  # C[slot] h, (rows, T, k)
-        delta = h @ slots.U.T  # (rows, T, out)
+            cores = slots.cores.index_select(0, routing.index)  # (rows, k, k)
+            h = torch.matmul(h, cores.transpose(1, 2))  # row i: C[slot i] h, (rows, T, k)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), slots.U.T)  # y + h Uᵀ, (rows·T, out)
+        out = out.view(rows, -1, out.shape[-1])
         for slot, row_idx, q in routing.residual_groups:
             xr = x3.index_select(0, row_idx)  # (r, T, in)
             r = (xr @ slots.res_A[slot, :q].T) @ slots.res_B[slot, :, :q].T  # (r, T, q) -> (r, T, out)
-            delta.index_add_(0, row_idx, r)
-        return y + delta.reshape(y.shape).to(y.dtype)
+            out.index_add_(0, row_idx, r)
+        return out.view(y.shape)
 
 
 class LoopBackend:
