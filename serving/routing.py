@@ -96,11 +96,9 @@ class AutoSpec:
         if unknown:
             raise InvalidRequest(f"unknown routing option {unknown[0]!r} (options: {', '.join(cls.FIELDS)})",
                                  param=f"adapters.auto.{unknown[0]}")
-        spec = cls(**{k: value[k] for k in cls.FIELDS if k in value and value[k] is not None})
-        spec.validate()
-        return spec
+        return cls(**{k: value[k] for k in cls.FIELDS if k in value and value[k] is not None})
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         def bad(name: str, message: str) -> InvalidRequest:
             return InvalidRequest(f"adapters.auto.{name}: {message}", param=f"adapters.auto.{name}")
 
