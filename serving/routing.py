@@ -171,7 +171,7 @@ def prototype_scores(features: torch.Tensor, signatures: torch.Tensor) -> torch.
 class SpectralProfile:
     """One adapter's dominant input directions per layer (None where it has no part in the basis)."""
 
-    directions: dict[str, torch.Tensor | None]  # layer -> Q (k, r): right singular vectors of C / σ₁ scaled below
+    directions: dict[str, torch.Tensor | None]  # layer -> Q (k, r): the top right singular vectors of C
     weights: dict[str, torch.Tensor | None]  # layer -> (σ_j / σ_1)² (r,)
 
 
