@@ -73,7 +73,8 @@ class Settings:
     draws: int = 3  # random subsets per size below the suite's
     grid: Grid = field(default_factory=Grid)
     seed: int = 0
-    generation_check: bool = True  # decode the all-task fusions by generation too
+    generation_check: str = "first"  # all-task fusions also decoded by generation: first seed | all | none
+    validation_examples: int | None = None  # per task for the selection; None: the zoo's whole split
     interference: tuple[str, ...] = ("scale", "additive@slice+kl", PEFT)  # sources with a pairwise matrix
     per_request: bool = True
     threads: int = 2
@@ -95,9 +96,15 @@ def log(settings: Settings, message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def load_splits(zoo: Zoo, suites: list[str]) -> dict[tuple[str, str, str], list[dict[str, str]]]:
-    return {(suite, task.name, split): zoo.split(suite, task.name, split)
-            for suite in suites for task in zoo.tasks(suite) for split in ("validation", "test")}
+def load_splits(zoo: Zoo, suites: list[str], validation_examples: int | None
+                ) -> dict[tuple[str, str, str], list[dict[str, str]]]:
+    splits = {}
+    for suite in suites:
+        for task in zoo.tasks(suite):
+            validation = zoo.split(suite, task.name, "validation")
+            splits[(suite, task.name, "validation")] = validation[:validation_examples]
+            splits[(suite, task.name, "test")] = zoo.split(suite, task.name, "test")
+    return splits
 
 
 def build_sources(settings: Settings, zoo: Zoo, suite: str, model, tokenizer) -> tuple[list[Source], int]:
@@ -149,7 +156,7 @@ def run(settings: Settings) -> dict[str, Any]:
     if not suites:
         raise SystemExit(f"none of the suites {settings.suites} is in the zoo (it has {zoo.suites})")
     model, tokenizer = load_base(zoo.base_dir)
-    splits = load_splits(zoo, suites)
+    splits = load_splits(zoo, suites, settings.validation_examples)
     cache = ResultCache(settings.cache / f"scores-{zoo.basis.fingerprint[:12]}.json" if settings.cache else None)
     evaluator = Evaluator(tokenizer, splits, cache)
     spectral = SpectralFuser(model, tokenizer, zoo.basis)
@@ -182,11 +189,12 @@ def run(settings: Settings) -> dict[str, Any]:
                     seeds = settings.grid.seeds if (full and method in ("dare_linear", "dare_ties", "peft:dare_linear",
                                                                          "peft:dare_ties")) else (None,)
                     for d, subset in enumerate(draws):
-                        for seed in seeds:
+                        for s, seed in enumerate(seeds):
                             seed = d if seed is None else seed
+                            check = full and (settings.generation_check == "all"
+                                              or (settings.generation_check == "first" and s == 0))
                             run_ = run_method(evaluator, fuser, source, method, subset, settings.grid, d, seed,
-                                              individual[source.name],
-                                              "generation" if (full and settings.generation_check) else "forward")
+                                              individual[source.name], "generation" if check else "forward")
                             result["runs"].append(asdict(run_))
                 log(settings, f"{suite}: {source.name} + {method} done "
                               f"({evaluator.generated:,} generated, {evaluator.forwarded:,} forward so far)")
@@ -219,6 +227,8 @@ def run(settings: Settings) -> dict[str, Any]:
 
     result["summary"] = report.summarize(result["runs"])
     result["suites"] = suites
+    result["validation_examples"] = len(next(v for (_, _, sp), v in splits.items() if sp == "validation"))
+    result["test_examples"] = len(next(v for (_, _, sp), v in splits.items() if sp == "test"))
     result["tasks_per_suite"] = tasks_per_suite
     result["goals"] = report.goals(result["summary"], suites, tasks_per_suite)
     checked = [r for r in result["runs"] if r.get("disagree") is not None]
@@ -283,6 +293,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--densities", help="grid of densities (default 0.2,0.5)")
     p.add_argument("--seeds", help="DARE seeds on the all-task fusion (default 0,1,2)")
     p.add_argument("--seed", type=int, default=0, help="subset draws")
+    p.add_argument("--validation-examples", type=int, help="per task for the selection (default: all of the zoo's)")
+    p.add_argument("--generation-check", choices=("first", "all", "none"),
+                   help="decode all-task fusions by generation too: first seed (default), all, none")
     p.add_argument("--no-peft", action="store_true", help="skip the PEFT LoRA baselines")
     p.add_argument("--no-per-request", action="store_true", help="skip the serving engine reference")
     p.add_argument("--threads", type=int, default=2)
@@ -300,6 +313,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         overrides["variants"] = split(args.variants)
     if args.sizes:
         overrides["sizes"] = tuple(int(x) for x in split(args.sizes))
+    if args.validation_examples is not None:
+        overrides["validation_examples"] = args.validation_examples
+    if args.generation_check:
+        overrides["generation_check"] = args.generation_check
     if args.draws is not None:
         overrides["draws"] = args.draws
     if args.stem:

@@ -8,8 +8,9 @@
   to run as the base). Also runs exact task arithmetic on the PEFT LoRAs (imported as
   kind ``lora``: Σ λ·(α/r)·B A on dense ΔW), the reference every LoRA merge approximates.
 - :class:`PeftFuser`: real PEFT, ``PeftModel.load_adapter`` for every task directory and
-  ``add_weighted_adapter`` for each merge; the merged adapter is evaluated through PEFT's
-  own forward and deleted after.
+  ``add_weighted_adapter`` for each merge; the merged adapter is applied with PEFT's own
+  ``merge_adapter`` (W + s·B A, what ``merge_and_unload`` ships), evaluated, unmerged (the
+  base weights restored bit for bit) and deleted.
 
 Methods are named as in the results: spectral methods by their registry name, PEFT's
 combinations as ``peft:{combination_type}``, dense task arithmetic as ``dense_ta``.
@@ -128,23 +129,45 @@ class PeftFuser:
     def load(self, source: Source) -> None:
         from peft import PeftModel
 
-        for task, path in source.peft_dirs.items():
-            key = (source.suite, task)
-            if key in self.names:
-                continue
+        new = [(task, path) for task, path in source.peft_dirs.items() if (source.suite, task) not in self.names]
+        for task, path in new:
             name = f"{source.suite}__{task}"
             if self.peft is None:
                 self.peft = PeftModel.from_pretrained(self.base, str(path), adapter_name=name, is_trainable=False)
             else:
                 self.peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
-            self.names[key] = name
-        self.peft.eval()
+            self.names[(source.suite, task)] = name
+        if new:
+            self.peft.eval()
+            self._snapshot = [(p, p.detach().clone()) for p in self._base_weights()]  # nothing merged now
+
+    def _base_weights(self) -> list[torch.nn.Parameter]:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return [m.get_base_layer().weight for m in self.peft.modules() if isinstance(m, BaseTunerLayer)]
+
+    @contextlib.contextmanager
+    def _merged(self, name: str) -> Iterator[torch.nn.Module]:
+        """The PeftModel with adapter ``name`` merged into the base weights by PEFT (W + s·B A): base speed.
+
+        Unmerging subtracts the same ΔW in floating point, which drifts W by rounding over hundreds of
+        merges; the snapshot taken at load restores W bit for bit.
+        """
+        self.peft.set_adapter(name)
+        self.peft.merge_adapter()
+        try:
+            yield self.peft
+        finally:
+            self.peft.unmerge_adapter()
+            with torch.no_grad():
+                for param, saved in self._snapshot:
+                    param.copy_(saved)
 
     @contextlib.contextmanager
     def individual(self, source: Source, task: str) -> Iterator[torch.nn.Module]:
         self.load(source)
-        self.peft.set_adapter(self.names[(source.suite, task)])
-        yield self.peft
+        with self._merged(self.names[(source.suite, task)]) as model:
+            yield model
 
     @contextlib.contextmanager
     def fused(self, source: Source, tasks: list[str], method: str, weight: float, density: float | None = None,
@@ -165,12 +188,12 @@ class PeftFuser:
         self.peft.add_weighted_adapter(names, [weight] * len(names), merged, combination_type=combination, **kwargs)
         seconds = time.perf_counter() - start
         try:
-            self.peft.set_adapter(merged)
             state = {k: v.detach().contiguous() for k, v in
                      get_peft_model_state_dict(self.peft, adapter_name=merged).items()}
             info = FusedInfo(sum(t.numel() for t in state.values()), len(save(state)), seconds,
                              self.peft.peft_config[merged].r)
-            yield self.peft, info
+            with self._merged(merged) as model:
+                yield model, info
         finally:
             self.peft.set_adapter(names[0])
             self.peft.delete_adapter(merged)

@@ -87,6 +87,8 @@ class Evaluator:
         self.tokenizer = tokenizer
         self.splits = splits  # (suite, task, split) -> examples
         self.cache = cache
+        self.digests = {key: hashlib.sha256(json.dumps(examples).encode()).hexdigest()[:12]
+                        for key, examples in splits.items()}  # a score is of these exact examples
         self.generated = 0  # examples decoded by generation (cost accounting)
         self.forwarded = 0
         self.cached = 0  # scores read from the cache instead
@@ -101,8 +103,11 @@ class Evaluator:
         info = None
         info_desc = {"state": state, "info": True}
         cached_info = self.cache.get(info_desc)
+        def desc(item: tuple[str, str, str]) -> dict[str, Any]:
+            return {"state": state, "eval": list(item), "examples": self.digests[(suite, item[0], item[1])]}
+
         for item in wanted:
-            hit = self.cache.get({"state": state, "eval": list(item)})
+            hit = self.cache.get(desc(item))
             if hit is not None:
                 found[item] = Score(**hit)
                 self.cached += 1
@@ -113,7 +118,7 @@ class Evaluator:
             model, info = entered if isinstance(entered, tuple) else (entered, None)
             for task, split, scorer in missing:
                 found[(task, split, scorer)] = self._score(model, suite, task, split, scorer)
-                self.cache.put({"state": state, "eval": [task, split, scorer]}, asdict(found[(task, split, scorer)]))
+                self.cache.put(desc((task, split, scorer)), asdict(found[(task, split, scorer)]))
         if info is not None:
             self.cache.put(info_desc, asdict(info))
         elif cached_info is not None:

@@ -251,18 +251,19 @@ def markdown(result: dict[str, Any]) -> str:
         "(`peft:*`) and by exact task arithmetic on their dense ΔW (`dense_ta`).",
         "",
         f"Every method: uniform weight λ ∈ {list(g['weights'])} per adapter, density ∈ {list(g['densities'])} where "
-        "the method has one, chosen by the mean normalized accuracy on the validation split (100 examples per task), "
-        "then measured on the test split (100 per task). Normalized accuracy = fused accuracy / the same adapter's "
-        "individual accuracy on the same examples, per task, then averaged (tasks whose adapter scores 0 alone are "
-        "left out). Bytes: the fused artifact as a safetensors file (fused core adapter, or the merged PEFT LoRA). "
-        "Fusion time: fusing from adapters in memory (spectral: `fusion.fuse` with cold core caches; PEFT: "
+        "the method has one, chosen by the mean normalized accuracy on the validation split "
+        f"({result['validation_examples']} examples per task), then measured on the test split "
+        f"({result['test_examples']} per task). Normalized accuracy = fused accuracy / the same adapter's individual "
+        "accuracy on the same examples, per task, then averaged (tasks whose adapter scores 0 alone are left out). "
+        "Bytes: the fused artifact as a safetensors file (fused core adapter, or the merged PEFT LoRA). Fusion time: "
+        "fusing from adapters in memory (spectral: `fusion.fuse` with cold core caches; PEFT: "
         "`add_weighted_adapter`).",
         "",
         "Exact match of greedy decoding is computed two ways: by `generate` (what `adapters_zoo.tasks.evaluate` "
         "does) and by one teacher-forced forward pass (the argmax at every answer position is the answer, then eos). "
         "They are the same test up to floating-point near-ties; selection and subset runs use the forward pass, the "
-        "individual accuracies and every all-task fusion are decoded by generation too, and the examples where the "
-        f"two disagree are counted: **{result['scorer_disagreement']['disagree']} of "
+        "individual accuracies and the all-task fusions (first seed) are decoded by generation too, and the examples "
+        f"where the two disagree are counted: **{result['scorer_disagreement']['disagree']} of "
         f"{result['scorer_disagreement']['examples']:,}**.",
         "",
         "## Individual adapters", "",

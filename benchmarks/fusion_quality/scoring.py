@@ -54,8 +54,12 @@ def merged_weights(model: torch.nn.Module, adapter: Adapter | None, basis: Basis
 def generation_hits(model, tokenizer, examples: list[Example], max_new_tokens: int = MAX_NEW_TOKENS,
                     batch_size: int = GENERATION_BATCH) -> list[bool]:
     """Per example: greedy generation gives the completion's answer exactly (as ``evaluate`` scores it)."""
-    texts = generate_answers(model, tokenizer, [ex["prompt"] for ex in examples], max_new_tokens, batch_size)
-    return [exact_match(t, ex["completion"], tokenizer.eos_token) for t, ex in zip(texts, examples)]
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["prompt"]))  # less padding per batch
+    texts = generate_answers(model, tokenizer, [examples[i]["prompt"] for i in order], max_new_tokens, batch_size)
+    hits = [False] * len(examples)
+    for i, text in zip(order, texts):
+        hits[i] = exact_match(text, examples[i]["completion"], tokenizer.eos_token)
+    return hits
 
 
 def _stop_ids(tokenizer) -> set[int]:
@@ -66,7 +70,7 @@ def _stop_ids(tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def teacher_forced_hits(model, tokenizer, examples: list[Example], max_new_tokens: int = MAX_NEW_TOKENS,
                         batch_size: int = FORWARD_BATCH) -> list[bool]:
     """Per example: the greedy answer is exact, read off one forward pass over prompt + answer."""
@@ -81,10 +85,12 @@ def teacher_forced_hits(model, tokenizer, examples: list[Example], max_new_token
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
-    hits: list[bool] = []
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))  # less padding per batch
+    hits = [False] * len(rows)
     try:
         for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
+            index = order[start : start + batch_size]
+            chunk = [rows[i] for i in index]
             width = max(len(p) + len(a) for p, a in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -95,13 +101,12 @@ def teacher_forced_hits(model, tokenizer, examples: list[Example], max_new_token
             predicted = logits.argmax(-1).cpu()  # (B, T): token t predicts position t + 1
             for i, (p, a) in enumerate(chunk):
                 if len(a) > max_new_tokens:
-                    hits.append(False)
-                    continue
+                    continue  # generation stops before the answer ends: a miss
                 guess = predicted[i, len(p) - 1 : len(p) + len(a)]  # (len(a) + 1,)
                 ok = guess[: len(a)].tolist() == a
                 if ok and len(a) < max_new_tokens:  # the answer must also end there
                     ok = bool(torch.isin(guess[len(a)], stop_t))
-                hits.append(ok)
+                hits[index[i]] = ok
     finally:
         model.train(was_training)
     return hits
