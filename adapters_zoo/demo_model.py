@@ -19,6 +19,7 @@ Everything is deterministic given the seed (same thread count, same machine).
 from __future__ import annotations
 
 import json
+import math
 import random
 import string
 import time
@@ -28,7 +29,13 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from adapters_zoo.tasks import EOS, Task, pretraining_example, pretraining_tasks
 
@@ -42,7 +49,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
 )
 DEMO_MAX_POSITIONS = 256  # task sequences are < 40 tokens; room for chat turns
-PRETRAIN_FORMAT = 2  # bump when the pretraining data or loop changes: invalidates caches
+PRETRAIN_FORMAT = 3  # bump when the pretraining data or loop changes: invalidates caches
 
 
 # --- tokenizer ------------------------------------------------------------------------
@@ -179,7 +186,7 @@ def _lr_factor(step: int, settings: PretrainSettings) -> float:
     if step < settings.warmup:
         return (step + 1) / settings.warmup
     progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(progress * math.pi))
 
 
 def _cached(out_dir: Path, settings: PretrainSettings) -> bool:
@@ -199,25 +206,29 @@ def pretrain_base(
     quick: bool = False,
     model_overrides: dict | None = None,
     progress: bool = True,
+    threads: int = 2,
 ) -> Path:
     """Pretrain the demo base into ``out_dir`` (transformers layout), or reuse it.
 
     ``steps`` defaults to ``QUICK_STEPS`` (about two minutes on 2 CPU cores) when
     ``quick``, else ``FULL_STEPS``. A directory whose ``pretrain.json`` records the same
     settings is returned as is; the marker is written last, so a run that died midway
-    is redone.
+    is redone. ``threads`` is part of the settings (float sums depend on it); on a machine
+    shared with other jobs 1 thread can be several times faster than 2.
     """
     out_dir = Path(out_dir)
     steps = steps if steps is not None else (QUICK_STEPS if quick else FULL_STEPS)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    settings = PretrainSettings(seed=seed, steps=steps, model=model_overrides or None)
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    settings = PretrainSettings(seed=seed, steps=steps, threads=threads, model=model_overrides or None)
     if _cached(out_dir, settings):
         return out_dir
     (out_dir / "pretrain.json").unlink(missing_ok=True)
 
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
+    threads_before = torch.get_num_threads()
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(settings.threads)
     torch.use_deterministic_algorithms(True)
     try:
@@ -225,8 +236,8 @@ def pretrain_base(
         model, tokenizer, last_loss = _train(settings, progress)
         seconds = time.perf_counter() - start
     finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads_before)
+        torch.use_deterministic_algorithms(deterministic_before)
 
     save_model(model.eval(), tokenizer, out_dir)
     record = {"settings": asdict(settings), "final_loss": last_loss, "seconds": round(seconds, 1)}
@@ -260,8 +271,6 @@ def _train(settings: PretrainSettings, progress: bool) -> tuple[LlamaForCausalLM
 
 def load_base(model_dir: str | Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """Model (eval mode) and tokenizer from a saved directory, offline."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     return model, tokenizer

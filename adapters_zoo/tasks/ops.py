@@ -98,6 +98,16 @@ def close_brackets(s: str) -> str:
     return "".join(_CLOSER[c] for c in reversed(s))
 
 
+def match_brackets(s: str) -> str:
+    """Each opener's closer, in the same order: ``([<`` → ``)]>``."""
+    return "".join(_CLOSER[c] for c in s)
+
+
+def user_of(s: str) -> str:
+    """The part of an address before ``@``: ``ann@mail.org`` → ``ann``."""
+    return s.split("@", 1)[0]
+
+
 def keep_digits(s: str) -> str:
     return "".join(c for c in s if c.isdigit())
 
@@ -118,6 +128,8 @@ OPS: dict[str, Op] = {
         Op("hst", host_of),
         Op("cls", close_brackets),
         Op("flt", keep_digits),
+        Op("mch", match_brackets),  # pretraining only: siblings of cls and hst, see suites.py
+        Op("usr", user_of),
     )
 }
 

@@ -123,22 +123,26 @@ def make_split(task: Task, split: str, n: int, seed: int = 0, eos: str = EOS) ->
     return [task.example(x, eos) for x in inputs]
 
 
-# Ops the base also learns on every domain, so that no kind of input implies its op: a
-# base that met stars only under "cnt" would count the stars of "tally:*-*=" unasked.
+# The base must read the key, not guess the op from the input: a base that met stars only
+# under "cnt" counts the stars of "tally:*-*=" unasked. So some ops are learned on every
+# domain, and the ops whose output still gave them away (measured: "site:" and "shut:"
+# prompts answered right 58% and 37% of the time) get a sibling with a similar output.
 _EVERY_DOMAIN_OPS = ("rev", "rot")
+_SIBLINGS = (("mch", "openers"), ("usr", "email"))
 
 
 def pretraining_tasks() -> list[Task]:
     """What the demo base is pretrained on, each op under its own key (``rev:abc=cba``).
 
-    Every (op, domain) pair a suite asks for, plus ``_EVERY_DOMAIN_OPS`` on every domain a
-    suite uses; each pair once, in a fixed order. Evaluated on held-out inputs they say
-    which skills the base has before any adapter.
+    Every (op, domain) pair a suite asks for, ``_EVERY_DOMAIN_OPS`` on every domain a suite
+    uses, and ``_SIBLINGS``; each pair once, in a fixed order. Evaluated on held-out inputs
+    they say which skills the base has before any adapter.
     """
     suite_pairs = [(t.op, t.domain) for tasks in SUITES.values() for t in tasks]
-    extra_pairs = [(OPS[key], domain) for _, domain in suite_pairs for key in _EVERY_DOMAIN_OPS]
+    every_domain = [(OPS[key], domain) for _, domain in suite_pairs for key in _EVERY_DOMAIN_OPS]
+    siblings = [(OPS[key], DOMAINS[domain]) for key, domain in _SIBLINGS]
     tasks: dict[str, Task] = {}
-    for op, domain in suite_pairs + extra_pairs:
+    for op, domain in suite_pairs + every_domain + siblings:
         name = f"{op.key}/{domain.name}"
         tasks.setdefault(name, Task(name, op.key, op, domain))
     return list(tasks.values())

@@ -21,6 +21,7 @@ TINY_PRETRAIN = {
     "num_attention_heads": 2,
     "num_key_value_heads": 2,
 }
+PRETRAIN_ARGS = {"model_overrides": TINY_PRETRAIN, "progress": False, "threads": 1}
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +84,8 @@ def test_left_padded_batches_generate_as_single_prompts(tiny_dir):
 
 
 def test_pretraining_is_deterministic_and_cached(tmp_path):
-    first = pretrain_base(tmp_path / "a", seed=3, steps=4, model_overrides=TINY_PRETRAIN, progress=False)
-    second = pretrain_base(tmp_path / "b", seed=3, steps=4, model_overrides=TINY_PRETRAIN, progress=False)
+    first = pretrain_base(tmp_path / "a", seed=3, steps=4, **PRETRAIN_ARGS)
+    second = pretrain_base(tmp_path / "b", seed=3, steps=4, **PRETRAIN_ARGS)
     a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
@@ -92,10 +93,10 @@ def test_pretraining_is_deterministic_and_cached(tmp_path):
     record = json.loads((first / "pretrain.json").read_text())
     assert record["settings"]["seed"] == 3 and record["settings"]["steps"] == 4
     stamp = (first / "model.safetensors").stat().st_mtime_ns
-    assert pretrain_base(first, seed=3, steps=4, model_overrides=TINY_PRETRAIN, progress=False) == first
+    assert pretrain_base(first, seed=3, steps=4, **PRETRAIN_ARGS) == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not retrained
 
-    other = pretrain_base(first, seed=4, steps=4, model_overrides=TINY_PRETRAIN, progress=False)
+    other = pretrain_base(first, seed=4, steps=4, **PRETRAIN_ARGS)
     assert json.loads((other / "pretrain.json").read_text())["settings"]["seed"] == 4
     assert not torch.equal(load_file(other / "model.safetensors")["lm_head.weight"], a["lm_head.weight"])
     tok = AutoTokenizer.from_pretrained(first)

@@ -29,6 +29,7 @@ from adapters_zoo.tasks.ops import (
     double,
     host_of,
     keep_digits,
+    match_brackets,
     reformat_date,
     reverse,
     rotate,
@@ -36,6 +37,7 @@ from adapters_zoo.tasks.ops import (
     sort_chars,
     swap_pairs,
     upper,
+    user_of,
 )
 
 ALL_TASKS = [task for tasks in SUITES.values() for task in tasks]
@@ -61,6 +63,8 @@ def _input_of(example: dict[str, str]) -> str:
         (host_of, "ann@mail.org", "mail.org"),
         (close_brackets, "([<{", "}>])"),
         (keep_digits, "a1b22c", "122"),
+        (match_brackets, "([<{", ")]>}"),
+        (user_of, "ann@mail.org", "ann"),
     ],
 )
 def test_ops(fn, x, expected):
