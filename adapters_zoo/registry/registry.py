@@ -195,8 +195,8 @@ class Registry:
         names = tx.names()
         hint = close_matches(name, names)
         if hint:
-            return AdapterNotFound(f"no adapter named {name!r} in {self.home} (did you mean: {', '.join(hint)}?)")
-        return AdapterNotFound(f"no adapter named {name!r} in {self.home} ({len(names)} adapters registered)")
+            return AdapterNotFound(f"no adapter named {name!r} in the registry (did you mean: {', '.join(hint)}?)")
+        return AdapterNotFound(f"no adapter named {name!r} in the registry ({len(names)} adapters registered)")
 
     def load(self, ref: str) -> Adapter:
         """The adapter, read from a hash-verified blob and validated against its basis."""
