@@ -99,7 +99,7 @@ def parse_rank(rank: int | str) -> int | str:
 # --------------------------------------------------------------------------- fingerprint
 
 
-class _Fingerprinter:
+class Fingerprinter:
     def __init__(self) -> None:
         self._h = hashlib.sha256()
 
@@ -113,7 +113,7 @@ class _Fingerprinter:
 
 def fingerprint_weights(weights: dict[str, torch.Tensor]) -> str:
     """Fingerprint of named (out, in) weights, in the given order."""
-    fp = _Fingerprinter()
+    fp = Fingerprinter()
     for name, w in weights.items():
         fp.add(name, w)
     return fp.hexdigest()
@@ -192,7 +192,7 @@ def compute_basis(
     ckpt = Checkpoint(model_dir)
     specs = ckpt.linear_layers(targets)
     device = torch.device(device) if device is not None else default_device()
-    fp = _Fingerprinter()
+    fp = Fingerprinter()
     layers, energy, methods = {}, {}, set()
     for spec in tqdm(specs, desc="basis (SVD)", unit="layer", disable=not progress):
         w = ckpt.weight(spec)  # (out, in) float32, the only full matrix held

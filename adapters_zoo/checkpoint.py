@@ -146,7 +146,7 @@ class Checkpoint:
     def shard_files(self) -> list[Path]:
         return sorted(set(self._key_to_file.values()))
 
-    def _resolve(self, key: str) -> str:
+    def resolve(self, key: str) -> str:
         if key in self._key_to_file:
             return key
         # Checkpoints saved from a base model lack the task wrapper's prefix (or vice versa).
@@ -156,12 +156,12 @@ class Checkpoint:
         raise ModelDirError(f"{self.dir}: tensor {key!r} not found in the checkpoint")
 
     def get(self, key: str) -> torch.Tensor:
-        key = self._resolve(key)
+        key = self.resolve(key)
         with safe_open(str(self._key_to_file[key]), framework="pt", device="cpu") as f:
             return f.get_tensor(key)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        key = self._resolve(key)
+        key = self.resolve(key)
         with safe_open(str(self._key_to_file[key]), framework="pt", device="cpu") as f:
             return tuple(f.get_slice(key).get_shape())
 

@@ -159,7 +159,7 @@ def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> d
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id_of(tokenizer) -> int:
     for pad in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if pad is not None:
             return pad
@@ -169,7 +169,7 @@ def _pad_id(tokenizer) -> int:
 # --------------------------------------------------------------------------- losses
 
 
-def _logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def completion_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     return out.logits.float()  # (B, T, vocab)
 
@@ -226,8 +226,8 @@ def eval_loss(model, tokenizer, examples: list[Example], batch_size: int = 16, m
     try:
         for start in range(0, len(examples), batch_size):
             rows = [encode_example(tokenizer, ex, max_length)[:2] for ex in examples[start : start + batch_size]]
-            batch = pad_batch(rows, _pad_id(tokenizer), device)
-            loss, n = completion_loss_sum(_logits(model, batch), batch["labels"])
+            batch = pad_batch(rows, pad_id_of(tokenizer), device)
+            loss, n = completion_loss_sum(completion_logits(model, batch), batch["labels"])
             total, count = total + float(loss), count + n
     finally:
         model.train(was_training)
@@ -275,7 +275,7 @@ def target_layers(model: torch.nn.Module, basis: Basis, targets: str | list[str]
     return wanted
 
 
-class _Batches:
+class Batches:
     """Seeded epochs: each epoch is a fresh permutation of the examples."""
 
     def __init__(self, rows: list, batch_size: int, gen: torch.Generator):
@@ -320,9 +320,9 @@ def train_adapter(
     truncated = sum(cut for _, _, cut in encoded)
     preserve_rows = [encode_example(tokenizer, ex, cfg.max_length)[:2] for ex in preserve_examples or []]
     gen = torch.Generator().manual_seed(cfg.seed)
-    batches = _Batches(rows, cfg.batch_size, gen)
-    preserve_batches = _Batches(preserve_rows, cfg.batch_size, gen) if preserve_rows and cfg.kl_weight > 0 else None
-    pad_id = _pad_id(tokenizer)
+    batches = Batches(rows, cfg.batch_size, gen)
+    preserve_batches = Batches(preserve_rows, cfg.batch_size, gen) if preserve_rows and cfg.kl_weight > 0 else None
+    pad_id = pad_id_of(tokenizer)
 
     was_training = model.training
     grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -339,14 +339,14 @@ def train_adapter(
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_ratio)
             batch = pad_batch(batches.next(), pad_id, device)
-            loss_sum, count = completion_loss_sum(_logits(model, batch), batch["labels"])
+            loss_sum, count = completion_loss_sum(completion_logits(model, batch), batch["labels"])
             loss = loss_sum / max(count, 1)
             total = loss
             if preserve_batches is not None:
                 kept = pad_batch(preserve_batches.next(), pad_id, device)
                 with torch.no_grad(), adapter_disabled(model):
-                    base_logits = _logits(model, kept)
-                kl = kl_base_to_adapted(base_logits, _logits(model, kept), kept["attention_mask"])
+                    base_logits = completion_logits(model, kept)
+                kl = kl_base_to_adapted(base_logits, completion_logits(model, kept), kept["attention_mask"])
                 total = total + cfg.kl_weight * kl
                 kls.append(kl.item())
             if not torch.isfinite(total):

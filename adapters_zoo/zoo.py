@@ -36,14 +36,14 @@ from adapters_zoo.inject import attach, detach
 from adapters_zoo.signatures import attach_signature, signature_from_prompts
 from adapters_zoo.tasks import evaluate, make_split, suite_tasks, write_jsonl
 from adapters_zoo.train import (
+    Batches,
     TrainConfig,
-    _Batches,
-    _logits,
-    _pad_id,
+    completion_logits,
     completion_loss_sum,
     encode_example,
     lr_factor,
     pad_batch,
+    pad_id_of,
     train_adapter,
 )
 
@@ -116,14 +116,14 @@ def _peft_train(model, tokenizer, examples, steps: int, batch_size: int, seed: i
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=PEFT_LR, weight_decay=0.0)
     rows = [encode_example(tokenizer, ex, 256)[:2] for ex in examples]
-    batches = _Batches(rows, batch_size, torch.Generator().manual_seed(seed))
-    pad_id, losses = _pad_id(tokenizer), []
+    batches = Batches(rows, batch_size, torch.Generator().manual_seed(seed))
+    pad_id, losses = pad_id_of(tokenizer), []
     peft_model.eval()
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = PEFT_LR * lr_factor(step, steps, 0.06)
         batch = pad_batch(batches.next(), pad_id, "cpu")
-        loss_sum, count = completion_loss_sum(_logits(peft_model, batch), batch["labels"])
+        loss_sum, count = completion_loss_sum(completion_logits(peft_model, batch), batch["labels"])
         loss = loss_sum / max(count, 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from adapters_zoo.basis import Basis, _Fingerprinter, check_basis_matches_model
+from adapters_zoo.basis import Basis, Fingerprinter, check_basis_matches_model
 from adapters_zoo.checkpoint import Checkpoint
 from adapters_zoo.errors import BasisMismatch, IncompatibleAdapter, ModelDirError
 from adapters_zoo.format import Adapter
@@ -67,7 +67,7 @@ def model_dir_fingerprint(ckpt: Checkpoint, layers: list[str]) -> str:
     missing = [name for name in layers if name not in specs]
     if missing:
         raise BasisMismatch(f"{ckpt.dir}: the model has no layer {missing[0]!r} that the basis names")
-    fp = _Fingerprinter()
+    fp = Fingerprinter()
     for name in layers:
         fp.add(name, ckpt.weight(specs[name]))
     return fp.hexdigest()
@@ -124,7 +124,7 @@ def merge_model_dir(
         raise IncompatibleAdapter(f"{model_dir}: the model has no linear layer {missing[0]!r}")
     if check:
         check_model_dir(ckpt, basis)
-    key_to_layer = {ckpt._resolve(specs[layer].weight_key): layer for layer in adapter.layers}
+    key_to_layer = {ckpt.resolve(specs[layer].weight_key): layer for layer in adapter.layers}
     shards = ckpt.shard_files
     _prepare_out_dir(model_dir, out_dir, overwrite)
 
