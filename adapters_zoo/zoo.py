@@ -155,7 +155,7 @@ def build_zoo(settings: ZooSettings, home: str | Path | None = None, progress: b
     try:
         base_dir = pretrain_base(out / "base", seed=settings.seed, steps=settings.pretrain_steps,
                                  quick=settings.quick, model_overrides=settings.model_overrides or None,
-                                 progress=progress)
+                                 progress=progress, threads=settings.threads)
         model, tokenizer = load_base(base_dir)
         basis = basis_from_model(model, settings.rank)
         save_basis(basis, out / "basis.safetensors")
@@ -315,7 +315,9 @@ def register_cli(subparsers) -> None:
     b.add_argument("--home", default=None, help="registry home (default: OUT/registry)")
     b.add_argument("--quick", action="store_true", help="4 tasks per suite, short training: minutes on 2 cores")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--steps", type=int, default=None)
+    b.add_argument("--steps", type=int, default=None, help="training steps per adapter (default 80 quick, 300)")
+    b.add_argument("--pretrain-steps", type=int, default=None, help="base pretraining steps (default: the demo's)")
+    b.add_argument("--threads", type=int, default=2, help="torch threads (part of what makes builds reproducible)")
     b.add_argument("--kinds", default=None, help="comma-separated kinds (default: scale,svft,rotation,additive)")
     b.add_argument("--suites", default=None, help="comma-separated suites (default: conflicting,compatible)")
     b.add_argument("--no-peft", action="store_true", help="skip the PEFT LoRA baselines")
@@ -345,7 +347,8 @@ def cmd_zoo_build(args) -> int:
     if bad:
         raise InvalidConfig(f"unknown suite {bad[0]!r} (known: {', '.join(SUITES)})")
     settings = ZooSettings(out=Path(args.out) if args.out else default_zoo_dir(), seed=args.seed, quick=args.quick,
-                           steps=args.steps, kinds=kinds, suites=suites, peft_lora=not args.no_peft)
+                           steps=args.steps, kinds=kinds, suites=suites, peft_lora=not args.no_peft,
+                           pretrain_steps=args.pretrain_steps, threads=args.threads)
     report = build_zoo(settings, home=args.home)
     if args.json:
         print(json.dumps(report, indent=2))
