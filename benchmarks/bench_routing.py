@@ -458,6 +458,10 @@ def markdown(result: dict) -> str:
                      f"{pct(row.get('burst_overhead', 0.0))} |")
     lines.append("")
     lines += ["## Notes", ""]
+    if result["zoo_quick"]:
+        lines += [f"This is the quick zoo ({result['zoo_tasks']} tasks per suite, short training), built here because "
+                  f"`{FULL_ZOO}` had no report.json; `python benchmarks/bench_routing.py` measures the full zoo "
+                  "once it is built.", ""]
     for note in result["notes"]:
         lines += [note, ""]
     return "\n".join(lines)
@@ -538,7 +542,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=100, help="test prompts per task")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="routing", help="results name under benchmarks/results/")
+    p.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the .json, measure nothing")
     args = p.parse_args(argv)
+    if args.markdown_only:
+        result = json.loads((RESULTS / f"{args.out}.json").read_text())
+        (RESULTS / f"{args.out}.md").write_text(markdown(result))
+        return 0
     settings = Settings(ensure_zoo(args.zoo), tuple(k.strip() for k in args.kinds.split(",")), args.n, args.threads)
     result = run(settings, " ".join(sys.argv[1:] if argv is None else argv))
     RESULTS.mkdir(parents=True, exist_ok=True)
