@@ -12,8 +12,9 @@
   ``merge_adapter`` (W + s·B A, what ``merge_and_unload`` ships), evaluated, unmerged (the
   base weights restored bit for bit) and deleted.
 
-Methods are named as in the results: spectral methods by their registry name, PEFT's
-combinations as ``peft:{combination_type}``, dense task arithmetic as ``dense_ta``.
+Methods are named as in the results: spectral methods by their registry name (``+proj``:
+with the residual outside the basis projected into it, so the fused adapter is k×k cores
+only), PEFT's combinations as ``peft:{combination_type}``, dense task arithmetic as ``dense_ta``.
 Every method gets the same uniform weight λ per adapter; density (and a seed for the
 random ones) where the method has them.
 """
@@ -34,7 +35,8 @@ from fusion_quality.scoring import merged_weights
 from fusion_quality.sources import Source
 
 SPECTRAL_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "iso_c", "tsv", "geodesic",
-                    "slices")
+                    "slices", "linear+proj", "ties+proj")
+PROJECT = "+proj"  # residuals outside the basis projected into it (fuse(project=True)): k×k cores only
 PEFT_COMBINATIONS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "ties_svd", "magnitude_prune")
 PEFT_METHODS = tuple(f"peft:{c}" for c in PEFT_COMBINATIONS) + ("dense_ta",)
 WITH_DENSITY = {"ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_svd"}  # the name after "peft:"
@@ -42,7 +44,8 @@ RANDOM = {"dare_linear", "dare_ties"}
 
 
 def base_name(method: str) -> str:
-    return method.split(":", 1)[-1]
+    """``peft:ties`` -> ``ties``; ``ties+proj`` -> ``ties``."""
+    return method.split(":", 1)[-1].removesuffix(PROJECT)
 
 
 def uses_density(method: str) -> bool:
@@ -65,6 +68,8 @@ def methods_for(source: Source, wanted: tuple[str, ...]) -> list[str]:
             continue
         if m == "slices" and "slices" not in source.training:
             continue
+        if m.endswith(PROJECT) and source.kind not in ("additive", "lora"):
+            continue  # nothing outside the basis to project
         out.append(m)
     return out
 
@@ -95,15 +100,15 @@ class SpectralFuser:
 
         adapters = [source.adapters[t] for t in tasks]
         params = {}
-        if method == "dense_ta":
-            method = "linear"
+        project = method.endswith(PROJECT)
+        method = "linear" if method == "dense_ta" else base_name(method)
         if uses_density(method):
             params["density"] = density
         if is_random(method):
             params["seed"] = seed
         clear_cache()  # timed from the adapters' own parameters, as a server meeting them the first time
         start = time.perf_counter()
-        fused = fuse(adapters, [weight] * len(adapters), self.basis, method, **params)
+        fused = fuse(adapters, [weight] * len(adapters), self.basis, method, project=project, **params)
         seconds = time.perf_counter() - start
         return fused, FusedInfo(fused.num_params(), len(adapter_to_bytes(fused)), seconds)
 

@@ -137,6 +137,26 @@ def goals_markdown(result: dict[str, Any]) -> list[str]:
         else:
             lines.append(f"- `{g['suite']}` — {g['goal']}: {mark} (best: {_describe(g['best_spectral'])}; "
                          f"{g['reference']}).")
+    for suite in result["suites"]:
+        n = result["tasks_per_suite"][suite]
+        rows = [r for r in result["summary"]
+                if r["suite"] == suite and r["n"] == n and r["mean_normalized"] is not None]
+        steps = [("plain task arithmetic", [r for r in rows if _is_naive(r)]),
+                 ("any method on plainly trained adapters",
+                  [r for r in rows if r["training"] == "plain" and r["family"] == "spectral"
+                   and r["method"] != "dense_ta"]),
+                 ("PEFT LoRA merges", [r for r in rows if r["family"] == "peft" or r["method"] == "dense_ta"]),
+                 ("fusion-ready training (+kl, @slice)", [r for r in rows if r["training"] != "plain"])]
+        parts = []
+        for label, candidates in steps:
+            best = max(candidates, key=lambda r: r["mean_normalized"], default=None)
+            if best is not None:
+                parts.append(f"{label} {_pct(best['mean_normalized'])} ({best['source']} + {best['method']})")
+        served = (result.get("per_request") or {}).get(suite, {})
+        if served:
+            worst = min((v["normalized"] for v in served.values() if v["normalized"] is not None), default=None)
+            parts.append(f"per-request serving {_pct(worst)} (worst source)")
+        lines.append(f"- `{suite}`, {n} tasks, best normalized accuracy by route: " + "; ".join(parts) + ".")
     per_request = result.get("per_request") or {}
     if per_request:
         worst = min((v["normalized"] for s in per_request.values() for v in s.values() if v["normalized"] is not None),

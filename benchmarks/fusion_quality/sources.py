@@ -212,15 +212,20 @@ def variant_settings(zoo: Zoo, suite: str, variant: Variant, index: int) -> dict
 
 
 def trained_source(zoo: Zoo, suite: str, variant: Variant, model, tokenizer, cache_dir: Path,
-                   progress: bool = False) -> Source:
-    """The variant's adapter for every zoo task of ``suite``, trained here or read from ``cache_dir``."""
+                   log=None) -> tuple[Source, int]:
+    """The variant's adapter for every zoo task of ``suite``, trained here or read from ``cache_dir``.
+
+    Returns the source and how many adapters had to be trained now; ``log(message)`` hears of each.
+    """
     from adapters_zoo.train import TrainConfig, train_adapter
 
     adapters = {}
+    trained = 0
     suite_names = [t.name for t in suite_tasks(suite)]
     for task in zoo.tasks(suite):
         settings = variant_settings(zoo, suite, variant, suite_names.index(task.name))
-        path = cache_dir / suite / variant.name / f"{task.name}.safetensors"
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+        path = cache_dir / suite / variant.name / f"{task.name}.{key}.safetensors"  # one file per setting
         if path.is_file():
             cached = load_adapter(path, zoo.basis)
             if cached.meta.get("bench_settings") == settings:
@@ -230,10 +235,15 @@ def trained_source(zoo: Zoo, suite: str, variant: Variant, model, tokenizer, cac
                           lr=settings["lr"], batch_size=settings["batch_size"], seed=settings["seed"],
                           kl_weight=KL_WEIGHT, device="cpu")
         preserve = preserve_examples(suite, task.name, settings["seed"]) if variant.preserve else None
-        adapter, _ = train_adapter(model, tokenizer, zoo.basis, zoo.split(suite, task.name, "train"), cfg,
-                                   preserve_examples=preserve, progress=progress, verify_basis=False)
+        adapter, stats = train_adapter(model, tokenizer, zoo.basis, zoo.split(suite, task.name, "train"), cfg,
+                                       preserve_examples=preserve, progress=False, verify_basis=False)
         adapter.meta["train"]["stats"].pop("seconds", None)
         adapter.meta.update(suite=suite, task=task.name, bench_settings=settings)
         save_adapter(adapter, path)
         adapters[task.name] = adapter
-    return _spectral(variant.name, suite, variant.training, adapters)
+        trained += 1
+        if log is not None:
+            kl = f", KL {stats.final_kl:.4f}" if stats.final_kl is not None else ""
+            log(f"{suite}: trained {variant.name} for {task.name} in {stats.seconds:.0f} s "
+                f"(loss {stats.final_loss:.4f}{kl})")
+    return _spectral(variant.name, suite, variant.training, adapters), trained

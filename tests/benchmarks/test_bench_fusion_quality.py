@@ -52,7 +52,7 @@ def miniature(zoo_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     settings = bench.Settings.quick_settings(
         zoo_dir, out=out, cache=out / "cache", sizes=(1, 2), draws=2, threads=1, progress=False,
-        methods=("linear", "ties", "slices", "peft:cat", "peft:ties", "dense_ta"),
+        methods=("linear", "ties", "slices", "linear+proj", "peft:cat", "peft:ties", "dense_ta"),
         grid=Grid(weights=(1.0,), densities=(0.5,), seeds=(0,)), interference=("scale", "peft-lora"))
     result = bench.run(settings)
     paths = bench.write(result, settings, "python benchmarks/bench_fusion_quality.py --quick")
@@ -78,8 +78,8 @@ def test_every_source_method_and_size_has_a_summary_row(miniature):
     _, result, _ = miniature
     names = [s["name"] for s in result["sources"]]
     assert names == ["scale", "additive@slice+kl", "peft-lora"]
-    expected = {("scale", m) for m in ("linear", "ties")} | {("additive@slice+kl", m) for m in ("linear", "ties",
-                                                                                                   "slices")}
+    expected = {("scale", m) for m in ("linear", "ties")}  # nothing outside the basis: no +proj
+    expected |= {("additive@slice+kl", m) for m in ("linear", "ties", "slices", "linear+proj")}
     expected |= {("peft-lora", m) for m in ("peft:cat", "peft:ties", "dense_ta")}
     rows = {(r["source"], r["method"], r["n"]): r for r in result["summary"]}
     assert set(rows) == {(s, m, n) for s, m in expected for n in (1, 2)}
@@ -93,6 +93,8 @@ def test_every_source_method_and_size_has_a_summary_row(miniature):
         assert r["candidates"] and all("validation_accuracy" in c for c in r["candidates"])
     full = [r for r in result["runs"] if r["n"] == 2]
     assert all(r["test_generation"] is not None and r["disagree"] is not None for r in full)
+    proj, exact = (rows[("additive@slice+kl", m, 2)] for m in ("linear+proj", "linear"))
+    assert proj["bytes"] < exact["bytes"]  # k×k cores only: the residual factors are gone
 
 
 def test_fused_of_one_equals_the_individual_accuracy(miniature):
