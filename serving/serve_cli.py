@@ -191,6 +191,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from adapters_zoo.zoo import ZooSettings
 
     home = demo_home()
-    model_dir = ensure_demo(home, ZooSettings(out=home / "zoo", quick=not args.full))
+    # The PEFT LoRA baselines are for the benchmarks; the server does not use them.
+    model_dir = ensure_demo(home, ZooSettings(out=home / "zoo", quick=not args.full, peft_lora=False))
     service = build_service(ServerSettings.from_args(args, model_dir, home))
     return _serve(service, args.host, args.port, args.api_key, args.protect_all)
