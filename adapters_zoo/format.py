@@ -119,11 +119,15 @@ def _meta_strings(adapter: Adapter) -> dict[str, str]:
     }
 
 
+def _stored(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().to("cpu").contiguous()
+    # Index tensors (svft's sparse positions) are at most k ≤ 2³¹: int32 halves them on disk.
+    return t.to(torch.int32) if t.dtype == torch.int64 else t
+
+
 def _flat_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     return {
-        f"{layer}.{name}": t.detach().to("cpu").contiguous()
-        for layer, params in adapter.params.items()
-        for name, t in params.items()
+        f"{layer}.{name}": _stored(t) for layer, params in adapter.params.items() for name, t in params.items()
     }
 
 
