@@ -21,6 +21,7 @@ import math
 import types
 import typing
 import zlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -136,7 +137,7 @@ def kaiming_uniform(shape: tuple[int, int], fan_in: int, gen: torch.Generator) -
     return (torch.rand(shape, generator=gen) * 2 - 1) * bound
 
 
-class Kind:
+class Kind(ABC):
     """One adapter kind: its config, parameters, core and residual."""
 
     name: ClassVar[str]
@@ -149,11 +150,13 @@ class Kind:
     def config(self, raw: dict[str, Any] | None) -> Any:
         return parse_config(self.Config, raw)
 
+    @abstractmethod
     def param_shapes(self, out_f: int, in_f: int, k: int, cfg: Any) -> dict[str, tuple[int, ...]]:
-        raise NotImplementedError  # each kind defines its shapes
+        """name -> shape of every stored tensor of one layer."""
 
+    @abstractmethod
     def init_params(self, lb: LayerBasis, cfg: Any, layer: str) -> Params:
-        raise NotImplementedError  # each kind defines its init
+        """The layer's initial parameters: the identity (ΔW = 0) for every trainable kind."""
 
     def core(self, params: Params, lb: LayerBasis, cfg: Any) -> torch.Tensor | None:
         return None
