@@ -314,7 +314,8 @@ def plots(result: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     import matplotlib.pyplot as plt
 
     summary, suites = result["summary"], result["suites"]
-    sources = list(dict.fromkeys(r["source"] for r in summary))
+    sources = list(dict.fromkeys(s["name"] for s in result["sources"]))  # report order: zoo kinds, fusion-ready, PEFT
+    sizes = sorted({r["n"] for r in summary})
     fig, axes = plt.subplots(len(suites), len(sources), figsize=(3.2 * len(sources), 3.0 * len(suites)),
                              squeeze=False, sharey=True)
     for i, suite in enumerate(suites):
@@ -333,6 +334,7 @@ def plots(result: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
             if suite == "compatible":
                 ax.axhline(GOAL_COMPATIBLE, color="grey", linestyle="--", linewidth=0.8)
             ax.set_title(f"{suite} / {source}", fontsize=8)
+            ax.set_xticks(sizes)
             ax.set_xlabel("tasks fused", fontsize=7)
             ax.tick_params(labelsize=7)
             if j == 0:
