@@ -1,6 +1,7 @@
 """``specfuse fuse | merge | export-lora | import-lora``: fusion from the command line.
 
     specfuse fuse MIXTURE --method M [--density D --seed S --project --param K=V] (--name N | --out FILE)
+    specfuse fuse MIXTURE --method distill --base MODEL_DIR --data A.jsonl --data B.jsonl ... (--name N | --out FILE)
     specfuse merge MODEL_DIR MIXTURE --out DIR          dense merged model, transformers layout
     specfuse export-lora MIXTURE --out DIR              PEFT LoRA dir (PEFT and vLLM load it)
     specfuse import-lora PEFT_DIR --base MODEL_DIR --name N [--project]
@@ -28,7 +29,8 @@ def register_cli(subparsers) -> None:
     method = argparse.ArgumentParser(add_help=False)
     m = method.add_argument_group("fusion method")
     m.add_argument("--method", default="linear", metavar="M",
-                   help="linear, ties, dare_linear, dare_ties, magnitude_prune, iso_c, tsv, geodesic, slices")
+                   help="linear, ties, dare_linear, dare_ties, magnitude_prune, iso_c, tsv, geodesic, slices; "
+                        "distill (fuse only: needs --base and --data)")
     m.add_argument("--density", type=float, default=None, metavar="D", help="ties, dare_*, magnitude_prune")
     m.add_argument("--seed", type=int, default=None, metavar="S", help="dare_*")
     m.add_argument("--param", action="append", default=[], metavar="K=V",
@@ -48,6 +50,17 @@ def register_cli(subparsers) -> None:
     dest = p.add_mutually_exclusive_group(required=True)
     dest.add_argument("--name", default=None, metavar="N", help="store the fused adapter in the registry as N")
     dest.add_argument("--out", default=None, metavar="FILE", help="write the fused adapter to FILE")
+    d = p.add_argument_group("distill (--method distill: one k×k core per layer trained to match every source)")
+    d.add_argument("--base", default=None, metavar="MODEL_DIR", help="the base model the adapters belong to")
+    d.add_argument("--data", action="append", default=[], metavar="JSONL",
+                   help="prompts of one source, in mixture order (repeat once per source); lines "
+                        "{\"prompt\"} (the source completes them) or {\"prompt\", \"completion\"}")
+    d.add_argument("--steps", type=int, default=None, metavar="N", help="optimizer steps (default 300)")
+    d.add_argument("--lr", type=float, default=None, metavar="LR", help="learning rate (default 3e-3)")
+    d.add_argument("--batch-size", type=int, default=None, metavar="B", help="rows per step (default 32)")
+    d.add_argument("--max-new-tokens", type=int, default=None, metavar="T",
+                   help="longest completion a source writes for a prompt (default 32)")
+    d.add_argument("--device", default=None, metavar="DEV", help="cuda, cpu, ... (default: cuda when available)")
     p.set_defaults(func=cmd_fuse)
 
     p = subparsers.add_parser("merge", parents=[method, common], help="write a dense model with a mixture merged in",
@@ -109,8 +122,12 @@ def _registry(args):
 
 def fused_mixture(reg, args):
     """(fused adapter, its basis, [(ref, weight)]) of args.mixture under args' method."""
+    from adapters_zoo.errors import InvalidConfig
     from fusion.fuse import fuse
 
+    if args.method == "distill":
+        raise InvalidConfig("--method distill trains on prompts and needs the base model: run `specfuse fuse "
+                            "MIXTURE --method distill --base MODEL_DIR --data ... --name N`, then use N here")
     resolved = reg.resolve_mixture(args.mixture)
     basis = reg.basis(resolved[0][1].base_fingerprint)
     fused = fuse([a for _, a, _ in resolved], [w for _, _, w in resolved], basis, method=args.method,
@@ -131,11 +148,48 @@ def _summary(adapter, mixture: list[tuple[str, float]]) -> dict[str, Any]:
     }
 
 
+DISTILL_ONLY = ("base", "steps", "lr", "batch_size", "max_new_tokens", "device")
+
+
+def distilled_mixture(reg, args):
+    """(fused adapter, basis, [(ref, weight)]) of args.mixture by ``fusion.distill`` on args.data."""
+    from adapters_zoo.errors import InvalidConfig
+    from adapters_zoo.train import load_examples, load_model_dir
+    from fusion.distill import DistillConfig, distill_fuse
+
+    if args.base is None or not args.data:
+        raise InvalidConfig("--method distill needs --base MODEL_DIR and one --data JSONL per source")
+    if args.density is not None or args.param or args.project:
+        raise InvalidConfig("--method distill takes no --density, --param or --project (see the distill options)")
+    resolved = reg.resolve_mixture(args.mixture)
+    if len(args.data) != len(resolved):
+        raise InvalidConfig(f"the mixture has {len(resolved)} sources but {len(args.data)} --data files "
+                            "were given: one per source, in mixture order")
+    data = [load_examples(path, need_completion=False) for path in args.data]  # every file checked first
+    cfg = DistillConfig(**{k: getattr(args, k) for k in ("steps", "lr", "batch_size", "max_new_tokens", "device")
+                           if getattr(args, k) is not None}, **({"seed": args.seed} if args.seed is not None else {}))
+    cfg.validate()
+    basis = reg.basis(resolved[0][1].base_fingerprint)
+    model, tokenizer = load_model_dir(args.base, cfg.device)
+    fused, _ = distill_fuse(model, tokenizer, basis.to(next(model.parameters()).device), [a for _, a, _ in resolved],
+                            [w for _, _, w in resolved], data, cfg, progress=not args.json)
+    for source, (ref, _, _), path in zip(fused.meta["fusion"]["sources"], resolved, args.data):
+        source["name"], source["data"] = ref, str(path)
+    fused.meta["fusion"]["mixture"] = args.mixture
+    return fused, basis, [(ref, w) for ref, _, w in resolved]
+
+
 def cmd_fuse(args) -> int:
+    from adapters_zoo.errors import InvalidConfig
     from adapters_zoo.format import save_adapter
 
+    if args.method != "distill":
+        given = [f"--{k.replace('_', '-')}" for k in DISTILL_ONLY if getattr(args, k) is not None] + \
+            (["--data"] if args.data else [])
+        if given:
+            raise InvalidConfig(f"{', '.join(given)}: only for --method distill")
     with _registry(args) as reg:
-        fused, _, mixture = fused_mixture(reg, args)
+        fused, _, mixture = (distilled_mixture if args.method == "distill" else fused_mixture)(reg, args)
         fused.meta["name"] = args.name or Path(args.out).stem
         summary = _summary(fused, mixture)
         if args.name:

@@ -1,6 +1,7 @@
 """Dense merge: W' = W + ΔW for every layer an adapter touches, in memory or shard by shard.
 
     merge_into_model(model, adapter, basis)                   in place, returns the model
+    with merged(model, adapter, basis): ...                   in place for a block, W restored bit for bit
     merge_model_dir(model_dir, adapter, basis, out_dir)       a new transformers model dir
 
 The directory merge streams: each safetensors shard is read, the adapter's ΔW added to
@@ -14,9 +15,11 @@ merged into another model would silently produce garbage.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -59,6 +62,24 @@ def merge_into_model(model: torch.nn.Module, adapter: Adapter, basis: Basis, che
             delta = adapter.delta(layer, basis)  # (out, in)
             module.weight.copy_(_add_delta(module.weight, delta, transposed))
     return model
+
+
+@contextlib.contextmanager
+def merged(model: torch.nn.Module, adapter: Adapter | None, basis: Basis) -> Iterator[torch.nn.Module]:
+    """``model`` with W + ΔW(adapter) on every layer the adapter touches for the block; the original W
+    (copied first) put back after, bit for bit: subtracting ΔW again would drift W by rounding.
+    The caller has checked ``basis`` against the model (this runs often: no fingerprinting)."""
+    if adapter is None:
+        yield model
+        return
+    saved = {layer: model.get_submodule(layer).weight.detach().clone() for layer in adapter.layers}
+    try:
+        merge_into_model(model, adapter, basis, check=False)
+        yield model
+    finally:
+        with torch.no_grad():
+            for layer, weight in saved.items():
+                model.get_submodule(layer).weight.copy_(weight)
 
 
 def model_dir_fingerprint(ckpt: Checkpoint, layers: list[str]) -> str:

@@ -18,15 +18,12 @@ exact original weights afterwards: a fused model costs nothing more to run than 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
 from adapters_zoo.basis import Basis
 from adapters_zoo.format import Adapter
 from adapters_zoo.tasks import answer_of, exact_match, generate_answers
-from fusion.merge import merge_into_model
+from fusion.merge import merged
 
 MAX_NEW_TOKENS = 16  # what the zoo's evaluation allows: every answer is shorter
 GENERATION_BATCH = 256  # rows per generate call (the demo model is tiny: bigger batches, fewer steps)
@@ -35,20 +32,9 @@ FORWARD_BATCH = 512
 Example = dict[str, str]
 
 
-@contextlib.contextmanager
-def merged_weights(model: torch.nn.Module, adapter: Adapter | None, basis: Basis) -> Iterator[torch.nn.Module]:
-    """``model`` with W + ΔW(adapter) in every layer the adapter touches; W restored bit for bit after."""
-    if adapter is None:
-        yield model
-        return
-    saved = {layer: model.get_submodule(layer).weight.detach().clone() for layer in adapter.layers}
-    try:
-        merge_into_model(model, adapter, basis, check=False)  # the caller checked the basis once
-        yield model
-    finally:
-        with torch.no_grad():
-            for layer, weight in saved.items():
-                model.get_submodule(layer).weight.copy_(weight)
+def merged_weights(model: torch.nn.Module, adapter: Adapter | None, basis: Basis):
+    """``model`` with W + ΔW(adapter) for a block, W restored bit for bit after (``fusion.merge.merged``)."""
+    return merged(model, adapter, basis)
 
 
 def generation_hits(model, tokenizer, examples: list[Example], max_new_tokens: int = MAX_NEW_TOKENS,

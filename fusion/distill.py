@@ -1,0 +1,260 @@
+"""``distill``: fuse adapters by distilling every one of them into a single k×k core per layer.
+
+The data-free methods (``linear``, ``ties``, ...) combine cores entry by entry and never see
+what the adapters do; on a small model whose adapters each rewrite the same directions,
+their sum answers no task at all. ``distill`` looks at behaviour instead (the route of
+distillation-based merging, e.g. https://arxiv.org/abs/2502.12706): the fused adapter is a
+student that must reproduce, on prompts of each source's own task, that source's
+next-token distributions:
+
+    min_C  Σₙ pₙ · E_{x ~ promptsₙ} KL( p(· | x; W + ΔWₙ) ‖ p(· | x; W + U_k C V_kᵀ) )
+
+- The student is one dense ``core`` adapter (C per layer, k×k): the same size whatever the
+  number of sources, stored, served and exported like any fused adapter. It starts from
+  the mean of the sources' cores (``init``: any registered method, residuals projected).
+- Teachers are the sources at full strength; the mixture weights pₙ (normalised to sum 1)
+  are the share of each source's prompts in the training batches.
+- Data are prompts only: each teacher completes its own prompts greedily (up to eos), so
+  no labels are needed. Examples that carry a ``completion`` use it instead.
+- The KL is taken on the positions that predict the completion (and its end), where the
+  teacher's behaviour is the task; AdamW with warmup and cosine decay, clipping at 1.
+
+Teacher logits are computed on the fly (each source's ΔW merged into the frozen base for
+its rows of the batch, the exact weights restored after), so memory stays at one model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from adapters_zoo.basis import Basis, check_basis_matches_model
+from adapters_zoo.errors import InvalidConfig, InvalidMixture, TrainingDataError, TrainingDiverged
+from adapters_zoo.format import Adapter
+from adapters_zoo.inject import adapter_parameters, attach, detach, extract
+from adapters_zoo.train import (
+    IGNORE_INDEX,
+    Batches,
+    adapter_disabled,
+    completion_logits,
+    encode_example,
+    lr_factor,
+    pad_batch,
+    pad_id_of,
+    resolve_device,
+)
+from fusion.fuse import check_same_basis, check_weights, fuse
+from fusion.merge import merged
+
+Example = dict[str, str]
+PAPER = "https://arxiv.org/abs/2502.12706"
+
+
+@dataclass
+class DistillConfig:
+    steps: int = 300
+    lr: float = 3e-3
+    batch_size: int = 32
+    warmup_ratio: float = 0.05
+    max_length: int = 256
+    max_new_tokens: int = 32  # teacher completions of prompt-only examples
+    init: str = "linear"  # method of the starting point (weights normalised: the mean for linear)
+    seed: int = 0
+    device: str | None = None
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "max_length", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidConfig(f"distill {name} must be an integer ≥ 1, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise InvalidConfig(f"distill lr must be a finite number > 0, got {self.lr!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise InvalidConfig(f"distill warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+
+
+@dataclass
+class DistillStats:
+    steps: int
+    first_kl: float
+    final_kl: float  # mean over the last 10 steps
+    seconds: float
+    examples: list[int]  # per source
+    generated: int  # completions written by the teachers
+    trainable_params: int
+
+
+def on_device(adapter: Adapter, device) -> Adapter:
+    """The same adapter with its tensors on ``device`` (teachers are merged there every step)."""
+    params = {layer: {n: t.to(device) for n, t in p.items()} for layer, p in adapter.params.items()}
+    return dataclasses.replace(adapter, params=params)
+
+
+def dense_core(adapter: Adapter, layers: list[str], basis: Basis) -> Adapter:
+    """A ``core`` adapter with a dense k×k C on every one of ``layers`` (zeros where ``adapter`` has none)."""
+    params = {}
+    for layer in layers:
+        p = adapter.params.get(layer, {})
+        if "C" in p:
+            C = p["C"]
+        elif "c" in p:
+            C = torch.diag(p["c"])
+        else:
+            C = torch.zeros(basis[layer].k, basis[layer].k)
+        params[layer] = {"C": C.detach().to("cpu", torch.float32).clone()}
+    return Adapter("core", {"diagonal": False}, basis.fingerprint, basis.rank, params, dict(adapter.meta))
+
+
+@torch.no_grad()
+def teacher_rows(model, tokenizer, teacher: Adapter, basis: Basis, examples: list[Example], cfg: DistillConfig,
+                 device) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """(input ids, labels) per example: the given completion, or the teacher's greedy one (ids up to eos)."""
+    rows: list[tuple[list[int], list[int]] | None] = [None] * len(examples)
+    open_ = []
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, dict) or not isinstance(ex.get("prompt"), str) or not ex["prompt"]:
+            raise TrainingDataError(f"example #{i}: expected {{'prompt': str[, 'completion': str]}}, got {ex!r}")
+        if ex.get("completion"):
+            rows[i] = encode_example(tokenizer, ex, cfg.max_length)[:2]
+        else:
+            open_.append(i)
+    if open_:
+        pad, eos = pad_id_of(tokenizer), tokenizer.eos_token_id
+        prompts = [tokenizer(examples[i]["prompt"])["input_ids"] for i in open_]
+        for i, p in zip(open_, prompts):
+            if len(p) >= cfg.max_length:
+                raise TrainingDataError(f"a prompt of {len(p)} tokens leaves no room for its completion within "
+                                        f"max_length={cfg.max_length}: {examples[i]['prompt'][:60]!r}")
+        with merged(model, teacher, basis):
+            for start in range(0, len(open_), cfg.batch_size):
+                chunk = prompts[start : start + cfg.batch_size]
+                width = max(map(len, chunk))
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for r, p in enumerate(chunk):  # left padded for generation
+                    ids[r, width - len(p):] = torch.tensor(p)
+                    mask[r, width - len(p):] = 1
+                new = cfg.max_new_tokens
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
+                                     do_sample=False, eos_token_id=eos, pad_token_id=pad)[:, width:].tolist()
+                for r, (p, gen) in enumerate(zip(chunk, out)):
+                    if eos is not None and eos in gen:
+                        gen = gen[: gen.index(eos) + 1]  # the student learns to stop too
+                    gen = gen[: cfg.max_length - len(p)]
+                    rows[open_[start + r]] = (p + gen, [IGNORE_INDEX] * len(p) + gen)
+    return rows, len(open_)
+
+
+def _kl_on_completions(teacher_logits, logits, labels) -> torch.Tensor:
+    """Mean KL(teacher ‖ student) over the positions that predict a completion token."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
+    log_p = F.log_softmax(teacher_logits, dim=-1)
+    log_q = F.log_softmax(logits, dim=-1)
+    kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)  # (B, T)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def distill_fuse(model: torch.nn.Module, tokenizer, basis: Basis, adapters: list[Adapter], weights: list[float],
+                 data: list[list[Example]], cfg: DistillConfig | None = None, student: Adapter | None = None,
+                 progress: bool = False, verify_basis: bool = True) -> tuple[Adapter, DistillStats]:
+    """One dense ``core`` adapter distilled from ``adapters`` on their prompts ``data`` (see the module doc).
+
+    ``student`` overrides the starting point (any trainable kind: a LoRA to compare like for
+    like); the model is left as it came. Raises ``InvalidMixture`` for bad weights,
+    ``TrainingDataError`` for missing or bad data, ``BasisMismatch`` when ``basis`` is not
+    ``model``'s (``verify_basis=False`` when the caller checked already).
+    """
+    cfg = cfg or DistillConfig()
+    cfg.validate()
+    weights = check_weights(adapters, weights)
+    check_same_basis(adapters, basis)
+    if len(data) != len(adapters):
+        raise TrainingDataError(f"{len(adapters)} adapters but {len(data)} prompt sets: one per adapter")
+    total = sum(weights)
+    if total <= 0:
+        raise InvalidMixture("every weight is 0: nothing to distill")
+    for i, (a, exs, w) in enumerate(zip(adapters, data, weights)):
+        if w > 0 and not exs:
+            raise TrainingDataError(f"adapter #{i} ({a.meta.get('name', a.kind)}) has weight {w} but no prompts")
+    if verify_basis:
+        check_basis_matches_model(basis, model)
+    device = resolve_device(cfg.device)
+    share = [w / total for w in weights]
+
+    touched = sorted(set().union(*(a.params for a in adapters)), key=basis.layer_names().index)
+    if student is None:
+        start = fuse(adapters, share, basis, cfg.init, project=True)
+        student = dense_core(start, touched, basis)
+    student.check_against(basis)
+
+    was_training = model.training
+    grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.to(device).eval()
+    start_time = time.perf_counter()
+    try:
+        model.requires_grad_(False)
+        teachers = [on_device(a, device) for a in adapters]
+        rows, generated = [], 0
+        for a, exs, w in zip(teachers, data, weights):
+            r, g = teacher_rows(model, tokenizer, a, basis, exs, cfg, device) if w > 0 else ([], 0)
+            rows.append(r)
+            generated += g
+        gen = torch.Generator().manual_seed(cfg.seed)
+        draws = [Batches([(n, row) for row in r], 1, gen) if r else None for n, r in enumerate(rows)]
+        pad = pad_id_of(tokenizer)
+        attach(model, student, basis)
+        params = adapter_parameters(model)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        kls: list[float] = []
+        for step in range(cfg.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_ratio)
+            sources = torch.multinomial(torch.tensor(share), cfg.batch_size, replacement=True, generator=gen)
+            picked = [draws[n].next()[0] for n in sorted(sources.tolist())]  # grouped by source
+            batch = pad_batch([row for _, row in picked], pad, device)
+            with torch.no_grad(), adapter_disabled(model):
+                parts = []
+                for n in sorted(set(sources.tolist())):  # each teacher on its own rows
+                    index = [i for i, (m, _) in enumerate(picked) if m == n]
+                    with merged(model, teachers[n], basis):
+                        parts.append((index, completion_logits(model, {k: v[index] for k, v in batch.items()})))
+                teacher = torch.cat([logits for _, logits in parts])  # rows already in source order
+            kl = _kl_on_completions(teacher, completion_logits(model, batch), batch["labels"])
+            if not torch.isfinite(kl):
+                raise TrainingDiverged(f"distillation loss became {kl.item()} at step {step + 1}: lower lr "
+                                       f"(now {cfg.lr})")
+            optimizer.zero_grad(set_to_none=True)
+            kl.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            kls.append(kl.item())
+            if progress and (step % 50 == 0 or step == cfg.steps - 1):
+                print(f"distill step {step + 1}/{cfg.steps}: KL {kls[-1]:.4f}", flush=True)
+        fused = extract(model, student)
+    finally:
+        detach(model)
+        for name, p in model.named_parameters():
+            p.requires_grad_(grad_flags.get(name, p.requires_grad))
+        model.train(was_training)
+
+    stats = DistillStats(cfg.steps, kls[0], sum(kls[-10:]) / len(kls[-10:]), round(time.perf_counter() - start_time, 3),
+                         [len(r) for r in rows], generated, fused.num_params())
+    fused.meta = {k: v for k, v in fused.meta.items() if k not in ("fusion", "projection", "train")}
+    fused.meta["fusion"] = {
+        "method": "distill",
+        "paper": PAPER,
+        "params": {k: v for k, v in asdict(cfg).items() if k != "device"},
+        "weights": weights,
+        "sources": [{"name": a.meta.get("name"), "kind": a.kind, "layers": len(a.params)} for a in adapters],
+        "residuals": "distilled into the cores",
+        "notes": [],
+        "stats": asdict(stats),
+    }
+    return fused, stats
+
