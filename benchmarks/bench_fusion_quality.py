@@ -10,7 +10,9 @@ real PEFT LoRA baselines, on a *conflicting* and a *compatible* suite of 8 tasks
 3. fusion of all tasks and of random subsets (2, 4, …) with every method: the spectral
    ones of ``fusion.methods`` on cores, PEFT's ``add_weighted_adapter`` combinations on
    the LoRAs, and exact task arithmetic on their dense ΔW; weights (and density) chosen
-   on validation, measured on test (``fusion_quality/protocol.py``);
+   on validation, measured on test (``fusion_quality/protocol.py``); and ``distill``
+   (``fusion.distill``: one k×k core per layer trained on the tasks' prompts to match
+   every adapter), with ``distill:lora`` (the same into a LoRA) as its control;
 4. pairwise interference matrices; the per-request reference (``serving.engine``: every
    prompt with its own task's adapter in one mixed batch);
 5. ``benchmarks/results/fusion_quality.{json,md}``, ``fusion_quality.png`` (normalized
@@ -42,7 +44,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads c
 
 from common import RESULTS, SCRATCH, environment, environment_line, set_threads  # noqa: E402
 from fusion_quality import report  # noqa: E402
-from fusion_quality.fusers import PEFT_METHODS, SPECTRAL_METHODS, PeftFuser, SpectralFuser, methods_for  # noqa: E402
+from fusion_quality.fusers import (  # noqa: E402
+    ON_SPECTRAL_FUSER,
+    PEFT_METHODS,
+    SPECTRAL_METHODS,
+    PeftFuser,
+    SpectralFuser,
+    is_random,
+    methods_for,
+)
 from fusion_quality.protocol import (  # noqa: E402
     Evaluator,
     Grid,
@@ -54,8 +64,11 @@ from fusion_quality.protocol import (  # noqa: E402
 )
 from fusion_quality.sources import PEFT, VARIANTS, Source, Zoo, open_zoo, peft_source, trained_source, zoo_source  # noqa: E402
 
+from fusion.distill import DistillConfig  # noqa: E402
+
 ALL_METHODS = SPECTRAL_METHODS + PEFT_METHODS
-QUICK_METHODS = ("linear", "ties", "slices", "linear+proj", "peft:cat", "peft:ties", "dense_ta")
+QUICK_METHODS = ("linear", "ties", "slices", "linear+proj", "distill", "peft:cat", "peft:ties", "dense_ta",
+                 "distill:lora")
 
 
 @dataclass
@@ -72,6 +85,8 @@ class Settings:
     sizes: tuple[int, ...] = (2, 4, 8)  # tasks fused (capped at the suite's size)
     draws: int = 3  # random subsets per size below the suite's
     grid: Grid = field(default_factory=Grid)
+    distill_steps: int = DistillConfig.steps
+    distill_lr: float = 1e-2  # best of {1e-3, 3e-3, 1e-2} for both students on compatible validation (probe)
     seed: int = 0
     generation_check: str = "first"  # all-task fusions also decoded by generation: first seed | all | none
     validation_examples: int | None = 50  # per task for the selection (of the zoo's 100): the run fits ~40 min
@@ -159,7 +174,8 @@ def run(settings: Settings) -> dict[str, Any]:
     splits = load_splits(zoo, suites, settings.validation_examples)
     cache = ResultCache(settings.cache / f"scores-{zoo.basis.fingerprint[:12]}.json" if settings.cache else None)
     evaluator = Evaluator(tokenizer, splits, cache)
-    spectral = SpectralFuser(model, tokenizer, zoo.basis)
+    spectral = SpectralFuser(model, tokenizer, zoo.basis, lambda suite, task: zoo.split(suite, task, "train"),
+                             DistillConfig(steps=settings.distill_steps, lr=settings.distill_lr))
     peft_fuser = PeftFuser(load_base(zoo.base_dir)[0], tokenizer) if settings.peft else None
     server = None
 
@@ -182,12 +198,11 @@ def run(settings: Settings) -> dict[str, Any]:
 
         for source in sources:
             for method in methods_for(source, settings.methods):
-                fuser = spectral if (source.family == "spectral" or method == "dense_ta") else peft_fuser
+                fuser = spectral if (source.family == "spectral" or method in ON_SPECTRAL_FUSER) else peft_fuser
                 for n in sorted({min(n, len(tasks)) for n in settings.sizes}):
                     draws = subsets(tasks, n, settings.draws, settings.seed, suite)
                     full = n == len(tasks)
-                    seeds = settings.grid.seeds if (full and method in ("dare_linear", "dare_ties", "peft:dare_linear",
-                                                                         "peft:dare_ties")) else (None,)
+                    seeds = settings.grid.seeds if (full and is_random(method)) else (None,)
                     for d, subset in enumerate(draws):
                         for s, seed in enumerate(seeds):
                             seed = d if seed is None else seed
@@ -291,8 +306,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--draws", type=int, help="random subsets per size (default 3)")
     p.add_argument("--weights", help="grid of uniform weights λ (default 0.5,1,1.5)")
     p.add_argument("--densities", help="grid of densities (default 0.2,0.5)")
-    p.add_argument("--seeds", help="DARE seeds on the all-task fusion (default 0,1,2)")
+    p.add_argument("--seeds", help="DARE and distill seeds on the all-task fusion (default 0,1,2)")
     p.add_argument("--seed", type=int, default=0, help="subset draws")
+    p.add_argument("--distill-steps", type=int, help=f"optimizer steps of distill (default {DistillConfig.steps})")
+    p.add_argument("--distill-lr", type=float, help="learning rate of distill (default 1e-2)")
     p.add_argument("--validation-examples", type=int, help="per task for the selection (default 50; 0: all)")
     p.add_argument("--generation-check", choices=("first", "all", "none"),
                    help="decode all-task fusions by generation too: first seed (default), all, none")
@@ -319,6 +336,14 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         overrides["generation_check"] = args.generation_check
     if args.draws is not None:
         overrides["draws"] = args.draws
+    if args.distill_steps is not None:
+        if args.distill_steps < 1:
+            p.error("--distill-steps must be ≥ 1")
+        overrides["distill_steps"] = args.distill_steps
+    if args.distill_lr is not None:
+        if not args.distill_lr > 0:
+            p.error("--distill-lr must be > 0")
+        overrides["distill_lr"] = args.distill_lr
     if args.stem:
         overrides["stem"] = args.stem
     if args.cache:

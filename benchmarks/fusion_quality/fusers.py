@@ -17,35 +17,53 @@ with the residual outside the basis projected into it, so the fused adapter is k
 only), PEFT's combinations as ``peft:{combination_type}``, dense task arithmetic as ``dense_ta``.
 Every method gets the same uniform weight λ per adapter; density (and a seed for the
 random ones) where the method has them.
+
+``distill`` (``fusion.distill``) is the one method that looks at data: one dense k×k core
+per layer trained so that, on each task's training *prompts* (no answers: every source
+completes its own prompts), the fused model's next-token distributions match that task's
+adapter. ``distill:lora`` runs the same distillation, same prompts, steps and seed, into
+a LoRA of the PEFT baselines' rank from the PEFT LoRAs as teachers: the like-for-like
+control of what distillation gives LoRA.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from adapters_zoo.basis import Basis
 from adapters_zoo.errors import InvalidConfig
-from adapters_zoo.format import adapter_to_bytes
+from adapters_zoo.format import adapter_to_bytes, new_adapter
+from fusion.distill import DistillConfig
 from fusion_quality.scoring import merged_weights
 from fusion_quality.sources import Source
 
 SPECTRAL_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "iso_c", "tsv", "geodesic",
-                    "slices", "linear+proj", "ties+proj")
+                    "slices", "linear+proj", "ties+proj", "distill")
 PROJECT = "+proj"  # residuals outside the basis projected into it (fuse(project=True)): k×k cores only
 PEFT_COMBINATIONS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "ties_svd", "magnitude_prune")
-PEFT_METHODS = tuple(f"peft:{c}" for c in PEFT_COMBINATIONS) + ("dense_ta",)
+DISTILL_LORA = "distill:lora"
+PEFT_METHODS = tuple(f"peft:{c}" for c in PEFT_COMBINATIONS) + ("dense_ta", DISTILL_LORA)
+ON_SPECTRAL_FUSER = ("dense_ta", DISTILL_LORA)  # PEFT sources' methods run on their exact imports, not by PEFT
 WITH_DENSITY = {"ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_svd"}  # the name after "peft:"
-RANDOM = {"dare_linear", "dare_ties"}
+RANDOM = {"dare_linear", "dare_ties", "distill"}
+DISTILL_PROMPTS = 128  # training prompts per task the distillation sees
 
 
 def base_name(method: str) -> str:
-    """``peft:ties`` -> ``ties``; ``ties+proj`` -> ``ties``."""
+    """``peft:ties`` -> ``ties``; ``ties+proj`` -> ``ties``; ``distill:lora`` -> ``distill``."""
+    if method == DISTILL_LORA:
+        return "distill"
     return method.split(":", 1)[-1].removesuffix(PROJECT)
+
+
+def is_distill(method: str) -> bool:
+    return base_name(method) == "distill"
 
 
 def uses_density(method: str) -> bool:
@@ -64,6 +82,8 @@ def methods_for(source: Source, wanted: tuple[str, ...]) -> list[str]:
     for m in wanted:
         if m not in SPECTRAL_METHODS:
             continue
+        if is_distill(m) and source.training != "plain":
+            continue  # distillation needs no fusion-ready training: run on the plain adapters only
         if m == "geodesic" and source.kind != "rotation":
             continue
         if m == "slices" and "slices" not in source.training:
@@ -83,10 +103,48 @@ class FusedInfo:
 
 
 class SpectralFuser:
+    """``fusion.fuse`` (and ``fusion.distill``) on the sources' adapters, the result merged into ``model``.
+
+    ``prompts(suite, task)`` gives the training prompts a distillation sees (answers dropped).
+    """
+
     family = "spectral"
 
-    def __init__(self, model: torch.nn.Module, tokenizer, basis: Basis):
+    def __init__(self, model: torch.nn.Module, tokenizer, basis: Basis,
+                 prompts: Callable[[str, str], list[dict[str, str]]] | None = None,
+                 distill: DistillConfig | None = None):
         self.model, self.tokenizer, self.basis = model, tokenizer, basis
+        self.prompts = prompts
+        self.distill_cfg = distill or DistillConfig()
+
+    def settings(self, method: str) -> dict:
+        """What a method's scores depend on beyond source, tasks, weight, density and seed (for the cache)."""
+        if not is_distill(method):
+            return {}
+        cfg = {k: v for k, v in dataclasses.asdict(self.distill_cfg).items() if k not in ("seed", "device")}
+        return {"distill": cfg | {"prompts": DISTILL_PROMPTS}}
+
+    def distill(self, source: Source, tasks: list[str], method: str, seed: int):
+        from fusion.distill import distill_fuse
+
+        if self.prompts is None:
+            raise InvalidConfig("distill needs the tasks' prompts: SpectralFuser(prompts=...)")
+        adapters = [source.adapters[t] for t in tasks]
+        data = [[{"prompt": ex["prompt"]} for ex in self.prompts(source.suite, t)[:DISTILL_PROMPTS]] for t in tasks]
+        student = None
+        if method == DISTILL_LORA:  # a fresh LoRA of the sources' rank on the layers they touch
+            first = adapters[0]
+            layers = [n for n in self.basis.layer_names() if any(n in a.params for a in adapters)]
+            student = new_adapter("lora", {"rank": first.cfg.rank, "alpha": first.cfg.alpha}, self.basis, layers)
+        cfg = dataclasses.replace(self.distill_cfg, seed=seed)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # small batches on a tiny model: dispatch-bound, one thread is ~2x faster
+        try:
+            fused, stats = distill_fuse(self.model, self.tokenizer, self.basis, adapters, [1.0] * len(adapters), data,
+                                        cfg, student=student, verify_basis=False)
+        finally:
+            torch.set_num_threads(threads)
+        return fused, FusedInfo(fused.num_params(), len(adapter_to_bytes(fused)), stats.seconds)
 
     @contextlib.contextmanager
     def individual(self, source: Source, task: str) -> Iterator[torch.nn.Module]:
@@ -98,6 +156,8 @@ class SpectralFuser:
         from fusion import fuse
         from fusion.cores import clear_cache
 
+        if is_distill(method):
+            return self.distill(source, tasks, method, seed)
         adapters = [source.adapters[t] for t in tasks]
         params = {}
         project = method.endswith(PROJECT)
@@ -130,6 +190,9 @@ class PeftFuser:
         self.peft = None
         self.names: dict[tuple[str, str], str] = {}  # (suite, task) -> adapter name in the PeftModel
         self._merges = 0
+
+    def settings(self, method: str) -> dict:
+        return {}
 
     def load(self, source: Source) -> None:
         from peft import PeftModel

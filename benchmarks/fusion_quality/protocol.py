@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fusion_quality.fusers import FusedInfo, is_random, uses_density
+from fusion_quality.fusers import FusedInfo, is_distill, is_random, uses_density
 from fusion_quality.scoring import accuracy, generation_hits, teacher_forced_hits
 from fusion_quality.sources import Source
 
@@ -43,6 +43,8 @@ class Grid:
     seeds: tuple[int, ...] = (0, 1, 2)  # DARE's drop masks, on the all-task fusion
 
     def candidates(self, method: str) -> list[dict[str, float]]:
+        if is_distill(method):  # weights are shares of the prompts: uniform, nothing to choose
+            return [{"weight": 1.0, "density": None}]
         densities = self.densities if uses_density(method) else (None,)
         return [{"weight": w, "density": d} for w in self.weights for d in densities]
 
@@ -207,7 +209,8 @@ def run_method(evaluator: Evaluator, fuser, source: Source, method: str, tasks: 
     """Select the method's candidate on validation for this subset, then measure it on test."""
     def state(cand: dict[str, float | None]) -> dict[str, Any]:
         return {"source": source.digest, "suite": source.suite, "fused": True, "method": method, "tasks": tasks,
-                "weight": cand["weight"], "density": cand["density"], "seed": seed if is_random(method) else 0}
+                "weight": cand["weight"], "density": cand["density"], "seed": seed if is_random(method) else 0,
+                **fuser.settings(method)}
 
     def enter(cand):
         return lambda: fuser.fused(source, tasks, method, cand["weight"], cand["density"], seed)

@@ -69,6 +69,19 @@ def _is_naive(row: dict[str, Any]) -> bool:
     return row["family"] == "spectral" and row["training"] == "plain" and row["method"] == "linear"
 
 
+def _is_distill(row: dict[str, Any]) -> bool:
+    return row["method"] in ("distill", "distill:lora")
+
+
+def _is_lora_merge(row: dict[str, Any]) -> bool:
+    """PEFT's merges and exact task arithmetic on the LoRAs (not the LoRA distillation control)."""
+    return (row["family"] == "peft" or row["method"] == "dense_ta") and not _is_distill(row)
+
+
+def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return max(rows, key=lambda r: r["mean_normalized"], default=None)
+
+
 def goals(summary: list[dict[str, Any]], suites: list[str], sizes: dict[str, int]) -> list[dict[str, Any]]:
     """The stated goals checked against the numbers, one entry per goal and suite."""
     out = []
@@ -76,17 +89,18 @@ def goals(summary: list[dict[str, Any]], suites: list[str], sizes: dict[str, int
         n = sizes[suite]
         rows = [r for r in summary if r["suite"] == suite and r["n"] == n and r["mean_normalized"] is not None]
         spectral = [r for r in rows if r["family"] == "spectral" and not r["source"].startswith("peft")]
-        lora = [r for r in rows if r["family"] == "peft" or r["method"] == "dense_ta"]
-        best_lora = max(lora, key=lambda r: r["mean_normalized"], default=None)
-        best_spectral = max(spectral, key=lambda r: r["mean_normalized"], default=None)
+        best_lora = _best([r for r in rows if _is_lora_merge(r)])
+        best_spectral = _best(spectral)
         winners = [r for r in spectral if best_lora and r["mean_normalized"] > best_lora["mean_normalized"]
                    and r["bytes"] <= best_lora["bytes"]]
-        best_small = max(winners, key=lambda r: r["mean_normalized"], default=None)
-        naive = max((r for r in rows if _is_naive(r)), key=lambda r: r["mean_normalized"], default=None)
+        best_small = _best(winners)
         out.append({
             "suite": suite, "n": n, "goal": "spectral fusion beats the best PEFT LoRA merge at equal or smaller size",
             "met": best_small is not None, "best_lora": _brief(best_lora), "best_spectral": _brief(best_spectral),
-            "best_spectral_not_larger": _brief(best_small), "best_plain_task_arithmetic": _brief(naive),
+            "best_spectral_not_larger": _brief(best_small),
+            "best_plain_task_arithmetic": _brief(_best([r for r in rows if _is_naive(r)])),
+            "best_spectral_data_free": _brief(_best([r for r in spectral if not _is_distill(r)])),
+            "lora_distilled": _brief(_best([r for r in rows if r["method"] == "distill:lora"])),
         })
         if suite == "compatible":
             out.append({
@@ -133,7 +147,10 @@ def goals_markdown(result: dict[str, Any]) -> list[str]:
                          f"{_describe(g['best_lora'])}; best spectral fusion: {_describe(g['best_spectral'])}; "
                          f"best spectral fusion no larger than that LoRA merge and better than it: "
                          f"{_describe(g['best_spectral_not_larger'])}. Plain task arithmetic on plainly trained "
-                         f"spectral adapters (best kind): {_describe(g['best_plain_task_arithmetic'])}.")
+                         f"spectral adapters (best kind): {_describe(g['best_plain_task_arithmetic'])}. "
+                         f"Without data (every method but distill): {_describe(g.get('best_spectral_data_free'))}. "
+                         "The control, the same distillation into a LoRA of the PEFT rank: "
+                         f"{_describe(g.get('lora_distilled'))}.")
         else:
             lines.append(f"- `{g['suite']}` — {g['goal']}: {mark} (best: {_describe(g['best_spectral'])}; "
                          f"{g['reference']}).")
@@ -142,11 +159,14 @@ def goals_markdown(result: dict[str, Any]) -> list[str]:
         rows = [r for r in result["summary"]
                 if r["suite"] == suite and r["n"] == n and r["mean_normalized"] is not None]
         steps = [("plain task arithmetic", [r for r in rows if _is_naive(r)]),
-                 ("any method on plainly trained adapters",
+                 ("any data-free method on plainly trained adapters",
                   [r for r in rows if r["training"] == "plain" and r["family"] == "spectral"
-                   and r["method"] != "dense_ta"]),
-                 ("PEFT LoRA merges", [r for r in rows if r["family"] == "peft" or r["method"] == "dense_ta"]),
-                 ("fusion-ready training (+kl, @slice)", [r for r in rows if r["training"] != "plain"])]
+                   and r["method"] != "dense_ta" and not _is_distill(r)]),
+                 ("PEFT LoRA merges", [r for r in rows if _is_lora_merge(r)]),
+                 ("fusion-ready training (+kl, @slice)", [r for r in rows if r["training"] != "plain"]),
+                 ("distillation on the tasks' prompts (no labels), k×k cores",
+                  [r for r in rows if r["method"] == "distill"]),
+                 ("the same into a LoRA", [r for r in rows if r["method"] == "distill:lora"])]
         parts = []
         for label, candidates in steps:
             best = max(candidates, key=lambda r: r["mean_normalized"], default=None)
@@ -249,7 +269,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"- Zoo: `{zoo['root']}` ({'quick' if zoo['quick'] else 'full'} build: {zoo['steps']} training steps per "
         f"adapter, basis k = {zoo['k']}, base `{zoo['base_fingerprint'][:12]}`, zoo seed {zoo['seed']}).",
-        f"- Seeds: benchmark seed {s['seed']}; DARE seeds {list(g['seeds'])} on the all-task fusion; "
+        f"- Seeds: benchmark seed {s['seed']}; DARE and distill seeds {list(g['seeds'])} on the all-task fusion; "
         f"{s['draws']} seeded draws per smaller subset size.",
         f"- Hardware: {result['environment_line']}.",
         f"- Wall time of this invocation {result['seconds'] / 60:.1f} min: {result['cost']['generated']:,} examples "
@@ -269,6 +289,15 @@ def markdown(result: dict[str, Any]) -> str:
         "prompts (`--preserve`), `@slice` gives task i its own basis directions [w·i, w·i+w), w = k / 8 (`--slice`). "
         "PEFT LoRA baselines (rank 4, q,k,v,o,gate,up,down) are merged with PEFT's `add_weighted_adapter` "
         "(`peft:*`) and by exact task arithmetic on their dense ΔW (`dense_ta`).",
+        "",
+        "`distill` (`fusion.distill`) is the one method that sees data: starting from the mean of the cores, one "
+        "dense k×k core per layer is trained (AdamW, "
+        f"{s.get('distill_steps', 300)} steps of 32 rows, lr {s.get('distill_lr', 1e-2):g}) so that on each task's "
+        "training prompts (128 per task, answers dropped: every adapter completes its own prompts greedily) the "
+        "fused model's next-token distributions match that task's adapter (KL on the completion positions). It "
+        "runs on the plainly trained adapters, one run per subset draw and per seed; its fusion time is the whole "
+        "distillation on one CPU thread. `distill:lora` is the control: the same distillation, prompts, steps and "
+        "seeds into a fresh LoRA of the PEFT baselines' rank, taught by the PEFT LoRAs.",
         "",
         f"Every method: uniform weight λ ∈ {list(g['weights'])} per adapter, density ∈ {list(g['densities'])} where "
         "the method has one, chosen by the mean normalized accuracy on the validation split "
@@ -354,7 +383,7 @@ def plots(result: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
         rows = [r for r in summary if r["suite"] == suite and r["n"] == n and r["mean_normalized"] is not None]
         colors = {s: plt.cm.tab10(k % 10) for k, s in enumerate(sources)}
         for r in rows:
-            family = "peft" if r["family"] == "peft" or r["method"] == "dense_ta" else "spectral"
+            family = "peft" if r["family"] == "peft" or r["method"] == "dense_ta" else "spectral"  # LoRA-shaped
             ax.scatter(r["bytes"], r["mean_normalized"], color=colors[r["source"]], marker=markers[family], s=18)
             ax.annotate(r["method"], (r["bytes"], r["mean_normalized"]), fontsize=5, alpha=0.8)
         for s in sources:

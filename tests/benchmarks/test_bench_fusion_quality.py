@@ -51,8 +51,9 @@ def miniature(zoo_dir, tmp_path_factory):
     """The whole script on the tiny zoo: one suite, fused-of-one and of two, every part switched on."""
     out = tmp_path_factory.mktemp("results")
     settings = bench.Settings.quick_settings(
-        zoo_dir, out=out, cache=out / "cache", sizes=(1, 2), draws=2, threads=1, progress=False,
-        methods=("linear", "ties", "slices", "linear+proj", "peft:cat", "peft:ties", "dense_ta"),
+        zoo_dir, out=out, cache=out / "cache", sizes=(1, 2), draws=2, threads=1, progress=False, distill_steps=3,
+        methods=("linear", "ties", "slices", "linear+proj", "distill", "peft:cat", "peft:ties", "dense_ta",
+                 "distill:lora"),
         grid=Grid(weights=(1.0,), densities=(0.5,), seeds=(0,)), interference=("scale", "peft-lora"))
     result = bench.run(settings)
     paths = bench.write(result, settings, "python benchmarks/bench_fusion_quality.py --quick")
@@ -78,9 +79,9 @@ def test_every_source_method_and_size_has_a_summary_row(miniature):
     _, result, _ = miniature
     names = [s["name"] for s in result["sources"]]
     assert names == ["scale", "additive@slice+kl", "peft-lora"]
-    expected = {("scale", m) for m in ("linear", "ties")}  # nothing outside the basis: no +proj
-    expected |= {("additive@slice+kl", m) for m in ("linear", "ties", "slices", "linear+proj")}
-    expected |= {("peft-lora", m) for m in ("peft:cat", "peft:ties", "dense_ta")}
+    expected = {("scale", m) for m in ("linear", "ties", "distill")}  # nothing outside the basis: no +proj
+    expected |= {("additive@slice+kl", m) for m in ("linear", "ties", "slices", "linear+proj")}  # distill: plain only
+    expected |= {("peft-lora", m) for m in ("peft:cat", "peft:ties", "dense_ta", "distill:lora")}
     rows = {(r["source"], r["method"], r["n"]): r for r in result["summary"]}
     assert set(rows) == {(s, m, n) for s, m in expected for n in (1, 2)}
     for (_, _, n), row in rows.items():
@@ -95,6 +96,10 @@ def test_every_source_method_and_size_has_a_summary_row(miniature):
     assert all(r["test_generation"] is not None and r["disagree"] is not None for r in full)
     proj, exact = (rows[("additive@slice+kl", m, 2)] for m in ("linear+proj", "linear"))
     assert proj["bytes"] < exact["bytes"]  # k×k cores only: the residual factors are gone
+    core, lora = rows[("scale", "distill", 2)], rows[("peft-lora", "distill:lora", 2)]
+    assert core["params"] == 14 * 8 * 8  # one dense 8×8 core on each of the 14 layers
+    assert lora["params"] == rows[("peft-lora", "peft:ties", 2)]["params"]  # a LoRA of the PEFT rank
+    assert core["chosen"] == lora["chosen"] == "λ=1"  # nothing to choose: uniform shares
 
 
 def test_fused_of_one_equals_the_individual_accuracy(miniature):
@@ -204,6 +209,7 @@ def test_subsets_slices_and_grid():
     grid = Grid(weights=(0.5, 1.0), densities=(0.2, 0.5))
     assert len(grid.candidates("linear")) == 2 and len(grid.candidates("ties")) == 4
     assert len(grid.candidates("peft:ties_svd")) == 4 and len(grid.candidates("peft:svd")) == 2
+    assert grid.candidates("distill") == grid.candidates("distill:lora") == [{"weight": 1.0, "density": None}]
 
 
 def test_goals_read_the_numbers():
@@ -218,11 +224,16 @@ def test_goals_read_the_numbers():
     goals = report.goals(summary, ["compatible"], {"compatible": 8})
     beat, keep = goals
     assert beat["met"] and beat["best_lora"]["method"] == "dense_ta"
+    assert beat["lora_distilled"] is None and beat["best_spectral_data_free"]["source"] == "additive"
     assert beat["best_spectral_not_larger"]["source"] == "scale"  # 0.6 > 0.55 at 5 KB ≤ 40 KB
     assert beat["best_spectral"]["source"] == "additive"
     assert keep["met"]  # additive ties keeps 90%
     summary[2]["mean_normalized"] = 0.5
     assert not report.goals(summary, ["compatible"], {"compatible": 8})[0]["met"]
+    # the LoRA distillation control is reported beside the LoRA merges, never as one of them
+    summary.append(row("peft-lora", "peft", "distill:lora", 0.95, 20_000))
+    beat = report.goals(summary, ["compatible"], {"compatible": 8})[0]
+    assert beat["best_lora"]["method"] == "dense_ta" and beat["lora_distilled"]["mean_normalized"] == 0.95
 
 
 def test_bad_inputs_are_typed_errors(tmp_path, capsys):
