@@ -122,12 +122,8 @@ def _registry(args):
 
 def fused_mixture(reg, args):
     """(fused adapter, its basis, [(ref, weight)]) of args.mixture under args' method."""
-    from adapters_zoo.errors import InvalidConfig
     from fusion.fuse import fuse
 
-    if args.method == "distill":
-        raise InvalidConfig("--method distill trains on prompts and needs the base model: run `specfuse fuse "
-                            "MIXTURE --method distill --base MODEL_DIR --data ... --name N`, then use N here")
     resolved = reg.resolve_mixture(args.mixture)
     basis = reg.basis(resolved[0][1].base_fingerprint)
     fused = fuse([a for _, a, _ in resolved], [w for _, _, w in resolved], basis, method=args.method,

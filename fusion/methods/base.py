@@ -89,10 +89,17 @@ def register(cls: type[FusionMethod]) -> type[FusionMethod]:
     return cls
 
 
+OFFLINE = {"distill": "`specfuse fuse MIXTURE --method distill --base MODEL_DIR --data ... --name N` "
+                      "(fusion.distill.distill_fuse)"}  # methods that train, so need a model and data
+
+
 def get_method(name: str) -> FusionMethod:
     try:
         return METHODS[name]
     except KeyError:
+        if name in OFFLINE:
+            raise InvalidConfig(f"fusion method {name!r} trains on prompts with the base model, so it runs offline: "
+                                f"{OFFLINE[name]}, then use the fused adapter N by name") from None
         raise InvalidConfig(f"unknown fusion method {name!r} (known: {', '.join(METHODS)})") from None
 
 

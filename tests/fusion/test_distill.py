@@ -227,9 +227,14 @@ def test_cli_distill_errors(home, tiny_llama_dir, tmp_path, capsys, extra, match
         assert [r.name for r in reg.list()] == ["a", "b"]  # nothing written
 
 
+def test_fuse_points_to_the_offline_distill(llama_basis, sources):
+    with pytest.raises(InvalidConfig, match="runs offline: `specfuse fuse MIXTURE --method distill"):
+        fuse(sources, [1.0, 1.0], llama_basis, "distill")
+
+
 def test_cli_distill_options_belong_to_distill_and_merge_points_to_fuse(home, tiny_llama_dir, tmp_path, capsys):
     code = main(["fuse", "a,b", "--steps", "3", "--name", "x", "--home", str(home)])
     assert code != 0 and "--steps: only for --method distill" in capsys.readouterr().err
     code = main(["merge", str(tiny_llama_dir), "a,b", "--method", "distill", "--out", str(tmp_path / "m"),
                  "--home", str(home)])
-    assert code != 0 and "then use N here" in capsys.readouterr().err
+    assert code != 0 and "runs offline" in capsys.readouterr().err
