@@ -392,7 +392,7 @@ def plots(result: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
             ax.set_xscale("log")
         ax.set_xlabel("bytes of the fused adapter (log)")
         ax.set_ylabel("normalized accuracy")
-        ax.set_title(f"{suite}: {n} tasks fused (squares: LoRA merges)")
+        ax.set_title(f"{suite}: {n} tasks fused (squares: LoRA-shaped results)")
         ax.legend(fontsize=6)
     fig.tight_layout()
     second = out_dir / f"{stem}_bytes.png"
