@@ -289,6 +289,23 @@ class Batches:
         return [self.rows[i] for i in picked]
 
 
+@contextlib.contextmanager
+def frozen_base(model: torch.nn.Module, device: torch.device):
+    """``model`` on ``device``, in eval mode with every weight frozen, for adapters attached inside the
+    block; after it (also on error) every adapter is detached and the grad flags and mode restored."""
+    was_training = model.training
+    grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.to(device).eval()
+    try:
+        model.requires_grad_(False)
+        yield model
+    finally:
+        detach(model)
+        for name, p in model.named_parameters():
+            p.requires_grad_(grad_flags.get(name, p.requires_grad))
+        model.train(was_training)
+
+
 def train_adapter(
     model: torch.nn.Module,
     tokenizer,
@@ -324,11 +341,7 @@ def train_adapter(
     preserve_batches = Batches(preserve_rows, cfg.batch_size, gen) if preserve_rows and cfg.kl_weight > 0 else None
     pad_id = pad_id_of(tokenizer)
 
-    was_training = model.training
-    grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    model.to(device).eval()
-    try:
-        model.requires_grad_(False)
+    with frozen_base(model, device):
         attach(model, adapter, basis)
         params = adapter_parameters(model)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -359,11 +372,6 @@ def train_adapter(
             bar.set_postfix(loss=f"{losses[-1]:.4f}", **({"kl": f"{kls[-1]:.4f}"} if kls else {}))
         seconds = time.perf_counter() - start
         trained = extract(model, adapter)
-    finally:
-        detach(model)
-        for name, p in model.named_parameters():
-            p.requires_grad_(grad_flags.get(name, p.requires_grad))
-        model.train(was_training)
 
     stats = TrainStats(
         steps=cfg.steps,

@@ -36,13 +36,14 @@ import torch.nn.functional as F
 from adapters_zoo.basis import Basis, check_basis_matches_model
 from adapters_zoo.errors import InvalidConfig, InvalidMixture, TrainingDataError, TrainingDiverged
 from adapters_zoo.format import Adapter
-from adapters_zoo.inject import adapter_parameters, attach, detach, extract
+from adapters_zoo.inject import adapter_parameters, attach, extract
 from adapters_zoo.train import (
     IGNORE_INDEX,
     Batches,
     adapter_disabled,
     completion_logits,
     encode_example,
+    frozen_base,
     lr_factor,
     pad_batch,
     pad_id_of,
@@ -193,12 +194,8 @@ def distill_fuse(model: torch.nn.Module, tokenizer, basis: Basis, adapters: list
         student = dense_core(start, touched, basis)
     student.check_against(basis)
 
-    was_training = model.training
-    grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    model.to(device).eval()
     start_time = time.perf_counter()
-    try:
-        model.requires_grad_(False)
+    with frozen_base(model, device):
         teachers = [on_device(a, device) for a in adapters]
         rows, generated = [], 0
         for a, exs, w in zip(teachers, data, weights):
@@ -237,11 +234,6 @@ def distill_fuse(model: torch.nn.Module, tokenizer, basis: Basis, adapters: list
             if progress and (step % 50 == 0 or step == cfg.steps - 1):
                 print(f"distill step {step + 1}/{cfg.steps}: KL {kls[-1]:.4f}", flush=True)
         fused = extract(model, student)
-    finally:
-        detach(model)
-        for name, p in model.named_parameters():
-            p.requires_grad_(grad_flags.get(name, p.requires_grad))
-        model.train(was_training)
 
     stats = DistillStats(cfg.steps, kls[0], sum(kls[-10:]) / len(kls[-10:]), round(time.perf_counter() - start_time, 3),
                          [len(r) for r in rows], generated, fused.num_params())
