@@ -26,20 +26,19 @@ Results: benchmarks/results/fusion_speed.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
 from pathlib import Path
 
 import torch
+from common import RESULTS, write_results  # benchmarks/ is the script folder: first on sys.path
 
 from adapters_zoo.basis import Basis, LayerBasis
 from adapters_zoo.format import Adapter
 from fusion import fuse
 from fusion.cores import clear_cache
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {  # Llama-2-7B: leaf -> (out, in)
     "q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
     "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008),
@@ -265,10 +264,7 @@ def main() -> None:
             "add_weighted_adapter, so this changes no timing.",
         ],
     }
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "fusion_speed.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "fusion_speed.md").write_text(markdown(result))
+    write_results("fusion_speed", result, markdown(result), Path(args.out))
     print(markdown(result))
 
 

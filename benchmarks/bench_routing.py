@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from common import RESULTS, write_results  # benchmarks/ is the script folder: first on sys.path
 
-RESULTS = Path(__file__).resolve().parent / "results"
 FULL_ZOO = Path("/work/zoo-full")
 QUICK_ZOO = Path("/tmp/zoo-quick-routing")
 MAX_NEW_TOKENS = 16  # the zoo's evaluation budget; answers are shorter
@@ -550,10 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     settings = Settings(ensure_zoo(args.zoo), tuple(k.strip() for k in args.kinds.split(",")), args.n, args.threads)
     result = run(settings, " ".join(sys.argv[1:] if argv is None else argv))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{args.out}.md").write_text(markdown(result))
-    print(f"wrote {RESULTS / args.out}.json and .md", file=sys.stderr)
+    paths = write_results(args.out, result, markdown(result))
+    print(f"wrote {paths[0]} and {paths[1].name}", file=sys.stderr)
     return 0
 
 

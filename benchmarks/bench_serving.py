@@ -25,7 +25,6 @@ and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -39,8 +38,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import write_results  # benchmarks/ is the script folder: first on sys.path
 
 SHAPES = {
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
@@ -528,10 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     result = run(settings)
     name = args.out or (f"serving_{args.device}" + ("" if shape == "small" else f"_{shape}"))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(result))
-    print(f"wrote {RESULTS / name}.json and .md", file=sys.stderr)
+    paths = write_results(name, result, markdown(result))
+    print(f"wrote {paths[0]} and {paths[1].name}", file=sys.stderr)
     return 0
 
 

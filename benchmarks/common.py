@@ -1,6 +1,6 @@
 """What every benchmark records beside its numbers: hardware, threads, versions, date, commit.
 
-    from common import RESULTS, environment, set_threads
+    from common import RESULTS, environment, set_threads, write_results
     set_threads(2)
     record = {"environment": environment(), ...}
 
@@ -11,6 +11,7 @@ imported by its bare name (the script's folder is first on ``sys.path``).
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -87,3 +88,12 @@ def environment_line(env: dict[str, Any]) -> str:
     if env.get("commit"):
         parts.append(f"commit `{env['commit']}`")
     return "; ".join(parts)
+
+
+def write_results(stem: str, result: dict[str, Any], markdown: str, out: Path = RESULTS) -> list[Path]:
+    """``out/{stem}.json`` (every number) and ``out/{stem}.md`` (the report); returns both paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.json", out / f"{stem}.md"]
+    paths[0].write_text(json.dumps(result, indent=2) + "\n")
+    paths[1].write_text(markdown)
+    return paths

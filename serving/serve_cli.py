@@ -151,8 +151,7 @@ def _serve(service, host: str, port: int, api_key: str | None, protect_all: bool
     try:
         uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
     finally:
-        service.scheduler.stop()
-        service.registry.close()
+        service.close()
     return 0
 
 

@@ -124,6 +124,19 @@ class Service:
         m.watch("specfuse_routed_to_base_total", "auto prompts no adapter matched (served by the base)",
                 lambda: self.router.to_base, "counter")
 
+    def close(self) -> None:
+        """Stop the scheduler thread (new requests then get 503) and close the registry."""
+        try:
+            self.scheduler.stop()
+        finally:
+            self.registry.close()
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # ------------------------------------------------------------------ mixtures
 
     def mixture_spec(self, model: str, adapters: dict[str, Any] | None = None, method: str | None = None,

@@ -35,11 +35,9 @@ def home(tmp_path_factory, model, tokenizer, basis, adapters):
 
 @pytest.fixture(scope="module")
 def service(home):
-    service = build_service(ServerSettings(home / "base", home, device="cpu", slots=40, residual_slots=24,
-                                           max_batch=40, max_prompt_tokens=64, max_tokens=200, max_mixture=8))
-    yield service
-    service.scheduler.stop()
-    service.registry.close()
+    with build_service(ServerSettings(home / "base", home, device="cpu", slots=40, residual_slots=24,
+                                      max_batch=40, max_prompt_tokens=64, max_tokens=200, max_mixture=8)) as service:
+        yield service
 
 
 @pytest.fixture(scope="module")
@@ -283,9 +281,8 @@ def test_protect_all_and_api_key(service):
 
 
 def test_queue_full_is_429_and_stopped_engine_is_503(home):
-    small = build_service(ServerSettings(home / "base", home, device="cpu", slots=2, residual_slots=1,
-                                         max_batch=1, max_queue=1))
-    try:
+    with build_service(ServerSettings(home / "base", home, device="cpu", slots=2, residual_slots=1,
+                                      max_batch=1, max_queue=1)) as small:
         with ServerThread(create_app(small)) as srv:
             client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
             body = {"model": "base", "prompt": "long", "max_tokens": 150, "temperature": 0, "ignore_eos": True}
@@ -306,9 +303,6 @@ def test_queue_full_is_429_and_stopped_engine_is_503(home):
                 client.completions.create(model="base", prompt="x", max_tokens=2)
             assert info.value.status_code == 503
             assert json.loads(httpx.get(srv.url + "/health").text)["status"] == "stopped"
-    finally:
-        small.scheduler.stop()
-        small.registry.close()
 
 
 def test_prompt_lists_and_n_give_indexed_choices(client):

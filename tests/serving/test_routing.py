@@ -243,11 +243,9 @@ def home(tmp_path_factory, model, tokenizer, basis, task_adapters, make_adapter)
 
 @pytest.fixture(scope="module")
 def service(home):
-    service = build_service(ServerSettings(home / "base", home, device="cpu", slots=12, residual_slots=4,
-                                           max_batch=32, max_prompt_tokens=64, max_tokens=64, max_mixture=4))
-    yield service
-    service.scheduler.stop()
-    service.registry.close()
+    with build_service(ServerSettings(home / "base", home, device="cpu", slots=12, residual_slots=4,
+                                      max_batch=32, max_prompt_tokens=64, max_tokens=64, max_mixture=4)) as service:
+        yield service
 
 
 @pytest.fixture(scope="module")
