@@ -2,8 +2,10 @@
 
 The data-free methods (``linear``, ``ties``, ...) combine cores entry by entry and never see
 what the adapters do; on a small model whose adapters each rewrite the same directions,
-their sum answers no task at all. ``distill`` looks at behaviour instead (the route of
-distillation-based merging, e.g. https://arxiv.org/abs/2502.12706): the fused adapter is a
+their sum answers no task at all. ``distill`` looks at behaviour instead, the route of
+distillation-based merging (ProDistill, https://arxiv.org/abs/2502.12706, which also shows
+that data-agnostic merging can be arbitrarily bad; it distills layer by layer on
+activations, this distills end to end on output distributions): the fused adapter is a
 student that must reproduce, on prompts of each source's own task, that source's
 next-token distributions:
 
