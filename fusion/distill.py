@@ -102,13 +102,8 @@ def dense_core(adapter: Adapter, layers: list[str], basis: Basis) -> Adapter:
     """A ``core`` adapter with a dense k×k C on every one of ``layers`` (zeros where ``adapter`` has none)."""
     params = {}
     for layer in layers:
-        p = adapter.params.get(layer, {})
-        if "C" in p:
-            C = p["C"]
-        elif "c" in p:
-            C = torch.diag(p["c"])
-        else:
-            C = torch.zeros(basis[layer].k, basis[layer].k)
+        C = adapter.core(layer, basis) if layer in adapter.params else None
+        C = torch.zeros(basis[layer].k, basis[layer].k) if C is None else C
         params[layer] = {"C": C.detach().to("cpu", torch.float32).clone()}
     return Adapter("core", {"diagonal": False}, basis.fingerprint, basis.rank, params, dict(adapter.meta))
 
@@ -128,11 +123,7 @@ def teacher_rows(model, tokenizer, teacher: Adapter, basis: Basis, examples: lis
             open_.append(i)
     if open_:
         pad, eos = pad_id_of(tokenizer), tokenizer.eos_token_id
-        prompts = [tokenizer(examples[i]["prompt"])["input_ids"] for i in open_]
-        for i, p in zip(open_, prompts):
-            if len(p) >= cfg.max_length:
-                raise TrainingDataError(f"a prompt of {len(p)} tokens leaves no room for its completion within "
-                                        f"max_length={cfg.max_length}: {examples[i]['prompt'][:60]!r}")
+        prompts = [encode_example(tokenizer, examples[i], cfg.max_length)[0] for i in open_]  # checks the length
         with merged(model, teacher, basis):
             for start in range(0, len(open_), cfg.batch_size):
                 chunk = prompts[start : start + cfg.batch_size]
@@ -142,9 +133,9 @@ def teacher_rows(model, tokenizer, teacher: Adapter, basis: Basis, examples: lis
                 for r, p in enumerate(chunk):  # left padded for generation
                     ids[r, width - len(p):] = torch.tensor(p)
                     mask[r, width - len(p):] = 1
-                new = cfg.max_new_tokens
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
-                                     do_sample=False, eos_token_id=eos, pad_token_id=pad)[:, width:].tolist()
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=eos,
+                                     pad_token_id=pad)[:, width:].tolist()
                 for r, (p, gen) in enumerate(zip(chunk, out)):
                     if eos is not None and eos in gen:
                         gen = gen[: gen.index(eos) + 1]  # the student learns to stop too

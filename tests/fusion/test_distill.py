@@ -238,3 +238,10 @@ def test_cli_distill_options_belong_to_distill_and_merge_points_to_fuse(home, ti
     code = main(["merge", str(tiny_llama_dir), "a,b", "--method", "distill", "--out", str(tmp_path / "m"),
                  "--home", str(home)])
     assert code != 0 and "runs offline" in capsys.readouterr().err
+
+
+def test_a_prompt_with_no_room_for_its_completion_is_refused(model, tokenizer, llama_basis, sources):
+    long = [{"prompt": "a" * 40}]
+    with pytest.raises(TrainingDataError, match="leaves no room for its completion within max_length=16"):
+        distill_fuse(model, tokenizer, llama_basis, sources, [1.0, 1.0], [prompts(0, 4), long],
+                     DistillConfig(steps=1, max_length=16))
