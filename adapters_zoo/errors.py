@@ -56,6 +56,10 @@ class InvalidMixture(SpecfuseError, ValueError):
     """A mixture string or weight map that cannot be parsed or is out of bounds."""
 
 
+class DeltaOutOfBounds(SpecfuseError, ValueError):
+    """An adapter or fused mixture whose change to a layer is past the bound set from the base's spectrum."""
+
+
 class TrainingDiverged(SpecfuseError):
     """Training produced a non-finite loss (learning rate too high, or bad data)."""
 
@@ -94,3 +98,7 @@ class ServerBusy(SpecfuseError):
 
 class ServiceUnavailable(SpecfuseError):
     """The engine is stopped or failed; nothing can be generated right now."""
+
+
+class NumericalFailure(SpecfuseError):
+    """A request whose logits became NaN or infinite; it alone is ended, the batch goes on."""

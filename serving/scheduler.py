@@ -10,6 +10,11 @@ One thread owns the engine. Each iteration it
 4. hands every row its new text; a row that hit eos, a stop string or ``max_tokens``
    leaves the batch and unpins its slot, the others go on.
 
+One request's failure is its own: a row whose logits are NaN or infinite (a mixture
+that blew the model's numbers up), or whose sampling fails, gets an error event and
+leaves; the other rows never see it. Every accepted request ends with exactly one
+``done`` or ``error`` event, and its slot is unpinned when it does, whatever fails.
+
 The waiting queue is bounded (``ServerBusy`` past ``max_queue``). Events reach the
 caller through the ``on_event`` callback given at submit time, from the scheduler
 thread; the HTTP layer forwards them to its event loop.
@@ -26,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapters_zoo.errors import InvalidConfig, ServerBusy, ServiceUnavailable
+from adapters_zoo.errors import InvalidConfig, NumericalFailure, ServerBusy, ServiceUnavailable
 from serving.engine import Engine
 from serving.generation import BatchKV, SamplingParams, TextStream, choose_tokens, make_generator
 from serving.slots import MixtureCores, NoFreeSlot
@@ -120,6 +125,7 @@ class Scheduler:
         self.observer = observer or SchedulerObserver()
         self._pending: deque[RequestHandle] = deque()
         self._rows: list[_Row] = []
+        self._newcomers: list[_Row] = []  # admitted (slot pinned), not yet in the running batch
         self._kv = BatchKV()
         self._cond = threading.Condition()
         self._stopping = False
@@ -174,14 +180,16 @@ class Scheduler:
                     break
             try:
                 self._drop_cancelled()
-                newcomers = self._admit()
-                if newcomers:
-                    self._prefill(newcomers)
+                self._admit()
+                admitted = bool(self._newcomers)
+                if admitted:
+                    self._prefill(self._newcomers)
+                self._newcomers = []
                 if self._rows:
                     self._decode()
-                elif not newcomers:
+                elif not admitted:
                     time.sleep(0.001)  # everything waiting needs a slot held by a request just ending
-            except Exception as err:  # a failed step fails its rows; the server keeps serving
+            except Exception as err:  # a failed shared step fails its rows; the server keeps serving
                 self._fail_all(err)
         self._fail_all(ServiceUnavailable("the server is shutting down"), pending=True)
 
@@ -195,8 +203,9 @@ class Scheduler:
         self._rows = [self._rows[i] for i in keep]
         self._kv.keep(keep)
 
-    def _admit(self) -> list[_Row]:
-        rows: list[_Row] = []
+    def _admit(self) -> None:
+        """Move waiting requests into ``_newcomers`` (their slots pinned) while there is room."""
+        rows = self._newcomers
         budget = self.config.max_prefill_tokens
         with self._cond:
             waiting = list(self._pending)
@@ -214,11 +223,14 @@ class Scheduler:
                 slot = -1 if request.mixture is None else self.engine.slots.acquire(request.mixture)
             except NoFreeSlot:
                 continue  # stays queued until a running mixture's slot is released
+            except Exception as err:  # this mixture cannot take a slot: it alone fails
+                self._remove_pending(handle)
+                handle.emit(Event("error", error=err))
+                continue
             self._remove_pending(handle)
             budget -= len(request.prompt)
             rows.append(_Row(handle, slot, TextStream(self.engine.tokenizer, request.params.stop),
                              make_generator(request.params.seed)))
-        return rows
 
     def _remove_pending(self, handle: RequestHandle) -> None:
         with self._cond:
@@ -232,9 +244,9 @@ class Scheduler:
             for row in rows:
                 self._fail(row, err)
             return
-        tokens = choose_tokens(logits, [r.params for r in rows], [r.gen for r in rows])
+        tokens = self._choose(rows, logits)
         self.observer.on_step("prefill", len(rows), time.perf_counter() - start)
-        alive = [i for i, (row, token) in enumerate(zip(rows, tokens)) if not self._advance(row, token)]
+        alive = [i for i, (row, token) in enumerate(zip(rows, tokens)) if not self._step_row(row, token)]
         if alive:
             block = BatchKV()
             block.merge(cache, mask)
@@ -247,12 +259,41 @@ class Scheduler:
         ids = torch.tensor([[row.last] for row in self._rows], device=self.engine.device)  # (rows, 1)
         mask, positions = self._kv.step_inputs()
         logits = self.engine.forward(ids, mask, positions, self._kv.cache, [row.slot for row in self._rows])
-        tokens = choose_tokens(logits, [r.params for r in self._rows], [r.gen for r in self._rows])
+        tokens = self._choose(self._rows, logits)
         self.steps += 1
         self.observer.on_step("decode", len(self._rows), time.perf_counter() - start)
-        keep = [i for i, (row, token) in enumerate(zip(self._rows, tokens)) if not self._advance(row, token)]
+        keep = [i for i, (row, token) in enumerate(zip(self._rows, tokens)) if not self._step_row(row, token)]
         self._rows = [self._rows[i] for i in keep]
         self._kv.keep(keep)
+
+    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[int | Exception]:
+        """Each row's next token, or the error that ends that row alone (non-finite logits, failed sampling)."""
+        finite = torch.isfinite(logits).all(dim=-1).tolist()  # (rows,): rows are independent, so is their NaN
+        out: list[int | Exception] = [0 if f else _non_finite(row) for row, f in zip(rows, finite)]
+        ok = [i for i, f in enumerate(finite) if f]
+        if not ok:
+            return out
+        picked = logits if len(ok) == len(rows) else logits[ok]  # (ok, V)
+        try:
+            tokens = choose_tokens(picked, [rows[i].params for i in ok], [rows[i].gen for i in ok])
+        except Exception:  # one row's sampling failed (e.g. a temperature that overflows): find it
+            tokens = []
+            for j, i in enumerate(ok):
+                try:
+                    tokens.append(choose_tokens(picked[j : j + 1], [rows[i].params], [rows[i].gen])[0])
+                except Exception as err:
+                    tokens.append(NumericalFailure(f"sampling failed for this request ({type(err).__name__}: "
+                                                   f"{err}); it was ended, other requests are unaffected"))
+        for i, token in zip(ok, tokens):
+            out[i] = token
+        return out
+
+    def _step_row(self, row: _Row, token: int | Exception) -> bool:
+        """Take one row's next token (or its error); True when the row is finished (and released)."""
+        if isinstance(token, Exception):
+            self._fail(row, token)
+            return True
+        return self._advance(row, token)
 
     def _advance(self, row: _Row, token: int) -> bool:
         """Take one sampled token; return True when the row is finished (and released)."""
@@ -288,16 +329,23 @@ class Scheduler:
         row.handle.emit(Event("error", error=err))
 
     def _fail_all(self, err: Exception, pending: bool = False) -> None:
-        for row in self._rows:
+        for row in [*self._rows, *self._newcomers]:
             if not row.handle.finished:
                 self._fail(row, err)
-        self._rows = []
+        self._rows, self._newcomers = [], []
         self._kv = BatchKV()
         if pending:
             with self._cond:
                 waiting, self._pending = list(self._pending), deque()
             for handle in waiting:
                 handle.emit(Event("error", error=err))
+
+
+def _non_finite(row: _Row) -> NumericalFailure:
+    mixture = row.handle.request.mixture
+    label = "base" if mixture is None else getattr(mixture.key, "label", str(mixture.key))
+    return NumericalFailure(f"the model's logits became NaN or infinite for this request (mixture {label}); "
+                            "it was ended, other requests are unaffected")
 
 
 def generate(scheduler: Scheduler, requests: list[GenerationRequest], timeout: float = 300.0) -> list[Event]:
