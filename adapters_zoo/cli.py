@@ -216,7 +216,9 @@ def _register_train(subparsers) -> None:
     p = subparsers.add_parser("train", help="train one adapter on prompt/completion JSON Lines",
                               description="Loss on completion tokens only; the base model stays frozen.")
     p.add_argument("model_dir", metavar="MODEL_DIR")
-    p.add_argument("--data", required=True, metavar="TRAIN.jsonl", help='lines of {"prompt": ..., "completion": ...}')
+    p.add_argument("--data", required=True, metavar="TRAIN.jsonl",
+                   help='lines of {"prompt", "completion"} or of {"messages": [...]} '
+                   "(chat template, loss on the assistant turns)")
     p.add_argument("--out", required=True, metavar="FILE", help="adapter file to write (.safetensors)")
     p.add_argument("--basis", default=None, metavar="FILE", help="basis file (default: computed, saved beside --out)")
     p.add_argument("--basis-rank", default=None, metavar="K|full", help="k of the computed basis (default: --rank)")
@@ -228,6 +230,8 @@ def _register_train(subparsers) -> None:
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-length", type=int, default=256, help="tokens per example")
+    t.add_argument("--no-eos", action="store_true", help="do not end completions with the tokenizer's EOS "
+                   "(the adapter then never learns to stop)")
     t.add_argument("--preserve", default=None, metavar="FILE", help="JSONL of prompts to leave unchanged (KL term)")
     t.add_argument("--kl-weight", type=float, default=1.0)
     t.add_argument("--eval", default=None, metavar="FILE", help="held-out JSONL: loss before and after")
@@ -249,7 +253,7 @@ def cmd_train(args) -> int:
     kind_config = kind_config_from_args(args.kind, args)
     cfg = TrainConfig(kind=args.kind, kind_config=kind_config, targets=args.targets, steps=args.steps,
                       batch_size=args.batch_size, seed=args.seed, preserve=args.preserve, kl_weight=args.kl_weight,
-                      max_length=args.max_length, device=args.device)
+                      max_length=args.max_length, add_eos=not args.no_eos, device=args.device)
     if args.lr is not None:
         cfg.lr = args.lr
     cfg.validate()

@@ -12,8 +12,12 @@ cosine decay to 0, gradient clipping at 1, seeded batches.
 The base runs in eval mode (dropout off) during training: the adapter has few
 parameters, and the KL term then compares the base and adapted models like for like.
 
-Training data are JSON Lines ``{"prompt": ..., "completion": ...}``; every problem with
-a file is a :class:`TrainingDataError` naming the file and line.
+Training data are JSON Lines of ``{"prompt": ..., "completion": ...}`` (the completion
+ends with the tokenizer's EOS, so the adapter learns to stop) or ``{"messages": [...]}``
+(rendered with the model's chat template, the loss on the assistant turns); every
+problem with a file is a :class:`TrainingDataError` naming the file and line. The
+adapter's routing signature (the base model's features of its prompts) is stored in its
+metadata, so ``auto`` can route to anything trained here.
 """
 
 from __future__ import annotations
@@ -35,11 +39,12 @@ from adapters_zoo.checkpoint import linear_layers
 from adapters_zoo.errors import BasisMismatch, InvalidConfig, ModelDirError, TrainingDataError, TrainingDiverged
 from adapters_zoo.format import Adapter, new_adapter
 from adapters_zoo.inject import SpectralLinear, adapter_parameters, attach, detach, extract
+from adapters_zoo.signatures import attach_signature, signature_from_prompts
 
 IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss there
 LOSS_WINDOW = 10  # final_loss is the mean over this many last steps (one batch is noisy)
 
-Example = dict[str, str]
+Example = dict[str, Any]  # {prompt, completion} or {messages}
 
 
 @dataclass
@@ -56,6 +61,8 @@ class TrainConfig:
     preserve: str | None = None  # JSONL of prompts whose next-token distributions must stay the base's
     kl_weight: float = 1.0
     max_length: int = 256  # tokens per example (prompt + completion); longer completions are cut
+    add_eos: bool = True  # end every completion with the tokenizer's EOS, so the adapter learns to stop (as TRL)
+    signature: bool = True  # store the routing signature (base features of the prompts) for `auto`
     device: str | None = None  # None: cuda when present, else cpu
 
     def validate(self) -> None:
@@ -90,9 +97,13 @@ class TrainStats:
 
 
 def load_examples(path: str | Path, need_completion: bool = True) -> list[Example]:
-    """Read a JSON Lines file of ``{"prompt", "completion"}`` objects, checking every line.
+    """Read a JSON Lines training file, checking every line.
 
-    With ``need_completion=False`` (preserve files) only ``prompt`` is required.
+    Two shapes, as TRL reads them, one per file: ``{"prompt", "completion"}`` and
+    ``{"messages": [{"role", "content"}, ...]}`` (rendered with the model's chat template;
+    the loss on the assistant turns). With ``need_completion=False`` (preserve files) a
+    prompt line needs only ``prompt`` and a messages line any turns. The list returned
+    carries ``.where`` (``file:line`` of each example) so later errors name the line.
     """
     path = Path(path)
     if not path.is_file():
@@ -101,48 +112,149 @@ def load_examples(path: str | Path, need_completion: bool = True) -> list[Exampl
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
         raise TrainingDataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    keys = ("prompt", "completion") if need_completion else ("prompt",)
-    examples = []
+    examples = ExampleList()
+    shape: tuple[str, int] | None = None  # (shape of the first example, its line)
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        where = f"{path}:{lineno}"
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TrainingDataError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+        except (json.JSONDecodeError, RecursionError) as err:
+            reason = f"{err.msg} at column {err.colno}" if isinstance(err, json.JSONDecodeError) else "nested too deep"
+            raise TrainingDataError(f"{where}: not valid JSON ({reason})") from None
         if not isinstance(record, dict):
-            raise TrainingDataError(
-                f"{path}:{lineno}: expected an object with {' and '.join(map(repr, keys))}, "
-                f"got {type(record).__name__}"
-            )
-        for key in keys:
-            if key not in record:
-                raise TrainingDataError(f"{path}:{lineno}: missing key {key!r}")
-        for key in ("prompt", "completion"):
-            if key in record and not isinstance(record[key], str):
-                raise TrainingDataError(
-                    f"{path}:{lineno}: {key!r} must be a string, got {type(record[key]).__name__}"
-                )
-        if need_completion and not record["completion"]:
-            raise TrainingDataError(f"{path}:{lineno}: 'completion' is empty (the loss is on the completion)")
-        examples.append({k: record[k] for k in ("prompt", "completion") if k in record})
+            raise TrainingDataError(f"{where}: expected an object with 'prompt' and 'completion', or 'messages', "
+                                    f"got {type(record).__name__}")
+        this = "messages" if "messages" in record else "prompt"
+        if shape is None:
+            shape = (this, lineno)
+        elif this != shape[0]:
+            raise TrainingDataError(f"{where}: a {this!r} example in a file of {shape[0]!r} examples (line "
+                                    f"{shape[1]}): use one shape per file")
+        example = _messages_example(record, where, need_completion) if this == "messages" else \
+            _prompt_example(record, where, need_completion)
+        examples.append(example)
+        examples.where.append(where)
     if not examples:
         raise TrainingDataError(f"{path}: no examples (the file is empty)")
     return examples
 
 
-def encode_example(tokenizer, example: Example, max_length: int) -> tuple[list[int], list[int], bool]:
-    """(input ids, labels, truncated): labels are −100 on the prompt, the completion's ids on it."""
+class ExampleList(list):
+    """Examples read from a file, with ``where[i]`` = ``file:line`` of example i."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.where: list[str] = []
+
+
+def encode_examples(tokenizer, examples: list[Example], max_length: int, add_eos: bool = True):
+    """encode_example over ``examples``; an error names the file and line of the example (when known)."""
+    where = getattr(examples, "where", None)
+    encoded = []
+    for i, ex in enumerate(examples):
+        try:
+            encoded.append(encode_example(tokenizer, ex, max_length, add_eos))
+        except TrainingDataError as err:
+            raise TrainingDataError(f"{where[i]}: {err}" if where else str(err)) from None
+    return encoded
+
+
+def _prompt_example(record: dict, where: str, need_completion: bool) -> Example:
+    keys = ("prompt", "completion") if need_completion else ("prompt",)
+    for key in keys:
+        if key not in record:
+            raise TrainingDataError(f"{where}: missing key {key!r}")
+    for key in ("prompt", "completion"):
+        if key in record and not isinstance(record[key], str):
+            raise TrainingDataError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
+    if need_completion and not record["completion"]:
+        raise TrainingDataError(f"{where}: 'completion' is empty (the loss is on the completion)")
+    return {k: record[k] for k in ("prompt", "completion") if k in record}
+
+
+def _messages_example(record: dict, where: str, need_completion: bool) -> Example:
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise TrainingDataError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    for i, turn in enumerate(messages):
+        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+            raise TrainingDataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+    if need_completion and not any(turn["role"] == "assistant" for turn in messages):
+        raise TrainingDataError(f"{where}: no assistant turn (the loss is on the assistant turns)")
+    return {"messages": [{"role": t["role"], "content": t["content"]} for t in messages]}
+
+
+def _chat_template(tokenizer, example: Example):
+    if not getattr(tokenizer, "chat_template", None):
+        raise TrainingDataError("a 'messages' example, but the model's tokenizer has no chat template "
+                                "(use prompt/completion lines)")
+    return tokenizer.apply_chat_template
+
+
+def prompt_text(tokenizer, example: Example) -> str:
+    """What the model reads before it answers: the prompt, or the chat up to the last assistant turn."""
+    if "messages" not in example:
+        return example["prompt"]
+    render = _chat_template(tokenizer, example)
+    turns = example["messages"]
+    last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=len(turns))
+    return render(turns[:last], tokenize=False, add_generation_prompt=True)
+
+
+def encode_example(
+    tokenizer, example: Example, max_length: int, add_eos: bool = True
+) -> tuple[list[int], list[int], bool]:
+    """(input ids, labels, truncated): labels are −100 where there is no loss, the token's id where there is.
+
+    prompt/completion: the loss on the completion, which ends with the tokenizer's EOS unless
+    ``add_eos`` is False (or the completion already ends with it). messages: the loss on
+    every assistant turn as the chat template renders it (its end-of-turn token included).
+    """
+    if "messages" in example:
+        return _encode_messages(tokenizer, example, max_length)
     prompt = tokenizer(example["prompt"])["input_ids"]  # with the tokenizer's BOS, as at inference
     completion = tokenizer(example.get("completion", ""), add_special_tokens=False)["input_ids"]
-    if len(prompt) >= max_length:
-        raise TrainingDataError(
-            f"a prompt of {len(prompt)} tokens leaves no room for its completion within max_length={max_length}: "
-            f"{example['prompt'][:60]!r}"
-        )
+    eos = tokenizer.eos_token_id
+    if add_eos and completion and eos is not None and completion[-1] != eos:
+        completion = completion + [eos]
+    _check_prompt_fits(len(prompt), max_length, example)
     ids = (prompt + completion)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt) + completion)[:max_length]
     return ids, labels, len(prompt) + len(completion) > max_length
+
+
+def _check_prompt_fits(prompt_tokens: int, max_length: int, example: Example) -> None:
+    if prompt_tokens >= max_length:
+        raise TrainingDataError(
+            f"a prompt of {prompt_tokens} tokens leaves no room for its completion within "
+            f"max_length={max_length}: {str(example.get('prompt', ''))[:60]!r}"
+        )
+
+
+def _encode_messages(tokenizer, example: Example, max_length: int) -> tuple[list[int], list[int], bool]:
+    """Render the whole chat once; label the characters of each assistant turn (found by rendering the
+    chat up to it with and without that turn), then the tokens whose text starts inside those spans."""
+    render = _chat_template(tokenizer, example)
+    turns = example["messages"]
+    text = render(turns, tokenize=False)
+    spans = []
+    for i, turn in enumerate(turns):
+        if turn["role"] != "assistant":
+            continue
+        start = len(render(turns[:i], tokenize=False, add_generation_prompt=True)) if i else 0
+        end = len(render(turns[: i + 1], tokenize=False))
+        if text[:end] != render(turns[: i + 1], tokenize=False) or start > end:
+            raise TrainingDataError("the chat template does not render turn by turn "
+                                    "(a prefix of the chat is not a prefix of its text)")
+        spans.append((start, end))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [tok if any(s <= a < e for s, e in spans) else IGNORE_INDEX for tok, (a, _) in zip(ids, offsets)]
+    first = next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), len(ids))
+    _check_prompt_fits(first, max_length, example)
+    return ids[:max_length], labels[:max_length], len(ids) > max_length
 
 
 def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -332,16 +444,18 @@ def train_adapter(
     layers = target_layers(model, basis, cfg.targets)
     adapter = new_adapter(cfg.kind, cfg.kind_config, basis, layers)
 
-    encoded = [encode_example(tokenizer, ex, cfg.max_length) for ex in examples]
+    encoded = encode_examples(tokenizer, examples, cfg.max_length, cfg.add_eos)
     rows = [(ids, labels) for ids, labels, _ in encoded]
     truncated = sum(cut for _, _, cut in encoded)
-    preserve_rows = [encode_example(tokenizer, ex, cfg.max_length)[:2] for ex in preserve_examples or []]
+    preserve_rows = [row[:2] for row in encode_examples(tokenizer, preserve_examples or [], cfg.max_length)]
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = Batches(rows, cfg.batch_size, gen)
     preserve_batches = Batches(preserve_rows, cfg.batch_size, gen) if preserve_rows and cfg.kl_weight > 0 else None
     pad_id = pad_id_of(tokenizer)
 
     with frozen_base(model, device):
+        signature = signature_from_prompts(model, tokenizer, [prompt_text(tokenizer, ex) for ex in examples]) \
+            if cfg.signature else None
         attach(model, adapter, basis)
         params = adapter_parameters(model)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -386,6 +500,8 @@ def train_adapter(
     )
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("kind", "kind_config", "device")}
     trained.meta["train"] = {"settings": settings, "stats": asdict(stats)}
+    if signature is not None:  # from the base, adapter off: every adapter's signature lives in one space
+        trained.meta = attach_signature(trained.meta, signature, basis.fingerprint)
     return trained, stats
 
 
