@@ -1,13 +1,21 @@
-"""The demo zoo: one pretrained base, its basis, and one adapter per task × kind.
+"""The zoo: one base, its basis, and one adapter per task × kind, with a report.
 
     zoo/
-      base/                        the demo base model (transformers layout, char tokenizer)
-      basis.safetensors            its top-k basis (also declared in the registry)
+      base/                        the char base only (the real base lives in HOME/bases/NAME)
+      basis.safetensors            the base's top-k basis (also declared in the registry)
       data/{suite}/{task}.{split}.jsonl
       adapters/{suite}/{kind}/{task}.safetensors
+      entries/{suite}/{kind}/{task}.json   one finished adapter's report row (what resume reads)
       peft/{suite}/{task}/         PEFT LoRA baselines (adapter_config.json + safetensors)
       registry/                    a registry home holding the basis and every adapter
       report.json, report.md       accuracy per task × kind, parameters, bytes, time
+
+Two bases: ``smollm2-135m-instruct`` (the default: the real instruct LLM from
+``specfuse base fetch``, with the chat suites ``records`` and ``skills`` of
+:mod:`adapters_zoo.tasks.chat`) and ``char`` (a character-level Llama pretrained here in
+minutes, with the string-op suites; a fixture for fast tests of internals). The build is
+resumable: each adapter's row is written as it finishes, and a rerun with the same
+settings reuses every finished row instead of training again.
 
 Everything is seeded and runs with a fixed thread count and deterministic kernels, so
 two builds with the same settings write identical adapter files (timings live only in
@@ -28,24 +36,28 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from adapters_zoo.basis import Basis, basis_from_model, save_basis
+from adapters_zoo.basis import Basis, basis_from_model, load_basis, save_basis
 from adapters_zoo.demo_model import load_base, pretrain_base
 from adapters_zoo.errors import AdapterNotFound
 from adapters_zoo.format import adapter_to_bytes, save_adapter
 from adapters_zoo.inject import attach, detach
-from adapters_zoo.signatures import attach_signature, signature_from_prompts
 from adapters_zoo.tasks import evaluate, make_split, suite_tasks, write_jsonl
+from adapters_zoo.tasks.chat import CHAT_SUITES, chat_suite_tasks, evaluate_chat, make_chat_split
 from adapters_zoo.train import (
     Batches,
     TrainConfig,
     completion_logits,
     completion_loss_sum,
-    encode_example,
+    encode_examples,
+    load_model_dir,
     lr_factor,
     pad_batch,
     pad_id_of,
     train_adapter,
 )
+
+CHAR_BASE = "char"
+REAL_BASE = "smollm2-135m-instruct"
 
 # kind -> (kind config, learning rate). Ranks are chosen so every spectral kind has fewer
 # trainable parameters than the rank-4 LoRA baseline.
@@ -57,32 +69,52 @@ KIND_SETTINGS: dict[str, tuple[dict[str, Any], float]] = {
     "lora": ({"rank": 4, "alpha": 8.0}, 1e-2),
 }
 PEFT_RANK, PEFT_ALPHA, PEFT_LR = 4, 8.0, 1e-2
+# The pretrained LLM moves further per step than the toy: the adapters with out×r factors
+# (additive, LoRA) take a 2× smaller rate there (a 10-step probe at 1e-2 overshot).
+REAL_LR_SCALE = {"additive": 0.5, "lora": 0.5}
 
 
 @dataclass
 class ZooSettings:
     out: Path
+    base: str = REAL_BASE  # a name in adapters_zoo.bases.BASES, or "char" (the toy: tests of internals)
+    bases_home: Path | None = None  # where fetched bases live (default: $SPECFUSE_HOME, else ~/.specfuse)
     seed: int = 0
     quick: bool = False
-    suites: tuple[str, ...] = ("conflicting", "compatible")
+    suites: tuple[str, ...] | None = None  # None: the base's suites (records, skills | conflicting, compatible)
     kinds: tuple[str, ...] = ("scale", "svft", "rotation", "additive")
     peft_lora: bool = True
     tasks_per_suite: int | None = None  # None: every task of the suite
     rank: int = 32  # basis k
-    steps: int | None = None  # per adapter; None: 80 quick, 300 full
-    batch_size: int = 32
-    n_train: int = 2000
-    n_eval: int = 100  # validation and test examples per task
-    pretrain_steps: int | None = None  # None: the demo base's quick / full default
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. a tinier base for tests
+    steps: int | None = None  # per adapter; None: real base 40 (quick 12), char 300 (quick 80)
+    batch_size: int | None = None  # None: real base 8 (≈1.5–6 s a step on 2 cores), char 32
+    n_train: int | None = None  # None: steps × batch examples (each seen once) for the real base, 2000 for char
+    n_eval: int | None = None  # validation and test examples per task; None: real base 50 (quick 16), char 100
+    max_new_tokens: int = 48  # evaluation: the longest answer (a JSON object) is ~25 tokens
+    pretrain_steps: int | None = None  # char base: None = the demo base's quick / full default
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # char base: e.g. a tinier model for tests
     threads: int = 2
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
+        chat = self.base != CHAR_BASE
+        if self.suites is None:
+            self.suites = tuple(CHAT_SUITES) if chat else ("conflicting", "compatible")
+        self.suites = tuple(self.suites)
         if self.steps is None:
-            self.steps = 80 if self.quick else 300
+            self.steps = (12 if self.quick else 40) if chat else (80 if self.quick else 300)
+        if self.batch_size is None:
+            self.batch_size = 8 if chat else 32
+        if self.n_train is None:
+            self.n_train = self.steps * self.batch_size if chat else 2000
+        if self.n_eval is None:
+            self.n_eval = (16 if self.quick else 50) if chat else 100
         if self.quick and self.tasks_per_suite is None:
-            self.tasks_per_suite = 4
+            self.tasks_per_suite = 2 if chat else 4
+
+    @property
+    def chat(self) -> bool:
+        return self.base != CHAR_BASE
 
 
 @dataclass
@@ -103,7 +135,7 @@ def registry_name(task: str, kind: str) -> str:
     return f"{task}-{kind}"
 
 
-def _peft_train(model, tokenizer, examples, steps: int, batch_size: int, seed: int):
+def _peft_train(model, tokenizer, examples, steps: int, batch_size: int, seed: int, lr: float):
     """A real PEFT LoRA (q,k,v,o,gate,up,down) trained with the same loop and budget as ours."""
     from peft import LoraConfig, get_peft_model
 
@@ -114,14 +146,14 @@ def _peft_train(model, tokenizer, examples, steps: int, batch_size: int, seed: i
     )
     peft_model = get_peft_model(model, config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=PEFT_LR, weight_decay=0.0)
-    rows = [encode_example(tokenizer, ex, 256)[:2] for ex in examples]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rows = [row[:2] for row in encode_examples(tokenizer, examples, 256)]
     batches = Batches(rows, batch_size, torch.Generator().manual_seed(seed))
     pad_id, losses = pad_id_of(tokenizer), []
     peft_model.eval()
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = PEFT_LR * lr_factor(step, steps, 0.06)
+            group["lr"] = lr * lr_factor(step, steps, 0.06)
         batch = pad_batch(batches.next(), pad_id, "cpu")
         loss_sum, count = completion_loss_sum(completion_logits(peft_model, batch), batch["labels"])
         loss = loss_sum / max(count, 1)
@@ -144,7 +176,8 @@ def build_zoo(settings: ZooSettings, home: str | Path | None = None, progress: b
     """Build (or complete) the zoo under ``settings.out``; returns the report as a dict.
 
     ``home``: the registry to register the basis and adapters in (default ``out/registry``).
-    Adapter files already present are reused, so an interrupted build resumes.
+    Finished adapters (file + row under ``entries/``, same settings) are reused, so an
+    interrupted build resumes where it stopped.
     """
     from adapters_zoo.registry import Registry
 
@@ -153,17 +186,12 @@ def build_zoo(settings: ZooSettings, home: str | Path | None = None, progress: b
     previous = _deterministic(settings.threads)
     started = time.perf_counter()
     try:
-        base_dir = pretrain_base(out / "base", seed=settings.seed, steps=settings.pretrain_steps,
-                                 quick=settings.quick, model_overrides=settings.model_overrides or None,
-                                 progress=progress, threads=settings.threads)
-        model, tokenizer = load_base(base_dir)
-        basis = basis_from_model(model, settings.rank)
-        save_basis(basis, out / "basis.safetensors")
+        model, tokenizer, basis = _base_and_basis(settings, progress)
         registry = Registry(home if home is not None else out / "registry")
         registry.add_basis(basis)
         entries: list[ZooEntry] = []
         for suite in settings.suites:
-            tasks = suite_tasks(suite)[: settings.tasks_per_suite]
+            tasks = _suite_tasks(settings, suite)[: settings.tasks_per_suite]
             for task in tqdm(tasks, desc=f"zoo {suite}", unit="task", disable=not progress):
                 entries += _build_task(settings, suite, task, model, tokenizer, basis, registry, progress)
         registry.close()
@@ -176,42 +204,140 @@ def build_zoo(settings: ZooSettings, home: str | Path | None = None, progress: b
     return report
 
 
+def base_model_dir(settings: ZooSettings, progress: bool = True) -> Path:
+    """The zoo's base model directory: fetched (real base) or pretrained into ``out/base`` (char)."""
+    if not settings.chat:
+        return pretrain_base(settings.out / "base", seed=settings.seed, steps=settings.pretrain_steps,
+                             quick=settings.quick, model_overrides=settings.model_overrides or None,
+                             progress=progress, threads=settings.threads)
+    from adapters_zoo.bases import fetch_base
+
+    return fetch_base(settings.base, settings.bases_home, progress=progress).path
+
+
+def _base_and_basis(settings: ZooSettings, progress: bool):
+    """(model, tokenizer, basis); the real base's basis is cached in ``out/basis.safetensors`` (an SVD of
+    210 layers takes ~45 s) and recomputed only when k or the base's fingerprint differs."""
+    from adapters_zoo.basis import fingerprint_model
+
+    model_dir = base_model_dir(settings, progress)
+    model, tokenizer = load_model_dir(model_dir, "cpu") if settings.chat else load_base(model_dir)
+    cached = settings.out / "basis.safetensors"
+    basis = load_basis(cached) if settings.chat and cached.is_file() else None
+    if basis is None or basis.rank != settings.rank or \
+            fingerprint_model(model, basis.layer_names()) != basis.fingerprint:
+        basis = basis_from_model(model, settings.rank)
+        save_basis(basis, cached)
+    return model, tokenizer, basis
+
+
+def _suite_tasks(settings: ZooSettings, suite: str) -> list:
+    return chat_suite_tasks(suite) if settings.chat else suite_tasks(suite)
+
+
+def _split(settings: ZooSettings, task, split: str, n: int) -> list[dict]:
+    return make_chat_split(task, split, n, settings.seed) if settings.chat else make_split(task, split, n,
+                                                                                             settings.seed)
+
+
+def score(settings: ZooSettings, model, tokenizer, task, examples: list[dict]) -> float:
+    """Accuracy of ``model`` on ``examples`` of ``task`` (the task's checker; greedy decoding)."""
+    if settings.chat:
+        return evaluate_chat(model, tokenizer, task, examples, settings.max_new_tokens)
+    return evaluate(model, tokenizer, examples)
+
+
+def _row_key(settings: ZooSettings, kind: str) -> dict[str, Any]:
+    """What a finished row depends on: a resumed build reuses a row only when all of it matches."""
+    kind_config, lr = KIND_SETTINGS.get(kind, ({"rank": PEFT_RANK, "alpha": PEFT_ALPHA}, PEFT_LR))
+    return {"base": settings.base, "seed": settings.seed, "rank": settings.rank, "steps": settings.steps,
+            "batch_size": settings.batch_size, "n_train": settings.n_train, "n_eval": settings.n_eval,
+            "kind_config": kind_config, "lr": _lr(settings, kind, lr)}
+
+
+def _lr(settings: ZooSettings, kind: str, lr: float) -> float:
+    return lr * REAL_LR_SCALE.get("lora" if kind == "peft-lora" else kind, 1.0) if settings.chat else lr
+
+
+def _finished(settings: ZooSettings, suite: str, kind: str, task: str) -> ZooEntry | None:
+    row = settings.out / "entries" / suite / kind / f"{task}.json"
+    try:
+        record = json.loads(row.read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("key") != _row_key(settings, kind):
+        return None
+    return ZooEntry(**record["entry"])
+
+
+def _save_row(settings: ZooSettings, entry: ZooEntry) -> None:
+    row = settings.out / "entries" / entry.suite / entry.kind / f"{entry.task}.json"
+    row.parent.mkdir(parents=True, exist_ok=True)
+    tmp = row.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": _row_key(settings, entry.kind), "entry": asdict(entry)}, indent=1) + "\n")
+    tmp.replace(row)
+
+
 def _build_task(settings: ZooSettings, suite: str, task, model, tokenizer, basis: Basis, registry,
                 progress: bool) -> list[ZooEntry]:
     data_dir = settings.out / "data" / suite
-    train = make_split(task, "train", settings.n_train, settings.seed)
-    validation = make_split(task, "validation", settings.n_eval, settings.seed)
-    test = make_split(task, "test", settings.n_eval, settings.seed)
+    train = _split(settings, task, "train", settings.n_train)
+    validation = _split(settings, task, "validation", settings.n_eval)
+    test = _split(settings, task, "test", settings.n_eval)
     for split, examples in (("train", train), ("validation", validation), ("test", test)):
         write_jsonl(data_dir / f"{task.name}.{split}.jsonl", examples)
-    base_accuracy = evaluate(model, tokenizer, test)
-    signature = signature_from_prompts(model, tokenizer, [ex["prompt"] for ex in train])
+    base_accuracy: float | None = None
     entries = []
     for kind in settings.kinds:
         path = settings.out / "adapters" / suite / kind / f"{task.name}.safetensors"
+        done = _finished(settings, suite, kind, task.name)
+        if done is not None and path.is_file():
+            _register(registry, path, registry_name(task.name, kind), suite, task.name, kind, done.accuracy)
+            entries.append(done)
+            continue
+        if base_accuracy is None:
+            base_accuracy = _base_accuracy(settings, suite, task, model, tokenizer, test)
         kind_config, lr = KIND_SETTINGS[kind]
         cfg = TrainConfig(kind=kind, kind_config=dict(kind_config, seed=settings.seed), steps=settings.steps,
-                          lr=lr, batch_size=settings.batch_size, seed=settings.seed, device="cpu")
+                          lr=_lr(settings, kind, lr), batch_size=settings.batch_size, seed=settings.seed,
+                          device="cpu")
         start = time.perf_counter()
-        adapter, stats = train_adapter(model, tokenizer, basis, train, cfg, progress=False, verify_basis=False)
+        adapter, stats = train_adapter(model, tokenizer, basis, train, cfg, progress=progress, verify_basis=False)
         seconds = time.perf_counter() - start
         adapter.meta["train"]["stats"].pop("seconds", None)  # timings in the report, not the file
-        adapter.meta.update(suite=suite, task=task.name, prefix=task.prefix)
-        adapter.meta = attach_signature(adapter.meta, signature, basis.fingerprint)
+        adapter.meta.update(suite=suite, task=task.name, base=settings.base)
         attach(model, adapter, basis)
         try:
-            accuracy = evaluate(model, tokenizer, test)
+            accuracy = score(settings, model, tokenizer, task, test)
         finally:
             detach(model)
-        adapter.meta["metrics"] = {"test_exact_match": accuracy}
+        adapter.meta["metrics"] = {"test_accuracy" if settings.chat else "test_exact_match": accuracy}
         save_adapter(adapter, path)
         name = registry_name(task.name, kind)
         _register(registry, path, name, suite, task.name, kind, accuracy)
-        entries.append(ZooEntry(suite, task.name, kind, name, accuracy, base_accuracy, adapter.num_params(),
-                                len(adapter_to_bytes(adapter)), round(seconds, 2), round(stats.final_loss, 4)))
+        entry = ZooEntry(suite, task.name, kind, name, accuracy, base_accuracy, adapter.num_params(),
+                         len(adapter_to_bytes(adapter)), round(seconds, 2), round(stats.final_loss, 4))
+        _save_row(settings, entry)
+        entries.append(entry)
     if settings.peft_lora:
-        entries.append(_build_peft(settings, suite, task, model, tokenizer, train, test, base_accuracy))
+        done = _finished(settings, suite, "peft-lora", task.name)
+        if done is None:
+            if base_accuracy is None:
+                base_accuracy = _base_accuracy(settings, suite, task, model, tokenizer, test)
+            done = _build_peft(settings, suite, task, model, tokenizer, train, test, base_accuracy)
+            _save_row(settings, done)
+        entries.append(done)
     return entries
+
+
+def _base_accuracy(settings: ZooSettings, suite: str, task, model, tokenizer, test) -> float:
+    """The base model's accuracy on ``test``, cached beside the rows (a real-base evaluation takes a while)."""
+    done = _finished(settings, suite, "base", task.name)
+    if done is not None:
+        return done.accuracy
+    accuracy = score(settings, model, tokenizer, task, test)
+    _save_row(settings, ZooEntry(suite, task.name, "base", "base", accuracy, accuracy, 0, 0, 0.0, 0.0))
+    return accuracy
 
 
 def _register(registry, path: Path, name: str, suite: str, task: str, kind: str, accuracy: float) -> None:
@@ -231,10 +357,10 @@ def _build_peft(settings: ZooSettings, suite: str, task, model, tokenizer, train
     out_dir = settings.out / "peft" / suite / task.name
     start = time.perf_counter()
     peft_model, final_loss, params = _peft_train(model, tokenizer, train, settings.steps, settings.batch_size,
-                                                 settings.seed)
+                                                 settings.seed, _lr(settings, "peft-lora", PEFT_LR))
     seconds = time.perf_counter() - start
     try:
-        accuracy = evaluate(peft_model, tokenizer, test)
+        accuracy = score(settings, peft_model, tokenizer, task, test)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         peft_model.save_pretrained(out_dir, safe_serialization=True)
@@ -265,14 +391,17 @@ def report_markdown(report: dict[str, Any]) -> str:
     kinds = list(dict.fromkeys(e["kind"] for e in entries))
     s = report["settings"]
     lines = [
-        "# Demo zoo report",
+        "# Zoo report",
         "",
-        f"Base fingerprint `{report['base_fingerprint']}`, basis k = {report['basis_k']}, "
+        f"Base `{s.get('base', CHAR_BASE)}`, fingerprint `{report['base_fingerprint']}`, "
+        f"basis k = {report['basis_k']}, "
         f"{s['steps']} steps per adapter (batch {s['batch_size']}, {s['n_train']} train examples), "
         f"seed {s['seed']}, quick = {s['quick']}, torch {report['torch']}, {report['threads']} CPU threads, "
         f"built in {report['seconds']} s.",
         "",
-        "Exact-match accuracy on each task's test split (greedy decoding).",
+        "Accuracy on each task's test split (greedy decoding; "
+        + ("the task's checker: exact match, or equal JSON" if s.get("base", CHAR_BASE) != CHAR_BASE
+           else "exact match") + ").",
         "",
     ]
     for suite in dict.fromkeys(e["suite"] for e in entries):
@@ -307,19 +436,25 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 
 def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("zoo", help="build the demo zoo (base model, basis, task adapters)")
+    p = subparsers.add_parser("zoo", help="build the zoo (base, basis, one adapter per task × kind, report)")
     sub = p.add_subparsers(dest="zoo_command", metavar="SUBCOMMAND")
     sub.required = True
-    b = sub.add_parser("build", help="pretrain the demo base (cached), train one adapter per task × kind, report")
+    b = sub.add_parser("build", help="fetch the base (cached), train one adapter per task × kind, report; "
+                       "resumable")
     b.add_argument("--out", default=None, help="zoo directory (default: $SPECFUSE_HOME/zoo or ~/.specfuse/zoo)")
     b.add_argument("--home", default=None, help="registry home (default: OUT/registry)")
-    b.add_argument("--quick", action="store_true", help="4 tasks per suite, short training: minutes on 2 cores")
+    b.add_argument("--base", default=REAL_BASE, help=f"a fetchable base, or {CHAR_BASE!r} (the toy char model)")
+    b.add_argument("--bases-home", default=None, help="where fetched bases live (default: $SPECFUSE_HOME)")
+    b.add_argument("--quick", action="store_true", help="2 tasks per suite, short training: minutes on 2 cores")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--steps", type=int, default=None, help="training steps per adapter (default 80 quick, 300)")
-    b.add_argument("--pretrain-steps", type=int, default=None, help="base pretraining steps (default: the demo's)")
+    b.add_argument("--steps", type=int, default=None, help="training steps per adapter (default: the base's)")
+    b.add_argument("--batch-size", type=int, default=None)
+    b.add_argument("--n-eval", type=int, default=None, help="test examples per task")
+    b.add_argument("--tasks-per-suite", type=int, default=None)
+    b.add_argument("--pretrain-steps", type=int, default=None, help="char base pretraining steps")
     b.add_argument("--threads", type=int, default=2, help="torch threads (part of what makes builds reproducible)")
     b.add_argument("--kinds", default=None, help="comma-separated kinds (default: scale,svft,rotation,additive)")
-    b.add_argument("--suites", default=None, help="comma-separated suites (default: conflicting,compatible)")
+    b.add_argument("--suites", default=None, help="comma-separated suites (default: the base's)")
     b.add_argument("--no-peft", action="store_true", help="skip the PEFT LoRA baselines")
     b.add_argument("--json", action="store_true", help="print the report as JSON")
     b.set_defaults(func=cmd_zoo_build)
@@ -332,23 +467,32 @@ def default_zoo_dir() -> Path:
     return (Path(home) if home else Path.home() / ".specfuse") / "zoo"
 
 
-def cmd_zoo_build(args) -> int:
+def zoo_settings_from_args(args) -> ZooSettings:
+    from adapters_zoo.bases import BASES
     from adapters_zoo.errors import InvalidConfig
     from adapters_zoo.kinds import TRAINABLE_KINDS
+    from adapters_zoo.tasks import SUITES
 
+    if args.base != CHAR_BASE and args.base not in BASES:
+        raise InvalidConfig(f"unknown base {args.base!r} (known: {', '.join([*sorted(BASES), CHAR_BASE])})")
     kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else ZooSettings.kinds
     bad = [k for k in kinds if k not in TRAINABLE_KINDS]
     if bad:
         raise InvalidConfig(f"unknown kind {bad[0]!r} (trainable kinds: {', '.join(TRAINABLE_KINDS)})")
-    suites = tuple(s.strip() for s in args.suites.split(",")) if args.suites else ZooSettings.suites
-    from adapters_zoo.tasks import SUITES
-
-    bad = [s for s in suites if s not in SUITES]
+    known = SUITES if args.base == CHAR_BASE else CHAT_SUITES
+    suites = tuple(s.strip() for s in args.suites.split(",")) if args.suites else None
+    bad = [s for s in suites or () if s not in known]
     if bad:
-        raise InvalidConfig(f"unknown suite {bad[0]!r} (known: {', '.join(SUITES)})")
-    settings = ZooSettings(out=Path(args.out) if args.out else default_zoo_dir(), seed=args.seed, quick=args.quick,
-                           steps=args.steps, kinds=kinds, suites=suites, peft_lora=not args.no_peft,
-                           pretrain_steps=args.pretrain_steps, threads=args.threads)
+        raise InvalidConfig(f"unknown suite {bad[0]!r} for base {args.base} (known: {', '.join(known)})")
+    return ZooSettings(out=Path(args.out) if args.out else default_zoo_dir(), base=args.base,
+                       bases_home=args.bases_home, seed=args.seed, quick=args.quick, steps=args.steps,
+                       batch_size=args.batch_size, n_eval=args.n_eval, tasks_per_suite=args.tasks_per_suite,
+                       kinds=kinds, suites=suites, peft_lora=not args.no_peft, pretrain_steps=args.pretrain_steps,
+                       threads=args.threads)
+
+
+def cmd_zoo_build(args) -> int:
+    settings = zoo_settings_from_args(args)
     report = build_zoo(settings, home=args.home)
     if args.json:
         print(json.dumps(report, indent=2))

@@ -159,7 +159,7 @@ def write_jsonl(path: str | Path, examples: Iterable[dict[str, str]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for ex in examples:
-            f.write(json.dumps({"prompt": ex["prompt"], "completion": ex["completion"]}) + "\n")
+            f.write(json.dumps({k: ex[k] for k in ("prompt", "completion", "messages") if k in ex}) + "\n")
     return path
 
 
