@@ -31,8 +31,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
-from adapters_zoo.basis import Basis, parse_rank
-from adapters_zoo.errors import AdapterFormatError, IncompatibleAdapter, InvalidConfig
+from adapters_zoo import jsonsafe
+from adapters_zoo.basis import Basis, LayerBasis, parse_rank
+from adapters_zoo.errors import AdapterFormatError, DeltaOutOfBounds, IncompatibleAdapter, InvalidConfig
 from adapters_zoo.kinds import get_kind
 from adapters_zoo.kinds.base import Kind, config_to_dict
 
@@ -40,6 +41,14 @@ ADAPTER_FORMAT = "specfuse-adapter"
 ADAPTER_FORMAT_VERSION = "1"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32)
+MAX_CONFIG_INT = 10**9  # every integer of a kind config (rank, slice ends, d, seed) lies in [0, 10⁹]
+MAX_METADATA_DEPTH = 8  # config and meta are flat objects; 8 leaves room for provenance records
+# An adapter may change a layer by at most this many times the spectral energy the basis
+# keeps of it: ‖ΔW‖_F ≤ MAX_DELTA_RATIO · ‖σ_k‖₂ (‖σ_k‖₂ = ‖W‖_F when k is full). Trained
+# adapters sit below 1 (the demo zoo's largest is well under it); a change 100 times the
+# layer itself no longer adapts the layer, it replaces it, and compounded over the layers
+# it overflows half precision: the "make the numbers blow up" mixtures (1e20) are far past.
+MAX_DELTA_RATIO = 100.0
 
 
 @dataclass
@@ -88,6 +97,11 @@ class Adapter:
         frozen = self.kind_impl.frozen
         return sum(t.numel() for p in self.params.values() for n, t in p.items() if n not in frozen)
 
+    def check_bounds(self, basis: Basis, max_ratio: float = MAX_DELTA_RATIO) -> None:
+        """Raise DeltaOutOfBounds unless every layer's change is within the bound (see MAX_DELTA_RATIO)."""
+        for layer in self.params:
+            check_delta(layer, self.core(layer, basis), self.residual(layer, basis), basis[layer], max_ratio)
+
     def check_against(self, basis: Basis) -> None:
         """Raise IncompatibleAdapter / AdapterFormatError unless this adapter fits ``basis``."""
         if self.base_fingerprint != basis.fingerprint:
@@ -104,6 +118,29 @@ class Adapter:
                 self.kind_impl.check_params(params, basis[layer], self.cfg, layer)
             except InvalidConfig as err:
                 raise AdapterFormatError(f"layer {layer}: {err}") from err
+
+
+def delta_norm(core: torch.Tensor | None, residual: tuple[torch.Tensor, torch.Tensor] | None) -> float:
+    """An upper bound of ‖U_k C V_kᵀ + B A‖_F: ‖C‖_F + ‖B A‖_F (U_k, V_k orthonormal), no out×in matrix."""
+    norm = 0.0
+    if core is not None:
+        norm += float(torch.linalg.vector_norm(core.double()))
+    if residual is not None:
+        B, A = residual[0].double(), residual[1].double()  # (out, q), (q, in)
+        norm += float(torch.trace((B.T @ B) @ (A @ A.T)).clamp(min=0).sqrt())  # ‖BA‖_F² = tr(BᵀB AAᵀ)
+    return norm
+
+
+def check_delta(layer: str, core: torch.Tensor | None, residual: tuple[torch.Tensor, torch.Tensor] | None,
+                lb: LayerBasis, max_ratio: float = MAX_DELTA_RATIO) -> None:
+    """Raise DeltaOutOfBounds when a layer's change is past ``max_ratio`` · ‖σ_k‖₂ (or not finite)."""
+    norm = delta_norm(core, residual)
+    bound = max_ratio * float(torch.linalg.vector_norm(lb.S.double()))
+    if not norm <= bound:  # NaN fails this too
+        raise DeltaOutOfBounds(
+            f"layer {layer}: the change has Frobenius norm {norm:.4g}, past the bound {bound:.4g} = "
+            f"{max_ratio:g} × the norm of the base's kept singular values (max delta ratio)"
+        )
 
 
 def _meta_strings(adapter: Adapter) -> dict[str, str]:
@@ -173,18 +210,23 @@ def _from_parts(meta: dict[str, str] | None, tensors: dict[str, torch.Tensor], o
             raise AdapterFormatError(f"{origin}: metadata field {key!r} is missing")
     kind = get_kind(meta["kind"])  # UnknownKind names the known ones
     try:
-        config = json.loads(meta["config"])
-        layers = json.loads(meta["target_layers"])
-        extra = json.loads(meta.get("meta", "{}"))
-    except json.JSONDecodeError as err:
-        raise AdapterFormatError(f"{origin}: metadata is not valid JSON ({err})") from err
+        config, layers, extra = (jsonsafe.loads(meta.get(key, "{}"), max_depth=MAX_METADATA_DEPTH,
+                                                what=f"metadata field {key!r}")
+                                 for key in ("config", "target_layers", "meta"))
+    except jsonsafe.BadJSON as err:
+        raise AdapterFormatError(f"{origin}: {err}") from err
     if not isinstance(config, dict) or not isinstance(layers, list) or not isinstance(extra, dict):
         raise AdapterFormatError(f"{origin}: metadata config/target_layers/meta have the wrong types")
+    if not all(isinstance(layer, str) for layer in layers):
+        raise AdapterFormatError(f"{origin}: target_layers must be a list of layer names")
+    if len(meta["basis_k"]) > 10:  # k is at most a layer's width; int() of thousands of digits is refused
+        raise AdapterFormatError(f"{origin}: basis_k {meta['basis_k'][:20]!r}... is not a rank")
     try:
-        kind.config(config)
+        cfg = kind.config(config)
         basis_k = parse_rank(meta["basis_k"])
     except InvalidConfig as err:
         raise AdapterFormatError(f"{origin}: bad {kind.name} config: {err}") from err
+    _check_config_ranges(cfg, origin)
     if not layers:
         raise AdapterFormatError(f"{origin}: adapter has no target layers")
 
@@ -208,6 +250,14 @@ def _from_parts(meta: dict[str, str] | None, tensors: dict[str, torch.Tensor], o
     if empty:
         raise AdapterFormatError(f"{origin}: target layer {empty[0]!r} has no tensors")
     return Adapter(kind.name, config, meta["base_fingerprint"], basis_k, params, extra)
+
+
+def _check_config_ranges(cfg: Any, origin: str) -> None:
+    """Every integer of a parsed kind config (alone or in a pair such as slice) lies in [0, MAX_CONFIG_INT]."""
+    for name, value in config_to_dict(cfg).items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= MAX_CONFIG_INT:
+                raise AdapterFormatError(f"{origin}: config field {name} = {v} is outside [0, {MAX_CONFIG_INT}]")
 
 
 def load_adapter(path: str | Path, basis: Basis | None = None) -> Adapter:
@@ -235,10 +285,15 @@ def adapter_from_bytes(data: bytes, basis: Basis | None = None, origin: str = "u
         header_len = int.from_bytes(data[:8], "little")
         if header_len <= 0 or 8 + header_len > len(data):
             raise AdapterFormatError(f"{origin}: truncated safetensors file (header of {header_len} bytes)")
-        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__")
+        header = jsonsafe.loads(data[8 : 8 + header_len], max_depth=4, what="the safetensors header")
+        if not isinstance(header, dict):
+            raise AdapterFormatError(f"{origin}: the safetensors header is not a JSON object")
+        meta = header.get("__metadata__")
         tensors = load_bytes(data)
     except AdapterFormatError:
         raise
+    except jsonsafe.BadJSON as err:
+        raise AdapterFormatError(f"{origin}: {err}") from err
     except (SafetensorError, ValueError, RuntimeError, UnicodeDecodeError, AttributeError) as err:
         raise AdapterFormatError(f"{origin}: not a readable safetensors file (truncated or corrupt: {err})") from err
     adapter = _from_parts(meta, tensors, origin)

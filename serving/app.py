@@ -13,8 +13,15 @@ Every generation response carries ``X-Specfuse-Mixture``: the mixture that serve
 (with ``model: "auto"``, the one routing chose for each prompt).
 
 Errors: one handler maps error classes to status codes and an OpenAI error body
-``{"error": {"message", "type", "param", "code"}}``. With an API key, writes need
-``Authorization: Bearer KEY``; with ``protect_all`` every endpoint but ``/health`` does.
+``{"error": {"message", "type", "param", "code"}}``; the OpenAPI document lists every
+status a route answers. With an API key (as vLLM's ``--api-key``), every ``/v1`` route
+and ``/metrics`` need ``Authorization: Bearer KEY``; ``public_reads`` opens the GET routes
+(models, adapters, metrics) again; ``/health`` is always open.
+
+Before a route sees a body, :class:`Edge` bounds it: size (413), one framing (not both
+Content-Length and chunked), and for JSON bodies depth, digits and valid Unicode
+(:mod:`adapters_zoo.jsonsafe`): nothing a client sends can reach a parser that would
+turn it into a 500.
 """
 
 from __future__ import annotations
@@ -31,15 +38,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters_zoo import jsonsafe
 from adapters_zoo.errors import (
     AdapterExists,
     AdapterFormatError,
     AdapterNotFound,
+    DeltaOutOfBounds,
     IncompatibleAdapter,
     IntegrityError,
     InvalidConfig,
     InvalidMixture,
     InvalidRequest,
+    NumericalFailure,
     PayloadTooLarge,
     RegistryError,
     ServerBusy,
@@ -50,6 +60,7 @@ from adapters_zoo.errors import (
 from serving.schemas import (
     ChatRequest,
     CompletionRequest,
+    ErrorResponse,
     FuseRequest,
     Job,
     chunk_body,
@@ -64,6 +75,9 @@ from serving.services import Service
 ERROR_STATUS: list[tuple[type[Exception], int, str, str]] = [
     (PayloadTooLarge, 413, "invalid_request_error", "payload_too_large"),
     (InvalidRequest, 400, "invalid_request_error", "invalid_value"),
+    (jsonsafe.BadJSON, 400, "invalid_request_error", "invalid_json"),
+    (DeltaOutOfBounds, 400, "invalid_request_error", "delta_out_of_bounds"),
+    (NumericalFailure, 500, "server_error", "numerical_error"),
     (InvalidMixture, 400, "invalid_request_error", "invalid_mixture"),
     (AdapterNotFound, 404, "invalid_request_error", "model_not_found"),
     (Unauthorized, 401, "authentication_error", "invalid_api_key"),
@@ -111,9 +125,13 @@ class Edge:
         self.app = app
         self.service = service
 
-    def _limit(self, method: str, path: str) -> int:
+    @staticmethod
+    def _is_upload(scope) -> bool:
+        return scope["method"] == "POST" and scope["path"] == "/v1/adapters"  # raw safetensors, not JSON
+
+    def _limit(self, scope) -> int:
         limits = self.service.limits
-        return limits.max_upload_bytes if (method == "POST" and path == "/v1/adapters") else limits.max_body_bytes
+        return limits.max_upload_bytes if self._is_upload(scope) else limits.max_body_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -128,7 +146,7 @@ class Edge:
 
         try:
             receive = await self._bounded_body(scope, receive)
-        except PayloadTooLarge as err:
+        except (InvalidRequest, jsonsafe.BadJSON) as err:
             await error_response(err)(scope, receive, send_status)
         else:
             await self.app(scope, receive, send_status)
@@ -140,10 +158,12 @@ class Edge:
             metrics.latency.observe(time.perf_counter() - start, endpoint=endpoint)
 
     async def _bounded_body(self, scope, receive):
-        """Read the whole body (at most the limit), then replay it; disconnects still get through."""
-        limit = self._limit(scope["method"], scope["path"])
+        """Read the whole body (at most the limit), check it, then replay it; disconnects still get through."""
+        limit = self._limit(scope)
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
+        if declared is not None and b"transfer-encoding" in headers:  # request smuggling's raw material
+            raise InvalidRequest("a request may carry Content-Length or Transfer-Encoding, not both")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge(f"the body is {int(declared)} bytes, at most {limit} are accepted")
         chunks, size = [], 0
@@ -160,6 +180,8 @@ class Edge:
                 pending = None
                 break
         body = b"".join(chunks)
+        if body and not self._is_upload(scope):
+            jsonsafe.loads(body, what="the body")  # depth, digits, lone surrogates: a 400 here, never a 500
         replayed = False
 
         async def replay():
@@ -172,9 +194,13 @@ class Edge:
         return replay
 
 
-def create_app(service: Service, api_key: str | None = None, protect_all: bool = False) -> FastAPI:
-    if protect_all and not api_key:
-        raise InvalidConfig("protect_all needs an api_key")
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 413, 422, 429, 503)}
+GENERATED = {200: {"content": {"application/json": {}, "text/event-stream": {}},
+                   "description": "a completion, or its server-sent events when stream is true"}}
+
+
+def create_app(service: Service, api_key: str | None = None, public_reads: bool = False) -> FastAPI:
+    """The app; with ``api_key`` every /v1 route and /metrics need it (GETs too unless ``public_reads``)."""
 
     async def require_key(request: Request) -> None:
         if api_key is None:
@@ -184,8 +210,12 @@ def create_app(service: Service, api_key: str | None = None, protect_all: bool =
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
             raise Unauthorized("a valid 'Authorization: Bearer <key>' header is required")
 
-    write = [Depends(require_key)] if api_key else []
-    read = write if protect_all else []
+    guarded = [Depends(require_key)]
+    read = [] if public_reads else guarded
+
+    def errors(*statuses: int) -> dict:
+        codes = {400, 413, 422} | ({401} if api_key else set()) | set(statuses)
+        return {code: ERRORS[code] for code in sorted(codes)}
 
     app = FastAPI(title="specfuse", version="0.1.0", docs_url=None, redoc_url=None)
     for exc_class in (Exception, SpecfuseError, RequestValidationError, StarletteHTTPException):
@@ -193,55 +223,58 @@ def create_app(service: Service, api_key: str | None = None, protect_all: bool =
     app.add_middleware(Edge, service=service)
     app.state.service = service
 
-    @app.post("/v1/completions", dependencies=read)
+    @app.post("/v1/completions", dependencies=guarded, responses={**GENERATED, **errors(404, 429, 503)})
     async def completions(body: CompletionRequest, request: Request):
         return await _generate(service, body.to_job(service.limits.default_completion_tokens), request)
 
-    @app.post("/v1/chat/completions", dependencies=read)
+    @app.post("/v1/chat/completions", dependencies=guarded, responses={**GENERATED, **errors(404, 429, 503)})
     async def chat_completions(body: ChatRequest, request: Request):
         return await _generate(service, body.to_job(service.limits.default_chat_tokens), request)
 
-    @app.get("/v1/models", dependencies=read)
+    @app.get("/v1/models", dependencies=read, responses=errors())
     async def models():
         return {"object": "list", "data": await run_in_threadpool(service.models)}
 
-    @app.get("/v1/models/{model_id}", dependencies=read)
+    @app.get("/v1/models/{model_id}", dependencies=read, responses=errors(404))
     async def model(model_id: str):
         return await run_in_threadpool(service.model, model_id)
 
-    @app.get("/v1/adapters", dependencies=read)
+    @app.get("/v1/adapters", dependencies=read, responses=errors())
     async def list_adapters(kind: str | None = None, tag: str | None = None):
         return {"object": "list", "data": await run_in_threadpool(service.adapters, kind, tag)}
 
-    @app.get("/v1/adapters/{ref}", dependencies=read)
+    @app.get("/v1/adapters/{ref}", dependencies=read, responses=errors(404))
     async def show_adapter(ref: str):
         return await run_in_threadpool(service.adapter, ref)
 
-    @app.post("/v1/adapters", dependencies=write, status_code=201)
+    @app.post("/v1/adapters", dependencies=guarded, status_code=201, responses=errors(404, 409))
     async def upload_adapter(request: Request, name: str, version: str | None = None,
                              tag: list[str] = Query(default=[]), description: str = ""):
         data = await request.body()
         return await run_in_threadpool(service.upload, data, name, version, tag, description)
 
-    @app.delete("/v1/adapters/{ref}", dependencies=write)
+    @app.delete("/v1/adapters/{ref}", dependencies=guarded, responses=errors(404))
     async def delete_adapter(ref: str):
         return {"deleted": await run_in_threadpool(service.remove, ref)}
 
-    @app.post("/v1/fuse", dependencies=write, status_code=201)
+    @app.post("/v1/fuse", dependencies=guarded, status_code=201, responses=errors(404, 409))
     async def fuse(body: FuseRequest):
         return await run_in_threadpool(service.fuse, body.mixture, body.method, body.params, body.project,
                                        body.name, body.version, body.tags, body.description)
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "the engine is stopped"}})
     async def health():
         info = service.health()
         return JSONResponse(info, status_code=200 if info["status"] == "ok" else 503)
 
-    @app.get("/metrics", dependencies=read)
+    @app.get("/metrics", dependencies=read, response_class=PlainTextResponse, responses=errors())
     async def metrics():
-        return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(service.metrics.render(), media_type=PROMETHEUS_TEXT)
 
     return app
+
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"  # the Prometheus text exposition format
 
 
 async def _generate(service: Service, job: Job, request: Request):

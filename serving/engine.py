@@ -28,12 +28,22 @@ from transformers import DynamicCache
 
 from adapters_zoo.basis import Basis, check_basis_matches_model
 from adapters_zoo.errors import IncompatibleAdapter, InvalidConfig, InvalidMixture, ModelDirError
-from adapters_zoo.format import Adapter
-from serving.backend import Backend, LayerSlots, RoutedLinear, Routing, RoutingContext, TorchBackend
+from adapters_zoo.format import Adapter, check_delta
+from serving.backend import (
+    Backend,
+    LayerSlots,
+    RoutedLinear,
+    Routing,
+    RoutingContext,
+    SlotGroup,
+    TorchBackend,
+    shared_input_groups,
+)
 from serving.generation import BatchKV, left_pad, positions_of
 from serving.slots import MixtureCache, MixtureCores, SlotTable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ROUTING_ROWS = 64  # rows the routing buffers hold before they grow (the scheduler's max_batch is 32)
 
 
 @dataclass(frozen=True)
@@ -123,11 +133,17 @@ class Engine:
         self.context = RoutingContext()
         self.lock = threading.Lock()  # one forward at a time: the scheduler's steps and routing probes
         tables = {}
-        for name, lb in self.basis.layers.items():
-            tables[name] = LayerSlots.allocate(lb.U, lb.V, self.config.slots, self.config.residual_slots,
-                                               self.config.max_residual_rank, self.dtype, self.device)
-            self._wrap(name, tables[name])
+        shapes = {name: (lb.in_features, lb.k) for name, lb in self.basis.layers.items()}
+        for names in shared_input_groups(shapes):  # q/k/v and gate/up: one shrink each
+            group = SlotGroup.allocate([(self.basis[n].U, self.basis[n].V) for n in names], self.config.slots,
+                                       self.config.residual_slots, self.config.max_residual_rank, self.dtype,
+                                       self.device)
+            for name, table in zip(names, group.layers):
+                tables[name] = table
+                self._wrap(name, table)
+        tables = {name: tables[name] for name in self.basis.layers}  # the basis's order
         self.slots = SlotTable(tables, self.config.residual_slots, self.config.max_residual_rank)
+        self._routing = Routing(self.slots.num_slots, ROUTING_ROWS, self.device)  # filled in place every step
         self.mixtures = MixtureCache(self.config.mixture_cache)
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -183,7 +199,10 @@ class Engine:
             from fusion import fuse
 
             fused = fuse([a for a, _ in pairs], [w for _, w in pairs], self.basis, method=spec.method, **params)
-        return MixtureCores.from_adapter(spec, fused, self.basis)
+        mixture = MixtureCores.from_adapter(spec, fused, self.basis)
+        for layer, core in mixture.cores.items():  # a mixture that would blow the numbers up is a 400, not NaN
+            check_delta(layer, core, mixture.residuals.get(layer), self.basis[layer])
+        return mixture
 
     # ------------------------------------------------------------------ forward
 
@@ -191,8 +210,8 @@ class Engine:
         return DynamicCache(config=self.model.config)
 
     def routing(self, row_slots: list[int]) -> Routing:
-        return Routing.build(row_slots, self.slots.num_slots, self.slots.diagonal, self.slots.residual_rank,
-                             self.device)
+        """This step's routing, written into the engine's one set of buffers (call it under the lock)."""
+        return self._routing.update(row_slots, self.slots.diagonal, self.slots.residual_rank)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
@@ -200,14 +219,13 @@ class Engine:
         """Logits (rows, vocab) of the last position of every row; ``cache`` grows by the input."""
         if len(row_slots) != input_ids.shape[0]:
             raise ValueError(f"{len(row_slots)} slots for {input_ids.shape[0]} rows")
-        routing = self.routing(row_slots)
         with self.lock:
-            self.context.routing = routing
+            self.context.begin(self.routing(row_slots))
             try:
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                  past_key_values=cache, use_cache=True, logits_to_keep=1)
             finally:
-                self.context.routing = None
+                self.context.end()
         return out.logits[:, -1]  # (rows, V)
 
     def prefill(self, prompts: list[list[int]], row_slots: list[int]) -> tuple[torch.Tensor, DynamicCache,

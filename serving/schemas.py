@@ -1,10 +1,11 @@
 """Request bodies at the HTTP edge (pydantic), and the OpenAI-shaped response bodies.
 
 Unknown fields are rejected (``extra="forbid"``: a typo is a 422, never silently
-ignored). OpenAI fields this server accepts but does not implement take only their
-neutral value (``echo=false``, ``logprobs=null``, penalties 0, ...): anything else is a
-400 naming the field. Inside, requests become plain dataclasses (``to_job``) so the
-services never see pydantic.
+ignored) and nothing is coerced (``strict``: ``"max_tokens": "10"`` or ``"stream": "yes"``
+is a 422, not 10 or true; an integer is still a valid float). OpenAI fields this server
+accepts but does not implement take only their neutral value (``echo=false``,
+``logprobs=null``, penalties 0, ...): anything else is a 400 naming the field. Inside,
+requests become plain dataclasses (``to_job``) so the services never see pydantic.
 """
 
 from __future__ import annotations
@@ -24,7 +25,20 @@ MAX_N = 8  # choices per prompt
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ErrorDetail(_Strict):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Strict):
+    """Every 4xx/5xx body: OpenAI's error shape."""
+
+    error: ErrorDetail
 
 
 class StreamOptions(_Strict):
@@ -50,7 +64,7 @@ class _Generation(_Strict):
     # specfuse: the mixture as a weight map, and how to fuse it
     adapters: dict[str, Any] | str | None = Field(default=None, description="{name: weight}, or 'auto' / "
                                                    "{'auto': {routing options}} (serving.routing)")
-    fusion_method: str | None = None
+    fusion_method: str | None = Field(default=None, min_length=1, max_length=64)
     fusion_params: dict[str, Any] | None = None
     ignore_eos: bool = False  # vLLM's extra: generate max_tokens tokens regardless of eos
 
@@ -100,8 +114,8 @@ class CompletionRequest(_Generation):
             prompts = [list(p)]
         else:
             prompts = list(p)
-        if not prompts:
-            raise InvalidRequest("prompt is empty", param="prompt")
+        if not prompts or any(len(q) == 0 for q in prompts):
+            raise InvalidRequest("prompt is empty: give text or token ids", param="prompt")
         if len(prompts) > MAX_PROMPTS:
             raise InvalidRequest(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", param="prompt")
         return Job("completion", self.model, prompts, None, self.sampling(default_max_tokens), self.n, self.stream,
@@ -146,7 +160,7 @@ class ChatRequest(_Generation):
 
 class FuseRequest(_Strict):
     mixture: str | dict[str, Any] = Field(description="'a:0.7,b:0.3' or {'a': 0.7, 'b': 0.3}")
-    method: str = "linear"
+    method: str = Field(default="linear", min_length=1, max_length=64)
     params: dict[str, Any] = Field(default_factory=dict)
     project: bool = False
     name: str

@@ -166,7 +166,7 @@ class Service:
                 raise InvalidMixture(f"the mixture names {rec.ref} twice")
             records.append((rec.ref, weight))
             digests[rec.ref] = rec.sha256
-        spec = MixtureSpec.of(records, method or "linear", params, digests)
+        spec = MixtureSpec.of(records, "linear" if method is None else method, params, digests)
 
         def load() -> list[tuple[Adapter, float]]:
             return [(self._adapter(ref, sha), weight) for (ref, weight), sha in zip(spec.components, spec.digests)]

@@ -2,7 +2,7 @@
 
     mixture  entry ("," entry)*        at most MAX_MIXTURE entries
     entry    ref [":" weight]          weight defaults to 1
-    weight   decimal number            finite, ≥ 0 unless allow_negative
+    weight   decimal number            finite, |weight| ≤ MAX_WEIGHT, ≥ 0 unless allow_negative
 
 A mixture is a list of (ref, weight) pairs in the order given; refs are checked as
 names (``names.parse_ref``) but not looked up here: ``Registry.resolve_mixture`` does
@@ -20,6 +20,9 @@ from adapters_zoo.errors import InvalidMixture, InvalidName
 from adapters_zoo.registry.names import MAX_NAME_LEN, parse_ref
 
 MAX_MIXTURE = 64
+# Task arithmetic uses weights around 1; a weight past 10 turns an adapter into something its
+# training never saw (and feeds the cores' norm bound, format.MAX_DELTA_RATIO, a 400 anyway).
+MAX_WEIGHT = 10.0
 MAX_ENTRY_CHARS = 2 * MAX_NAME_LEN + 40  # name@version:weight, generous for the weight
 _WEIGHT_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")  # no nan/inf/hex/underscores
 
@@ -59,6 +62,9 @@ def check_mixture(
         weight = float(weight)
         if not math.isfinite(weight):
             raise InvalidMixture(f"weight of {ref!r} must be finite, got {weight}")
+        if abs(weight) > MAX_WEIGHT:
+            raise InvalidMixture(f"weight of {ref!r} is {weight:g}, past the bound |weight| ≤ {MAX_WEIGHT:g} "
+                                 "(max mixture weight)")
         if weight < 0 and not allow_negative:
             raise InvalidMixture(f"weight of {ref!r} is negative ({weight}); negative weights are not allowed here")
         out.append((ref, weight))

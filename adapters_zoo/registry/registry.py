@@ -73,8 +73,8 @@ def _check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
         raise InvalidConfig(f"metrics must be a JSON object with string keys, got {type(metrics).__name__}")
     try:
         text = json.dumps(dict(metrics), sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as err:
-        raise InvalidConfig(f"metrics must be plain JSON with finite numbers ({err})") from err
+    except (TypeError, ValueError, RecursionError) as err:
+        raise InvalidConfig(f"metrics must be plain JSON with finite numbers ({type(err).__name__})") from err
     if len(text) > MAX_METRICS_JSON:
         raise InvalidConfig(f"metrics are {len(text)} bytes of JSON, at most {MAX_METRICS_JSON}")
     return json.loads(text)
@@ -144,7 +144,9 @@ class Registry:
         tags, metrics, description = _check_tags(tags), _check_metrics(metrics), _check_description(description)
         data, origin = _source_bytes(source)
         adapter = adapter_from_bytes(data, origin=origin)  # format, kind, config, finite values
-        adapter.check_against(self._basis_for_new(adapter, origin))  # fingerprint, k, layers, shapes
+        basis = self._basis_for_new(adapter, origin)
+        adapter.check_against(basis)  # fingerprint, k, layers, shapes
+        adapter.check_bounds(basis)  # no layer changed past the bound its spectrum sets (DeltaOutOfBounds)
         sha, size = self.store.put_bytes(data)
 
         def insert(tx: Tx) -> AdapterRecord:

@@ -205,21 +205,24 @@ def test_registry_upload_fuse_delete_over_http(server, client, basis, make_adapt
         assert r.status_code == 201 and r.json()["ref"] == "up@1" and r.json()["tags"] == ["x", "y"]
         bad = http.post("/v1/adapters", params={"name": "bad"}, content=data[:-10], headers=auth)
         assert bad.status_code == 400 and "error" in bad.json()
-        assert http.get("/v1/adapters/up").json()["sha256"] == r.json()["sha256"]
-        assert "up@1" in [a["ref"] for a in http.get("/v1/adapters", params={"kind": "scale"}).json()["data"]]
+        assert http.get("/v1/adapters/up", headers=auth).json()["sha256"] == r.json()["sha256"]
+        listed = http.get("/v1/adapters", params={"kind": "scale"}, headers=auth).json()["data"]
+        assert "up@1" in [a["ref"] for a in listed]
         fused = http.post("/v1/fuse", json={"mixture": "up:0.5,svft:0.5", "name": "fused-up"}, headers=auth)
         assert fused.status_code == 201 and fused.json()["kind"] == "core"
         assert complete(client, "fused-up", "abc") == complete(client, "up:0.5,svft:0.5", "abc")
         assert http.delete("/v1/adapters/up", headers=auth).status_code == 200
-        assert http.get("/v1/adapters/up").status_code == 404
+        assert http.get("/v1/adapters/up", headers=auth).status_code == 404
     with pytest.raises(openai.NotFoundError):
         complete(client, "up", "abc")
 
 
 def test_health_and_metrics(server):
-    with httpx.Client(base_url=server.url) as http:
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}) as http:
         assert http.get("/health").json()["status"] == "ok"
-        text = http.get("/metrics").text
+        response = http.get("/metrics")
+        text = response.text
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     for name in ("specfuse_requests_total", "specfuse_request_seconds_bucket", "specfuse_completion_tokens_total",
                  "specfuse_batch_rows_bucket", "specfuse_slot_cache_hits_total", "specfuse_slot_cache_misses_total"):
         assert name in text
@@ -269,15 +272,31 @@ def test_bounds(client, server):
     assert complete(client, "base", "still up", max_tokens=2)
 
 
-def test_protect_all_and_api_key(service):
-    with ServerThread(create_app(service, api_key=KEY, protect_all=True)) as srv:
-        wrong = openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0)
+V1_ROUTES = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
+             ("GET", "/v1/models/base"), ("GET", "/v1/adapters"), ("GET", "/v1/adapters/scale"),
+             ("POST", "/v1/adapters?name=x"), ("DELETE", "/v1/adapters/scale"), ("POST", "/v1/fuse"),
+             ("GET", "/metrics")]
+
+
+@pytest.mark.parametrize("method,path", V1_ROUTES)
+def test_the_api_key_guards_every_v1_route_and_metrics(server, method, path):
+    """Pre-fix only writes needed the key: completions, models, adapters and metrics answered anyone."""
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.request(method, server.url + path, headers=headers, json={} if method == "POST" else None)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, headers)
+    assert httpx.get(server.url + "/health").status_code == 200  # liveness stays open
+
+
+def test_public_reads_open_the_get_routes_only(service):
+    with ServerThread(create_app(service, api_key=KEY, public_reads=True)) as srv:
+        anyone = openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0)
+        assert anyone.models.list().data[0].id == "base"
+        assert httpx.get(srv.url + "/v1/adapters/scale").status_code == 200
+        assert httpx.get(srv.url + "/metrics").status_code == 200
         with pytest.raises(openai.AuthenticationError) as info:
-            wrong.models.list()
+            anyone.completions.create(model="base", prompt="x", max_tokens=2)
         assert info.value.status_code == 401 and info.value.body["code"] == "invalid_api_key"
-        right = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0)
-        assert right.models.list().data[0].id == "base"
-        assert httpx.get(srv.url + "/health").status_code == 200  # liveness stays open
+        assert httpx.delete(srv.url + "/v1/adapters/scale").status_code == 401
 
 
 def test_queue_full_is_429_and_stopped_engine_is_503(home):

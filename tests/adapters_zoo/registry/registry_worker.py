@@ -39,7 +39,7 @@ def add(home: str, file: str, name: str, n: int, salt: int, go_file: str | None 
     i = 0
     while n < 0 or i < n:
         tensor_name = next(iter(adapter.params[layer]))
-        adapter.params[layer][tensor_name] = base + 1e-3 * (salt * 100_000 + i)
+        adapter.params[layer][tensor_name] = base + 1e-6 * (salt * 100_000 + i)  # distinct, within bounds
         rec = reg.add(adapter, name, metrics={"salt": salt, "i": i})
         print(rec.ref, flush=True)
         i += 1
