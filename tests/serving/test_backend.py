@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serving.backend import LayerSlots, LoopBackend, Routing, TorchBackend
+from serving.backend import (
+    LayerSlots,
+    LoopBackend,
+    Routing,
+    RoutingContext,
+    SlotGroup,
+    TorchBackend,
+    shared_input_groups,
+)
 from serving.slots import MixtureCores, NoFreeSlot, SlotTable
 
 LAYER = "model.layers.0.mlp.down_proj"
@@ -37,8 +45,8 @@ def test_torch_backend_matches_loop_and_dense(basis, adapters, names):
     y = torch.randn(len(row_slots), 3, layer.U.shape[0], generator=gen)
     routing = Routing.build(row_slots, table.num_slots, table.diagonal, table.residual_rank, torch.device("cpu"))
     assert routing.all_diagonal == all(table.diagonal[s] for s in row_slots if s >= 0)
-    fast = TorchBackend().apply(y, x, layer, routing)
-    loop = LoopBackend().apply(y, x, layer, routing)
+    fast = TorchBackend().apply(y.clone(), x, layer, routing)  # the fast path adds into y in place
+    loop = LoopBackend().apply(y.clone(), x, layer, routing)
     torch.testing.assert_close(fast, loop, rtol=1e-5, atol=1e-5)
     for i, name in enumerate(row_names):  # and both against y + x ΔWᵀ with the adapter's own dense ΔW
         dense = y[i] if name == "base" else y[i] + x[i] @ adapters[name].delta(LAYER, basis).T
@@ -52,9 +60,10 @@ def test_diagonal_fast_path_equals_general_path(basis, adapters):
     y = torch.zeros(3, 4, layer.U.shape[0])
     routing = Routing.build(row_slots, table.num_slots, table.diagonal, table.residual_rank, torch.device("cpu"))
     assert routing.all_diagonal
-    general = Routing(routing.index, False, False, [])
-    torch.testing.assert_close(TorchBackend().apply(y, x, layer, routing),
-                               TorchBackend().apply(y, x, layer, general), rtol=1e-6, atol=1e-6)
+    general = Routing.build(row_slots, table.num_slots, table.diagonal, table.residual_rank, torch.device("cpu"))
+    general.all_diagonal = False
+    torch.testing.assert_close(TorchBackend().apply(y.clone(), x, layer, routing),
+                               TorchBackend().apply(y.clone(), x, layer, general), rtol=1e-6, atol=1e-6)
 
 
 def test_slot_lru_evicts_least_recent_unpinned_and_keeps_residual_slots(basis, adapters):
@@ -74,3 +83,106 @@ def test_slot_lru_evicts_least_recent_unpinned_and_keeps_residual_slots(basis, a
     table.release(b)
     table.release(r)
     assert table.can_acquire("scale", needs_residual=False)
+
+
+# --------------------------------------------------------------------------- groups: one shrink for q/k/v
+
+
+QKV = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+
+
+def qkv_group(basis, adapters, names, slots=6, residual_slots=3):
+    """q/k/v of layer 0 as one SlotGroup holding ``names`` in consecutive slots (+ their host SlotTable)."""
+    group = SlotGroup.allocate([(basis[n].U, basis[n].V) for n in QKV], slots, residual_slots, 16, torch.float32,
+                               torch.device("cpu"))
+    table = SlotTable(dict(zip(QKV, group.layers)), residual_slots, 16)
+    placed = {name: table.acquire(MixtureCores.from_adapter(name, adapters[name], basis)) for name in names}
+    return group, table, placed
+
+
+@pytest.mark.parametrize("names", [["scale", "svft"], ["scale", "rotation", "scale_lora", "lora"], ["scale_q"]])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_group_shrink_expand_matches_loop_and_dense_per_layer(basis, adapters, names, tokens):
+    group, table, placed = qkv_group(basis, adapters, names)
+    gen = torch.Generator().manual_seed(1)
+    row_names = [names[i % len(names)] for i in range(5)] + ["base"]
+    row_slots = [placed.get(n, -1) for n in row_names]
+    routing = Routing.build(row_slots, table.num_slots, table.diagonal, table.residual_rank, torch.device("cpu"))
+    x = torch.randn(len(row_slots), tokens, group.V.shape[0], generator=gen)  # (rows, T, in)
+    fast, loop = TorchBackend(), LoopBackend()
+    h_fast, h_loop = fast.shrink(x, group, routing), loop.shrink(x, group, routing)
+    torch.testing.assert_close(h_fast, h_loop, rtol=1e-5, atol=1e-5)
+    for name, layer in zip(QKV, group.layers):
+        y = torch.randn(len(row_slots), tokens, layer.U.shape[0], generator=gen)
+        out = fast.expand(y.clone(), h_fast, x, layer, routing)
+        torch.testing.assert_close(out, loop.apply(y.clone(), x, layer, routing), rtol=1e-5, atol=1e-5)
+        for i, row in enumerate(row_names):  # each row against its own adapter's dense ΔW of this layer
+            adapter = adapters.get(row)
+            dense = y[i] if row == "base" or name not in adapter.params else y[i] + x[i] @ adapter.delta(name, basis).T
+            torch.testing.assert_close(out[i], dense, rtol=1e-4, atol=1e-4, msg=f"{name}, row {i} ({row})")
+
+
+def test_group_members_are_views_of_the_group_tables(basis, adapters):
+    group, table, placed = qkv_group(basis, adapters, ["rotation"])
+    s = placed["rotation"]
+    core = MixtureCores.from_adapter("r", adapters["rotation"], basis).cores[QKV[1]]
+    torch.testing.assert_close(group.cores[s, 1], core)
+    torch.testing.assert_close(group.diag[s, group.layers[1].offset : group.layers[1].offset + 8], torch.diagonal(core))
+    torch.testing.assert_close(group.layers[1].V, basis[QKV[1]].V)
+    assert not group.cores[table.num_slots].any() and not group.diag[table.num_slots].any(), "the base slot stays 0"
+
+
+def test_shared_input_groups_pack_siblings_only():
+    shapes = {f"m.layers.{i}.{p}": (16, 4) for i in range(2) for p in
+              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")}
+    shapes["m.layers.1.self_attn.v_proj"] = (16, 2)  # another k: a group of its own
+    groups = shared_input_groups(shapes)
+    assert ["m.layers.0.self_attn.q_proj", "m.layers.0.self_attn.k_proj", "m.layers.0.self_attn.v_proj"] in groups
+    assert ["m.layers.0.mlp.gate_proj", "m.layers.0.mlp.up_proj"] in groups
+    assert ["m.layers.0.self_attn.o_proj"] in groups and ["m.layers.1.self_attn.v_proj"] in groups
+    assert ["m.layers.1.self_attn.q_proj", "m.layers.1.self_attn.k_proj"] in groups
+    assert sorted(n for g in groups for n in g) == sorted(shapes), "every layer exactly once"
+
+
+def test_context_shares_one_shrink_per_input(basis, adapters):
+    group, table, placed = qkv_group(basis, adapters, ["scale"])
+    calls = []
+
+    class Counting(TorchBackend):
+        def shrink(self, x, group, routing):
+            calls.append(x)
+            return super().shrink(x, group, routing)
+
+    backend, context = Counting(), RoutingContext()
+    context.begin(Routing.build([placed["scale"]], table.num_slots, table.diagonal, table.residual_rank,
+                                torch.device("cpu")))
+    x, other = torch.randn(1, 1, group.V.shape[0]), torch.randn(1, 1, group.V.shape[0])
+    h = context.shrunk(group, x, backend)
+    assert context.shrunk(group, x, backend) is h and len(calls) == 1, "siblings reuse the group's shrink"
+    assert context.shrunk(group, other, backend) is not h and len(calls) == 2, "another input, another shrink"
+    context.end()
+    assert context.routing is None and not context._shrunk
+
+
+# --------------------------------------------------------------------------- per-step metadata
+
+
+def test_routing_fills_its_buffers_in_place():
+    routing = Routing(num_slots=8, capacity=4, device=torch.device("cpu"))
+    diagonal, rank = [True] * 8, [0] * 8
+    rank[2] = 5
+    diagonal[3] = False
+    buffer = routing._buffer.data_ptr()
+    routing.update([0, -1, 2, 2], diagonal, rank)
+    assert routing.index.tolist() == [0, 8, 2, 2] and routing.all_diagonal and not routing.all_base
+    (slot, rows, q), = routing.residual_groups
+    assert (slot, rows.tolist(), q) == (2, [2, 3], 5)
+    routing.update([-1, -1], diagonal, rank)
+    assert routing.index.tolist() == [8, 8] and routing.all_base and routing.residual_groups == []
+    routing.update([3, 1, -1], diagonal, rank)
+    assert not routing.all_diagonal and routing.index.tolist() == [3, 1, 8]
+    assert routing._buffer.data_ptr() == buffer, "no step allocates new buffers"
+    routing.update(list(range(8)) + [-1], diagonal, rank)  # outgrows the capacity: grows once
+    assert routing.capacity >= 9 and routing.index.tolist() == list(range(8)) + [8]
+    assert [(s, r.tolist()) for s, r, _ in routing.residual_groups] == [(2, [2])]
