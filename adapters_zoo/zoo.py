@@ -26,6 +26,7 @@ being the rate at which that kind trains well (see ``KIND_SETTINGS``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -247,34 +248,40 @@ def score(settings: ZooSettings, model, tokenizer, task, examples: list[dict]) -
     return evaluate(model, tokenizer, examples)
 
 
-def _row_key(settings: ZooSettings, kind: str) -> dict[str, Any]:
+def _row_key(settings: ZooSettings, kind: str, data: str) -> dict[str, Any]:
     """What a finished row depends on: a resumed build reuses a row only when all of it matches."""
     kind_config, lr = KIND_SETTINGS.get(kind, ({"rank": PEFT_RANK, "alpha": PEFT_ALPHA}, PEFT_LR))
     return {"base": settings.base, "seed": settings.seed, "rank": settings.rank, "steps": settings.steps,
             "batch_size": settings.batch_size, "n_train": settings.n_train, "n_eval": settings.n_eval,
-            "kind_config": kind_config, "lr": _lr(settings, kind, lr)}
+            "kind_config": kind_config, "lr": _lr(settings, kind, lr), "data": data}
+
+
+def _data_digest(*splits: list[dict]) -> str:
+    """sha256 of the task's examples: a change of task text invalidates its rows."""
+    return hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _lr(settings: ZooSettings, kind: str, lr: float) -> float:
     return lr * REAL_LR_SCALE.get("lora" if kind == "peft-lora" else kind, 1.0) if settings.chat else lr
 
 
-def _finished(settings: ZooSettings, suite: str, kind: str, task: str) -> ZooEntry | None:
+def _finished(settings: ZooSettings, suite: str, kind: str, task: str, data: str) -> ZooEntry | None:
     row = settings.out / "entries" / suite / kind / f"{task}.json"
     try:
         record = json.loads(row.read_text())
     except (OSError, ValueError):
         return None
-    if record.get("key") != _row_key(settings, kind):
+    if record.get("key") != _row_key(settings, kind, data):
         return None
     return ZooEntry(**record["entry"])
 
 
-def _save_row(settings: ZooSettings, entry: ZooEntry) -> None:
+def _save_row(settings: ZooSettings, entry: ZooEntry, data: str) -> None:
     row = settings.out / "entries" / entry.suite / entry.kind / f"{entry.task}.json"
     row.parent.mkdir(parents=True, exist_ok=True)
     tmp = row.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": _row_key(settings, entry.kind), "entry": asdict(entry)}, indent=1) + "\n")
+    tmp.write_text(json.dumps({"key": _row_key(settings, entry.kind, data), "entry": asdict(entry)}, indent=1)
+                   + "\n")
     tmp.replace(row)
 
 
@@ -286,17 +293,18 @@ def _build_task(settings: ZooSettings, suite: str, task, model, tokenizer, basis
     test = _split(settings, task, "test", settings.n_eval)
     for split, examples in (("train", train), ("validation", validation), ("test", test)):
         write_jsonl(data_dir / f"{task.name}.{split}.jsonl", examples)
+    data = _data_digest(train, test)
     base_accuracy: float | None = None
     entries = []
     for kind in settings.kinds:
         path = settings.out / "adapters" / suite / kind / f"{task.name}.safetensors"
-        done = _finished(settings, suite, kind, task.name)
+        done = _finished(settings, suite, kind, task.name, data)
         if done is not None and path.is_file():
             _register(registry, path, registry_name(task.name, kind), suite, task.name, kind, done.accuracy)
             entries.append(done)
             continue
         if base_accuracy is None:
-            base_accuracy = _base_accuracy(settings, suite, task, model, tokenizer, test)
+            base_accuracy = _base_accuracy(settings, suite, task, model, tokenizer, test, data)
         kind_config, lr = KIND_SETTINGS[kind]
         cfg = TrainConfig(kind=kind, kind_config=dict(kind_config, seed=settings.seed), steps=settings.steps,
                           lr=_lr(settings, kind, lr), batch_size=settings.batch_size, seed=settings.seed,
@@ -317,26 +325,26 @@ def _build_task(settings: ZooSettings, suite: str, task, model, tokenizer, basis
         _register(registry, path, name, suite, task.name, kind, accuracy)
         entry = ZooEntry(suite, task.name, kind, name, accuracy, base_accuracy, adapter.num_params(),
                          len(adapter_to_bytes(adapter)), round(seconds, 2), round(stats.final_loss, 4))
-        _save_row(settings, entry)
+        _save_row(settings, entry, data)
         entries.append(entry)
     if settings.peft_lora:
-        done = _finished(settings, suite, "peft-lora", task.name)
+        done = _finished(settings, suite, "peft-lora", task.name, data)
         if done is None:
             if base_accuracy is None:
-                base_accuracy = _base_accuracy(settings, suite, task, model, tokenizer, test)
+                base_accuracy = _base_accuracy(settings, suite, task, model, tokenizer, test, data)
             done = _build_peft(settings, suite, task, model, tokenizer, train, test, base_accuracy)
-            _save_row(settings, done)
+            _save_row(settings, done, data)
         entries.append(done)
     return entries
 
 
-def _base_accuracy(settings: ZooSettings, suite: str, task, model, tokenizer, test) -> float:
+def _base_accuracy(settings: ZooSettings, suite: str, task, model, tokenizer, test, data: str) -> float:
     """The base model's accuracy on ``test``, cached beside the rows (a real-base evaluation takes a while)."""
-    done = _finished(settings, suite, "base", task.name)
+    done = _finished(settings, suite, "base", task.name, data)
     if done is not None:
         return done.accuracy
     accuracy = score(settings, model, tokenizer, task, test)
-    _save_row(settings, ZooEntry(suite, task.name, "base", "base", accuracy, accuracy, 0, 0, 0.0, 0.0))
+    _save_row(settings, ZooEntry(suite, task.name, "base", "base", accuracy, accuracy, 0, 0, 0.0, 0.0), data)
     return accuracy
 
 

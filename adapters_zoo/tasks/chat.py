@@ -3,8 +3,8 @@ content from Faker, a programmatic checker per task.
 
 Two suites of four tasks each (``CHAT_SUITES``):
 
-- ``records`` (the tasks conflict): every task reads the same kind of input, one customer
-  order record, and answers something else about it (JSON, an ISO date, cents, a name
+- ``records`` (the tasks conflict): every task reads the same inputs (one customer order
+  record each; the same records for every task) and answers something else about them (JSON, an ISO date, cents, a name
   order); only the instruction's last line says which. Adapters fused into one model fight
   over the same inputs.
 - ``skills`` (the tasks compose): each task reads its own kind of input (a phone number, a
@@ -113,6 +113,7 @@ class ChatTask:
     answer: Callable[[object], str]
     key: Callable[[object], str]  # the input's text, which decides its split
     json_answer: bool = False  # scored as equal JSON objects rather than equal strings
+    shared_inputs: bool = False  # every task of the suite draws the same inputs (the records suite)
 
     def example(self, x) -> dict[str, Messages]:
         return {"messages": [{"role": "user", "content": self.ask(x)},
@@ -121,7 +122,7 @@ class ChatTask:
 
 def _record_task(name: str, instruction: str, answer: Callable[[Order], str], json_answer: bool = False) -> ChatTask:
     return ChatTask(name, "records", _order, lambda o: f"{o.text()}\n\n{instruction}", answer, Order.text,
-                    json_answer)
+                    json_answer, shared_inputs=True)
 
 
 def _bullets(items: list[str]) -> str:
@@ -178,7 +179,8 @@ def make_chat_split(task: ChatTask, split: str, n: int, seed: int = 0) -> list[d
         raise ValueError(f"split must be train, validation or test, got {split!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    rng = random.Random(f"{seed}:{task.name}:{split}")  # str seeds hash with sha512: stable
+    source = task.suite if task.shared_inputs else task.name
+    rng = random.Random(f"{seed}:{source}:{split}")  # str seeds hash with sha512: stable
     inputs: dict[str, object] = {}
     misses = 0
     while len(inputs) < n and misses < _MAX_MISSES:
