@@ -11,44 +11,13 @@ import httpx
 import openai
 import pytest
 
-from adapters_zoo.demo_model import save_model
 from adapters_zoo.format import adapter_to_bytes
-from adapters_zoo.registry import Registry
 from serving.app import create_app
 from serving.reference import reference_generate
 from serving.serve_cli import ServerSettings, ServerThread, build_service
 
-KEY = "test-key"
+KEY = "test-key"  # as the conftest server fixture
 NAMES = ["scale", "scale_lora", "svft", "rotation", "additive", "lora", "scale_q"]
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory, model, tokenizer, basis, adapters):
-    home = tmp_path_factory.mktemp("serving-home")
-    save_model(model, tokenizer, home / "base")
-    with Registry(home) as registry:
-        registry.add_basis(basis)
-        for name, adapter in adapters.items():
-            registry.add(adapter, name)
-    return home
-
-
-@pytest.fixture(scope="module")
-def service(home):
-    with build_service(ServerSettings(home / "base", home, device="cpu", slots=40, residual_slots=24,
-                                      max_batch=40, max_prompt_tokens=64, max_tokens=200, max_mixture=8)) as service:
-        yield service
-
-
-@pytest.fixture(scope="module")
-def server(service):
-    with ServerThread(create_app(service, api_key=KEY)) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
 def complete(client, model, prompt, max_tokens=8, **extra):
