@@ -94,14 +94,15 @@ class EngineConfig:
     residual_slots: int = 8  # of which this many also hold a residual outside the basis
     max_residual_rank: int = 64  # q of the largest residual a slot holds (concatenated LoRAs grow it)
     mixture_cache: int = 1024  # reduced mixtures kept on the host
+    mixture_cache_bytes: int = 256 << 20  # ... and the host memory they may take (cores + residuals)
 
     def validate(self) -> None:
         if self.slots < 1:
             raise InvalidConfig(f"slots must be ≥ 1, got {self.slots}")
         if not 0 <= self.residual_slots <= self.slots:
             raise InvalidConfig(f"residual_slots must be in [0, slots={self.slots}], got {self.residual_slots}")
-        if self.max_residual_rank < 0 or self.mixture_cache < 1:
-            raise InvalidConfig("max_residual_rank must be ≥ 0 and mixture_cache ≥ 1")
+        if self.max_residual_rank < 0 or self.mixture_cache < 1 or self.mixture_cache_bytes < 1:
+            raise InvalidConfig("max_residual_rank must be ≥ 0, mixture_cache and mixture_cache_bytes ≥ 1")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise InvalidConfig(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
@@ -144,7 +145,7 @@ class Engine:
         tables = {name: tables[name] for name in self.basis.layers}  # the basis's order
         self.slots = SlotTable(tables, self.config.residual_slots, self.config.max_residual_rank)
         self._routing = Routing(self.slots.num_slots, ROUTING_ROWS, self.device)  # filled in place every step
-        self.mixtures = MixtureCache(self.config.mixture_cache)
+        self.mixtures = MixtureCache(self.config.mixture_cache, self.config.mixture_cache_bytes)
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
         self.eos_ids = _eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)

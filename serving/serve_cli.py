@@ -46,15 +46,26 @@ def register_cli(subparsers) -> None:
     demo.set_defaults(func=cmd_demo)
 
 
+MIXTURE_CACHE_MB = 256  # host memory for fused mixtures (engine.EngineConfig.mixture_cache_bytes)
+
+
 def _server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when present")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--api-key", default=os.environ.get("SPECFUSE_API_KEY"), metavar="KEY",
-                   help="bearer token for writes (default: $SPECFUSE_API_KEY)")
-    p.add_argument("--protect-all", action="store_true", help="require the key on every endpoint but /health")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="bearer token every /v1 route and /metrics need (default: $SPECFUSE_API_KEY; prefer it or "
+                        "--api-key-file: a key on the command line is visible to anyone running ps)")
+    p.add_argument("--api-key-file", default=None, metavar="FILE", help="read the API key from FILE's first line")
+    p.add_argument("--public-reads", action="store_true",
+                   help="with a key: let anyone GET /v1/models, /v1/adapters and /metrics (generation and writes "
+                        "still need the key)")
+    p.add_argument("--protect-all", action="store_true", help=argparse.SUPPRESS)  # the default now; old scripts
+    p.add_argument("--mixture-cache-mb", type=float, default=MIXTURE_CACHE_MB,
+                   help=f"host memory for fused mixtures, LRU (default {MIXTURE_CACHE_MB:g} MiB; the device slot "
+                        "table is fixed by --slots)")
     p.add_argument("--name", default=None, help="model name in responses (default: the model directory's name)")
     p.add_argument("--slots", type=int, default=32, help="mixtures resident on the device")
     p.add_argument("--residual-slots", type=int, default=8, help="of which this many hold a residual (LoRA) part")
@@ -79,11 +90,13 @@ class ServerSettings:
     max_prompt_tokens: int = 2048
     max_tokens: int = 1024
     max_mixture: int = 16
+    mixture_cache_mb: float = MIXTURE_CACHE_MB
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model_dir: Path, home: Path | None) -> ServerSettings:
         return cls(model_dir, home, args.device, args.dtype, args.name, args.slots, args.residual_slots,
-                   args.max_batch, args.max_queue, args.max_prompt_tokens, args.max_tokens, args.max_mixture)
+                   args.max_batch, args.max_queue, args.max_prompt_tokens, args.max_tokens, args.max_mixture,
+                   args.mixture_cache_mb)
 
 
 def build_service(settings: ServerSettings):
@@ -96,7 +109,8 @@ def build_service(settings: ServerSettings):
 
     registry = Registry(settings.home)
     engine_config = EngineConfig(device=settings.device, dtype=settings.dtype, slots=settings.slots,
-                                 residual_slots=min(settings.residual_slots, settings.slots))
+                                 residual_slots=min(settings.residual_slots, settings.slots),
+                                 mixture_cache_bytes=max(1, int(settings.mixture_cache_mb * (1 << 20))))
     model, tokenizer = load_model_dir(settings.model_dir)
     engine = Engine(model, tokenizer, find_basis(registry, model), engine_config)
     metrics = Metrics()
@@ -139,12 +153,37 @@ class ServerThread:
         self.sock.close()
 
 
-def _serve(service, host: str, port: int, api_key: str | None, protect_all: bool) -> int:
+def api_key_of(args: argparse.Namespace) -> str | None:
+    """The key: --api-key-file, else --api-key (with a warning: ps shows it), else $SPECFUSE_API_KEY."""
+    from adapters_zoo.errors import InvalidConfig
+
+    if args.api_key_file:
+        lines = Path(args.api_key_file).expanduser().read_text().splitlines()
+        key = lines[0].strip() if lines else ""
+    elif args.api_key is not None:
+        print("specfuse: warning: a key given with --api-key is visible to anyone running ps on this machine; "
+              "prefer SPECFUSE_API_KEY or --api-key-file", file=sys.stderr)
+        key = args.api_key
+    else:
+        key = os.environ.get("SPECFUSE_API_KEY")
+    if key is not None and not key.strip():
+        raise InvalidConfig("the API key is empty: give a non-empty key, or none to serve without one")
+    if args.public_reads and key is None:
+        raise InvalidConfig("--public-reads needs an API key (without one every route is public already)")
+    return key
+
+
+def _serve(service, args: argparse.Namespace) -> int:
     import uvicorn
 
     from serving.app import create_app
 
-    app = create_app(service, api_key=api_key, protect_all=protect_all)
+    host, port = args.host, args.port
+    try:
+        app = create_app(service, api_key=api_key_of(args), public_reads=args.public_reads)
+    except BaseException:
+        service.close()
+        raise
     adapters = len(service.registry.compatible(service.fingerprint))
     print(f"specfuse: serving {service.model_name} ({adapters} adapter versions, device {service.engine.device}) "
           f"on http://{host}:{port}/v1", file=sys.stderr)
@@ -158,7 +197,7 @@ def _serve(service, host: str, port: int, api_key: str | None, protect_all: bool
 def cmd_serve(args: argparse.Namespace) -> int:
     home = Path(args.home).expanduser() if args.home else None
     service = build_service(ServerSettings.from_args(args, Path(args.model_dir), home))
-    return _serve(service, args.host, args.port, args.api_key, args.protect_all)
+    return _serve(service, args)
 
 
 def demo_home() -> Path:
@@ -193,4 +232,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # The PEFT LoRA baselines are for the benchmarks; the server does not use them.
     model_dir = ensure_demo(home, ZooSettings(out=home / "zoo", quick=not args.full, peft_lora=False))
     service = build_service(ServerSettings.from_args(args, model_dir, home))
-    return _serve(service, args.host, args.port, args.api_key, args.protect_all)
+    return _serve(service, args)

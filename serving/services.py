@@ -43,6 +43,7 @@ from serving.slots import MixtureCores
 
 BASE = "base"
 ADAPTER_CACHE = 1024  # parsed registry adapters kept in memory (they are small: k-sized tensors per layer)
+ADAPTER_CACHE_BYTES = 64 << 20  # ... and the memory they may take
 
 
 @dataclass
@@ -102,7 +103,8 @@ class Service:
         self.model_name = model_name
         self.fingerprint = engine.basis.fingerprint
         self.started = int(time.time())
-        self._adapters: OrderedDict[str, Adapter] = OrderedDict()  # sha256 -> parsed adapter
+        self._adapters: OrderedDict[str, tuple[Adapter, int]] = OrderedDict()  # sha256 -> (adapter, bytes)
+        self._adapter_bytes = 0
         self._adapter_lock = threading.Lock()
         self.router = AutoRouter(engine)
         m = self.metrics
@@ -115,6 +117,11 @@ class Service:
         m.watch("specfuse_mixture_cache_hits_total", "fused mixture found on the host", lambda: mixtures.hits,
                 "counter")
         m.watch("specfuse_mixture_cache_misses_total", "mixtures fused", lambda: mixtures.misses, "counter")
+        m.watch("specfuse_mixture_cache_evictions_total", "fused mixtures dropped from the host cache",
+                lambda: mixtures.evictions, "counter")
+        m.watch("specfuse_mixture_cache_bytes", "host memory of the cached fused mixtures", lambda: mixtures.nbytes)
+        m.watch("specfuse_adapter_cache_bytes", "host memory of the parsed registry adapters",
+                lambda: self._adapter_bytes)
         m.watch("specfuse_slots_occupied", "device slots holding a mixture", lambda: slots.occupied)
         m.watch("specfuse_slots_pinned", "device slots used by running requests", lambda: slots.pinned)
         m.watch("specfuse_requests_running", "rows in the running batch", lambda: scheduler.running)
@@ -178,12 +185,16 @@ class Service:
         with self._adapter_lock:
             if sha256 in self._adapters:
                 self._adapters.move_to_end(sha256)
-                return self._adapters[sha256]
+                return self._adapters[sha256][0]
         adapter = self.registry.load(ref)
+        size = sum(t.numel() * t.element_size() for p in adapter.params.values() for t in p.values())
         with self._adapter_lock:
-            self._adapters[sha256] = adapter
-            while len(self._adapters) > ADAPTER_CACHE:
-                self._adapters.popitem(last=False)
+            if sha256 not in self._adapters:
+                self._adapters[sha256] = (adapter, size)
+                self._adapter_bytes += size
+            while len(self._adapters) > 1 and (len(self._adapters) > ADAPTER_CACHE
+                                               or self._adapter_bytes > ADAPTER_CACHE_BYTES):
+                self._adapter_bytes -= self._adapters.popitem(last=False)[1][1]
         return adapter
 
     def prepare_mixture(self, model: str, adapters=None, method=None, params=None) -> MixtureCores | None:

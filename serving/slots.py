@@ -55,6 +55,12 @@ class MixtureCores:
         return cls(key, cores, residuals, diagonal, rank)
 
     @property
+    def nbytes(self) -> int:
+        """Host memory of the cores and residuals."""
+        tensors = [c for c in self.cores.values() if c is not None] + [t for r in self.residuals.values() for t in r]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
     def is_identity(self) -> bool:
         return not self.residuals and all(c is None or not bool(c.any()) for c in self.cores.values())
 
@@ -158,14 +164,21 @@ class SlotTable:
 
 
 class MixtureCache:
-    """Thread-safe LRU of reduced mixtures on the host, built at most once while cached."""
+    """Thread-safe LRU of reduced mixtures on the host, built at most once while cached.
 
-    def __init__(self, capacity: int):
+    Bounded in entries and in bytes (cores + residuals): distinct mixtures are a client's
+    choice, so the memory they take must not be."""
+
+    def __init__(self, capacity: int, max_bytes: int | None = None):
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self._items: OrderedDict[Hashable, MixtureCores] = OrderedDict()
+        self._sizes: dict[Hashable, int] = {}
+        self.nbytes = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.evictions = 0
 
     def get_or_build(self, key: Hashable, build: Callable[[], MixtureCores]) -> MixtureCores:
         with self._lock:
@@ -175,11 +188,18 @@ class MixtureCache:
                 return self._items[key]
             self.misses += 1
         mixture = build()  # outside the lock: fusion may take a while; a duplicate build is harmless
+        size = mixture.nbytes
         with self._lock:
+            self.nbytes -= self._sizes.pop(key, 0)
             self._items[key] = mixture
             self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+            self._sizes[key] = size
+            self.nbytes += size
+            while len(self._items) > 1 and (len(self._items) > self.capacity or
+                                             (self.max_bytes is not None and self.nbytes > self.max_bytes)):
+                old, _ = self._items.popitem(last=False)
+                self.nbytes -= self._sizes.pop(old)
+                self.evictions += 1
         return mixture
 
     def __len__(self) -> int:
