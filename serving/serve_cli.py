@@ -6,9 +6,8 @@
 
 ``serve`` loads the model, finds its basis among the registry's declared bases (by the
 fingerprint of its weights) and serves the registry's adapters of that base. ``demo``
-builds the demo zoo (``adapters_zoo.zoo``: a pretrained character-level Llama, its basis,
-one trained adapter per task × kind) into ``$SPECFUSE_HOME``, else ``~/.specfuse-demo``,
-unless it is there already, then serves it.
+prepares the real base and the demo's task adapters (:mod:`serving.demo`) in
+``$SPECFUSE_HOME``, else ``~/.specfuse-demo``, then serves them the same way.
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-
-DEMO_HOME = "~/.specfuse-demo"
 
 
 def register_cli(subparsers) -> None:
@@ -36,12 +33,11 @@ def register_cli(subparsers) -> None:
     serve.set_defaults(func=cmd_serve)
 
     demo = subparsers.add_parser(
-        "demo", help="build the demo zoo if missing, then serve it",
-        description=f"Build the demo zoo (a pretrained character-level base, its basis, one adapter per task and "
-                    f"kind) into $SPECFUSE_HOME (else {DEMO_HOME}) unless present, then serve it.",
+        "demo", help="the real base (SmolLM2-135M-Instruct) and its task adapters, served",
+        description="Fetch the real base (cached), compute its basis (cached), register the demo's task adapters "
+                    "(shipped; trained here when this machine's base differs) in $SPECFUSE_HOME (else "
+                    "~/.specfuse-demo), then serve them like `specfuse serve`.",
     )
-    demo.add_argument("--full", action="store_true", help="build the full zoo (every task, longer training) "
-                      "instead of the quick one, when it is missing")
     _server_options(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -200,36 +196,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _serve(service, args)
 
 
-def demo_home() -> Path:
-    env = os.environ.get("SPECFUSE_HOME")
-    return Path(env).expanduser() if env else Path(DEMO_HOME).expanduser()
-
-
-def ensure_demo(home: Path, settings=None, progress: bool = True) -> Path:
-    """The demo base model dir; builds the demo zoo (``adapters_zoo.zoo.build_zoo``) under ``home/zoo`` first
-    when it is missing, registering its basis and adapters in the registry at ``home``.
-
-    ``settings``: a ``ZooSettings`` (its ``out`` is replaced by ``home/zoo``); default: the quick zoo.
-    The zoo's ``report.json`` is written last, so an interrupted build is resumed, not served.
-    """
-    from dataclasses import replace
-
-    from adapters_zoo.zoo import ZooSettings, build_zoo
-
-    zoo_dir = home / "zoo"
-    if not (zoo_dir / "report.json").is_file():
-        print(f"specfuse demo: building the demo zoo in {zoo_dir} (pretrained base, task adapters; the quick zoo "
-              "takes a few minutes on 2 cores)", file=sys.stderr)
-        settings = replace(settings, out=zoo_dir) if settings is not None else ZooSettings(out=zoo_dir, quick=True)
-        build_zoo(settings, home=home, progress=progress)
-    return zoo_dir / "base"
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    from adapters_zoo.zoo import ZooSettings
+    from serving.demo import demo_home, prepare_demo
 
     home = demo_home()
-    # The PEFT LoRA baselines are for the benchmarks; the server does not use them.
-    model_dir = ensure_demo(home, ZooSettings(out=home / "zoo", quick=not args.full, peft_lora=False))
+    model_dir = prepare_demo(home)
     service = build_service(ServerSettings.from_args(args, model_dir, home))
     return _serve(service, args)

@@ -13,7 +13,8 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
 
 
 def _settings(out: Path, **kw) -> ZooSettings:
-    base = dict(out=out, suites=("compatible",), kinds=("scale", "rotation"), peft_lora=False, tasks_per_suite=2,
+    base = dict(out=out, base="char", suites=("compatible",), kinds=("scale", "rotation"), peft_lora=False,
+                tasks_per_suite=2,
                 rank=8, steps=6, batch_size=8, n_train=32, n_eval=8, pretrain_steps=8, model_overrides=TINY)
     base.update(kw)
     return ZooSettings(**base)

@@ -30,7 +30,8 @@ SUITE = "compatible"
 @pytest.fixture(scope="module")
 def zoo_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("zoo")
-    build_zoo(ZooSettings(out=out, suites=(SUITE,), kinds=("scale",), peft_lora=True, tasks_per_suite=2, rank=8,
+    build_zoo(ZooSettings(out=out, base="char", suites=(SUITE,), kinds=("scale",), peft_lora=True, tasks_per_suite=2,
+                          rank=8,
                           steps=4, batch_size=8, n_train=32, n_eval=8, pretrain_steps=4, model_overrides=TINY,
                           threads=1), progress=False)
     return out

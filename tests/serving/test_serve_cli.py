@@ -13,9 +13,8 @@ import httpx
 import openai
 
 from adapters_zoo.demo_model import save_model
-from adapters_zoo.zoo import ZooSettings
+from adapters_zoo.zoo import ZooSettings, build_zoo
 from serving.cli import main
-from serving.serve_cli import ensure_demo
 
 
 def test_engine_imports_without_the_http_stack():
@@ -40,17 +39,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_demo_builds_the_zoo_and_serves_it(tmp_path):
-    """A miniature zoo (the real builder, tiny sizes) built by ``ensure_demo``, then ``specfuse demo`` serves it."""
-    tiny = ZooSettings(out=tmp_path, suites=("compatible",), kinds=("scale", "rotation"), peft_lora=False, threads=1,
+def test_serve_runs_a_zoo_over_http(tmp_path):
+    """A miniature zoo (the real builder, the char base, tiny sizes), then ``specfuse serve`` in its own process."""
+    tiny = ZooSettings(out=tmp_path / "zoo", base="char", suites=("compatible",), kinds=("scale", "rotation"),
+                       peft_lora=False, threads=1,
                        tasks_per_suite=1, rank=8, steps=2, batch_size=8, n_train=8, n_eval=2, pretrain_steps=2,
                        model_overrides=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                             num_attention_heads=4, num_key_value_heads=2))
-    model_dir = ensure_demo(tmp_path / "demo", tiny, progress=False)
-    assert model_dir == tmp_path / "demo" / "zoo" / "base" and (model_dir / "config.json").is_file()
+    build_zoo(tiny, home=tmp_path / "home", progress=False)
+    model_dir = tmp_path / "zoo" / "base"
     port = _free_port()
-    env = {**os.environ, "SPECFUSE_HOME": str(tmp_path / "demo"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "demo", "--port", str(port)], env=env,
+    env = {**os.environ, "SPECFUSE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", str(model_dir), "--port", str(port)],
+                            env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
