@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 from tqdm.auto import tqdm
 
 from adapters_zoo.checkpoint import Checkpoint, LayerSpec, linear_layers
@@ -241,10 +242,25 @@ def save_basis(basis: Basis, path: str | Path) -> Path:
         "energy": json.dumps(basis.energy),
         "transposed": json.dumps(basis.transposed),
     }
+    data = canonical_safetensors(save_bytes(tensors, metadata=meta))
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    with open(tmp, "wb") as f:  # atomic: temp file, fsync, rename
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
     return path
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same file with its JSON header re-emitted with sorted keys: equal contents, equal bytes.
+
+    safetensors writes its header in hash-map order, which varies between processes (and
+    between saves); the tensor data (its order fixed by the offsets) is left as it is."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # data must stay 8-byte aligned
+    return len(header).to_bytes(8, "little") + header + data[8 + n :]
 
 
 def load_basis(path: str | Path) -> Basis:

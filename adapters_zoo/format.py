@@ -32,7 +32,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from adapters_zoo import jsonsafe
-from adapters_zoo.basis import Basis, LayerBasis, parse_rank
+from adapters_zoo.basis import Basis, LayerBasis, canonical_safetensors, parse_rank
 from adapters_zoo.errors import AdapterFormatError, DeltaOutOfBounds, IncompatibleAdapter, InvalidConfig
 from adapters_zoo.kinds import get_kind
 from adapters_zoo.kinds.base import Kind, config_to_dict
@@ -168,18 +168,9 @@ def _flat_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     }
 
 
-def _canonical_header(data: bytes) -> bytes:
-    # safetensors writes its header in hash-map order, which varies between processes;
-    # re-emit it with sorted keys so equal adapters give equal bytes (and equal sha256).
-    n = int.from_bytes(data[:8], "little")
-    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # data must stay 8-byte aligned
-    return len(header).to_bytes(8, "little") + header + data[8 + n :]
-
-
 def adapter_to_bytes(adapter: Adapter) -> bytes:
     """The adapter file's bytes: deterministic for equal adapters."""
-    return _canonical_header(save_bytes(_flat_tensors(adapter), metadata=_meta_strings(adapter)))
+    return canonical_safetensors(save_bytes(_flat_tensors(adapter), metadata=_meta_strings(adapter)))
 
 
 def save_adapter(adapter: Adapter, path: str | Path) -> Path:
