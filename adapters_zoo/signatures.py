@@ -50,8 +50,8 @@ def signature_from_features(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(F.normalize(features, dim=-1).mean(0), dim=0)
 
 
-def signature_from_prompts(model, tokenizer, prompts: list[str]) -> torch.Tensor:
-    return signature_from_features(prompt_features(model, tokenizer, prompts[:SIGNATURE_PROMPTS]))
+def signature_from_prompts(model, tokenizer, prompts: list[str], limit: int = SIGNATURE_PROMPTS) -> torch.Tensor:
+    return signature_from_features(prompt_features(model, tokenizer, prompts[:limit]))
 
 
 def attach_signature(meta: dict, signature: torch.Tensor, base_fingerprint: str) -> dict:

@@ -43,6 +43,9 @@ from adapters_zoo.signatures import attach_signature, signature_from_prompts
 
 IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss there
 LOSS_WINDOW = 10  # final_loss is the mean over this many last steps (one batch is noisy)
+# Prompts whose base features make the signature train stores: a forward pass over them costs
+# minutes on a real base on CPU, and the centroid of the first 64 is already the task's.
+TRAIN_SIGNATURE_PROMPTS = 64
 
 Example = dict[str, Any]  # {prompt, completion} or {messages}
 
@@ -454,8 +457,8 @@ def train_adapter(
     pad_id = pad_id_of(tokenizer)
 
     with frozen_base(model, device):
-        signature = signature_from_prompts(model, tokenizer, [prompt_text(tokenizer, ex) for ex in examples]) \
-            if cfg.signature else None
+        prompts = [prompt_text(tokenizer, ex) for ex in examples[:TRAIN_SIGNATURE_PROMPTS]]
+        signature = signature_from_prompts(model, tokenizer, prompts) if cfg.signature else None
         attach(model, adapter, basis)
         params = adapter_parameters(model)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
