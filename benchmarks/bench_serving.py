@@ -1,75 +1,93 @@
-"""Serving cost: per-request adapter mixtures vs the base model, PEFT mixed-batch LoRA, and merging.
+"""Serving cost at real shapes: every request its own adapter mixture vs the base model, PEFT and merging.
 
-Side by side in one process, on one random-weight Llama-shaped model, the same requests
-(prompt of P tokens, exactly T generated tokens, greedy), all arriving at t = 0:
+Side by side in one process, on one base (the real SmolLM2-135M-Instruct from
+``specfuse base fetch``, or a random-weight Llama shape), the same requests (P prompt
+tokens, exactly T generated tokens, greedy, eos ignored), all arriving at t = 0, served by
+the server's own Service + Scheduler + Engine with the server's defaults:
 
-  (a) base        the engine with no adapter (every row slot -1): the physical floor
-  (b) mixtures    every request its own mixture of m adapters out of N registered
-                  (random weights, so every request is a distinct mixture: each one
-                  is resolved in the registry, fused and written to a slot), batched
-                  by the iteration-level scheduler
-  (c) peft        PEFT mixed-batch LoRA: N LoRA adapters loaded in a PeftModel (the
-                  registered adapters exported with ``export_peft_lora``), one adapter
-                  per row (``adapter_names=``), static batches of the same size
-  (d) merge       merging per request: W + Σ w ΔW into the dense weights, generate alone
-                  (KV cache), restore
+  step:*     one decode step of a full batch, base rows vs every row on its own resident
+             mixture (diagonal cores: the elementwise path; dense k×k cores: the gathered
+             path), interleaved step by step: the adapter math alone, paired ratios
+  base       every row on slot -1; run again after every two adapter runs, and each run's
+             ratio is to the base runs just before and after it (the load drifts)
+  one        every request on the same cached mixture (one slot)
+  new        every request a distinct mixture of m of the N registered adapters, resolved
+             in the registry and fused in the submitting thread (as HTTP workers do) while
+             earlier requests decode; the fusion cost is reported per mixture
+  cached     the same mixtures again, all in device slots: flat in N and m by construction
+  hf:base    plain transformers ``generate``, one static batch: the library's own floor
+  peft       PEFT mixed-batch LoRA (``adapter_names=``), the registered adapters exported as
+             LoRA of the same rank, one adapter per row (PEFT has no per-row mixtures)
+  merge      dense W + Σ w ΔW per request, generated alone, weights restored; serial
 
-Reported: generated tokens/s, p50/p99 request latency (t = 0 to last token), and the
-overhead of each as a ratio to (a). Results go to ``benchmarks/results/serving_{tag}.json``
-and ``.md``.
+Reported: tokens/s, p50/p99 latency (t = 0 to a request's last token), p50/p99 time to
+first token, CPU seconds per token (all threads of the process; steadier than wall time
+when other jobs share the machine), the ratio to base (time per token over base's), torch
+threads and the load average. Results: ``benchmarks/results/{base}/serving_{device}.{json,md,png}``.
 
-    python benchmarks/bench_serving.py                        # CPU, small shape (~4 min, 1 thread)
-    python benchmarks/bench_serving.py --device cuda --shape 1b   # ~1.1B Llama shape, bf16
+    python benchmarks/bench_serving.py --base smollm2              # ~15 min on 2 CPU cores
+    python benchmarks/bench_serving.py --base smollm2 --quick      # a few minutes
+    python benchmarks/bench_serving.py --base 1b --device cuda     # ~1.1B Llama shape, bf16
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
-import random
-import statistics
-import sys
-import tempfile
-import threading
-import time
-from dataclasses import asdict, dataclass
-from functools import partial
-from pathlib import Path
 
-import torch
-from common import write_results  # benchmarks/ is the script folder: first on sys.path
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the serving CLI does, before torch loads OpenMP
 
-SHAPES = {
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import platform  # noqa: E402
+import random  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from common import RESULTS, SCRATCH, environment, environment_line, set_threads, write_results  # noqa: E402
+
+FETCHED = {"smollm2": "smollm2-135m-instruct"}  # --base name -> `specfuse base fetch` name
+SHAPES = {  # random-weight Llama shapes (speed does not depend on the weight values)
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=256),
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=4, vocab_size=512, max_position_embeddings=512),
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),  # TinyLlama-1.1B shape
 }
+GOALS = {"diagonal": 1.15, "dense": 1.25, "flat": 0.05}  # issue 16: time per token vs base; spread of cached rows
+KIND_CORES = {"scale": "diagonal", "rotation": "dense"}
 
 
 @dataclass
 class Settings:
+    base: str
     device: str
-    shape: str
     k: int
-    requests: int
+    requests: int  # concurrent, all at t = 0
     prompt_tokens: int
     max_tokens: int
-    max_batch: int
-    adapter_counts: tuple[int, ...]
-    mixture_sizes: tuple[int, ...]
+    adapter_counts: tuple[int, ...]  # N registered (scale)
+    mixture_sizes: tuple[int, ...]  # m per mixture (scale)
+    dense_counts: tuple[int, ...]  # N and m for the dense-core kind (rotation): a shorter sweep
+    dense_sizes: tuple[int, ...]
     peft_counts: tuple[int, ...]
     merge_requests: int
-    kind: str
-    repeats: int = 3  # engine runs per row (the best is reported)
-    steps: int = 40  # decode steps timed per step row
+    merge_sizes: tuple[int, ...]
+    steps: int  # decode steps per step row
+    threads: int
     seed: int = 0
 
 
 @dataclass
 class Row:
     config: str
+    kind: str  # scale | rotation | "" (base)
     n_adapters: int
     m: int
     requests: int
@@ -78,8 +96,28 @@ class Row:
     tokens_per_s: float
     p50_s: float
     p99_s: float
-    overhead: float = 1.0  # base tokens/s over this one's
+    ttft_p50_s: float | None
+    ttft_p99_s: float | None
+    cpu_ms_per_token: float
+    ratio: float = 1.0  # time per token over base's (wall)
+    cpu_ratio: float = 1.0  # the same on CPU time
+    load_average: float = 0.0  # 1-minute, at the end of the run
+    fuse_ms_per_mixture: float | None = None
     note: str = ""
+    base_runs: list[int] = field(default_factory=list)  # indices of the base rows it is compared to
+
+
+@dataclass
+class Run:
+    """One timed run: what every row is made of."""
+
+    latencies: list[float]
+    ttft: list[float]
+    tokens: int
+    seconds: float
+    cpu_seconds: float
+    prepare_seconds: float = 0.0
+    new_mixtures: int = 0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -87,16 +125,39 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def summarize(config: str, n: int, m: int, latencies: list[float], tokens: int, seconds: float,
-              note: str = "") -> Row:
-    return Row(config, n, m, len(latencies), tokens, round(seconds, 4), round(tokens / seconds, 1),
-               round(statistics.median(latencies), 4), round(percentile(latencies, 0.99), 4), note=note)
+def make_row(config: str, kind: str, n: int, m: int, run: Run, note: str = "") -> Row:
+    ttft = run.ttft or None
+    return Row(config, kind, n, m, len(run.latencies), run.tokens, round(run.seconds, 3),
+               round(run.tokens / run.seconds, 1), round(statistics.median(run.latencies), 3),
+               round(percentile(run.latencies, 0.99), 3),
+               None if ttft is None else round(statistics.median(ttft), 3),
+               None if ttft is None else round(percentile(ttft, 0.99), 3),
+               round(1000 * run.cpu_seconds / run.tokens, 2), load_average=round(os.getloadavg()[0], 1),
+               fuse_ms_per_mixture=round(1000 * run.prepare_seconds / run.new_mixtures, 1) if run.new_mixtures
+               else None, note=note)
 
 
-# --------------------------------------------------------------------------- setup
+# --------------------------------------------------------------------------- the base and its adapters
 
 
-def build_tokenizer(vocab: int):
+def load_base(settings: Settings, home: str | None):
+    """(model float32 on the host, tokenizer, model dir or None, basis cache key)."""
+    if settings.base in FETCHED:
+        from adapters_zoo.bases import fetch_base
+        from serving.engine import load_model_dir
+
+        fetched = fetch_base(FETCHED[settings.base], home, progress=False)
+        model, tokenizer = load_model_dir(fetched.path)
+        return model.float().eval(), tokenizer, str(fetched.path), fetched.fingerprint
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(settings.seed)
+    cfg = LlamaConfig(**SHAPES[settings.base], pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval(), word_tokenizer(cfg.vocab_size), None, None
+
+
+def word_tokenizer(vocab: int):
     """A word-level tokenizer with one token per id (the model's whole vocabulary decodes)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -108,21 +169,27 @@ def build_tokenizer(vocab: int):
                                    unk_token="<3>", padding_side="left")
 
 
-def build_model(shape: str, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def basis_of(model, k: int, cache_key: str | None):
+    """The model's basis, cached in benchmarks/results/tmp for a fetched base (the SVD takes a minute)."""
+    from adapters_zoo.basis import basis_from_model, load_basis, save_basis
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(**SHAPES[shape], pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).eval()
+    path = SCRATCH / f"basis_{cache_key}_k{k}.safetensors" if cache_key else None
+    if path is not None and path.is_file():
+        return load_basis(path)
+    basis = basis_from_model(model, k)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_basis(basis, path)
+    return basis
 
 
 def make_adapters(kind: str, basis, count: int, seed: int) -> list:
+    """``count`` distinct adapters of ``kind`` over every layer (random, off the identity)."""
     from adapters_zoo.format import new_adapter
 
-    config = {"scale": {"rank": basis.rank}, "rotation": {"rank": min(16, basis.rank)}}[kind]
     out = []
     for i in range(count):
-        adapter = new_adapter(kind, config, basis, meta={"name": f"a{i}"})
+        adapter = new_adapter(kind, {"rank": basis.rank}, basis, meta={"name": f"{kind}{i}"})
         gen = torch.Generator().manual_seed(seed * 100_003 + i)
         for params in adapter.params.values():
             for name, t in params.items():
@@ -131,175 +198,237 @@ def make_adapters(kind: str, basis, count: int, seed: int) -> list:
     return out
 
 
-def prompts(settings: Settings, vocab: int) -> list[list[int]]:
+def make_prompts(settings: Settings, vocab: int) -> list[list[int]]:
     rng = random.Random(settings.seed)
-    return [[1] + [rng.randrange(4, vocab) for _ in range(settings.prompt_tokens - 1)]
-            for _ in range(settings.requests)]
+    return [[rng.randrange(4, vocab) for _ in range(settings.prompt_tokens)] for _ in range(settings.requests)]
 
 
-# --------------------------------------------------------------------------- (a), (b): the engine
+def mixture_strings(names: list[str], m: int, count: int, rng: random.Random) -> list[str]:
+    """``count`` mixtures of m of ``names``, random weights: every one distinct (a new cache key)."""
+    out = []
+    for _ in range(count):
+        chosen = rng.sample(names, min(m, len(names)))
+        out.append(",".join(f"{n}:{round(rng.uniform(0.1, 1.0), 4)}" for n in chosen))
+    return out
 
 
-def run_engine(service, requests: list[list[int]], mixtures: list[str | None], settings: Settings):
-    """Submit every request at t = 0 (resolving and fusing its mixture first).
+# --------------------------------------------------------------------------- the engine
 
-    -> latencies, tokens, seconds, and the seconds spent resolving + fusing mixtures.
-    """
+
+def run_engine(service, prompts: list[list[int]], mixtures: list[str | None], max_tokens: int) -> Run:
+    """Submit every request at t = 0, resolving and fusing its mixture first (off the decode thread)."""
     from serving.generation import SamplingParams
     from serving.scheduler import GenerationRequest
 
-    params = SamplingParams(max_tokens=settings.max_tokens, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     done_at: dict[int, float] = {}
+    first_at: dict[int, float] = {}
     tokens = [0]
+    errors: list[Exception] = []
     finished = threading.Event()
     lock = threading.Lock()
 
     def on_event(event, i):
-        if event.kind == "text":
-            return
+        now = time.perf_counter()
         with lock:
+            first_at.setdefault(i, now)
+            if event.kind == "text":
+                return
             if event.kind == "error":
-                raise RuntimeError(event.error)
-            done_at[i] = time.perf_counter()
+                errors.append(event.error)
+            done_at[i] = now
             tokens[0] += event.completion_tokens
-            if len(done_at) == len(requests):
+            if len(done_at) == len(prompts):
                 finished.set()
 
-    start = time.perf_counter()
+    misses = service.engine.mixtures.misses
+    start, cpu = time.perf_counter(), time.process_time()
     preparing = 0.0
-    for i, (ids, model) in enumerate(zip(requests, mixtures)):
+    for i, (ids, model) in enumerate(zip(prompts, mixtures)):
         t = time.perf_counter()
         mixture = None if model is None else service.prepare_mixture(model)
         preparing += time.perf_counter() - t
         service.scheduler.submit(GenerationRequest(ids, params, mixture), lambda ev, i=i: on_event(ev, i))
     if not finished.wait(3600):
         raise TimeoutError("the engine did not finish")
-    seconds = time.perf_counter() - start
-    return [done_at[i] - start for i in range(len(requests))], tokens[0], seconds, preparing
-
-
-def best_run(run, repeats: int):
-    """Run ``repeats`` times; the run with the best tokens/s (on a shared machine the others lost time to it)."""
-    return max((run() for _ in range(repeats)), key=lambda r: r[1] / r[2])
-
-
-def decode_steps(engine, prompts: list[list[int]], slots: list[int], steps: int, device: str) -> list[float]:
-    """Seconds of each of ``steps`` decode steps of one batch (rows on ``slots``), after its prefill."""
-    from serving.generation import BatchKV
-
-    logits, cache, mask = engine.prefill(prompts, slots)
-    kv = BatchKV()
-    kv.merge(cache, mask)
-    ids = logits.argmax(-1, keepdim=True)
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        t = time.perf_counter()
-        mask, positions = kv.step_inputs()
-        ids = engine.forward(ids, mask, positions, kv.cache, slots).argmax(-1, keepdim=True)
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return times
+    if errors:
+        raise RuntimeError(f"a request failed: {errors[0]}")
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    return Run([done_at[i] - start for i in range(len(prompts))], [first_at[i] - start for i in range(len(prompts))],
+               tokens[0], seconds, cpu_seconds, preparing, service.engine.mixtures.misses - misses)
 
 
 def step_rows(engine, basis, prompts: list[list[int]], settings: Settings) -> list[Row]:
-    """The adapter math alone: one decode step of a full batch, every row its own resident mixture.
-
-    Fastest of ``steps`` steps (the others lost time to the machine, not to the math): base rows;
-    diagonal cores (``scale``: the elementwise path); dense cores (``rotation``: the gathered k×k path).
-    """
+    """One decode step of the whole batch: base rows, then every row its own resident diagonal / dense
+    mixture, interleaved step by step (the order alternating) so the machine's load hits all alike."""
     from serving.engine import MixtureSpec
+    from serving.generation import BatchKV
 
-    batch = prompts[: settings.max_batch]
-    rows = []
-    for label, kind in (("base", None), ("diagonal", "scale"), ("dense", "rotation")):
-        slots = [-1] * len(batch)
-        if kind is not None:
-            adapters = make_adapters(kind, basis, len(batch), settings.seed + 7)
-            mixtures = [engine.prepare(MixtureSpec.of([(f"{kind}{i}", 1.0)]), lambda a=a: [(a, 1.0)])
-                        for i, a in enumerate(adapters)]
-            slots = [engine.slots.acquire(m) for m in mixtures]
-        times = decode_steps(engine, batch, slots, settings.steps, settings.device)
+    variants: dict[str, list[int]] = {"base": [-1] * len(prompts)}
+    for kind in KIND_CORES:
+        adapters = make_adapters(kind, basis, len(prompts), settings.seed + 7)
+        mixtures = [engine.prepare(MixtureSpec.of([(f"step-{kind}{i}", 1.0)]), lambda a=a: [(a, 1.0)])
+                    for i, a in enumerate(adapters)]
+        variants[kind] = [engine.slots.acquire(m) for m in mixtures]
+    state = {}
+    for label, slots in variants.items():
+        logits, cache, mask = engine.prefill(prompts, slots)
+        kv = BatchKV()
+        kv.merge(cache, mask)
+        state[label] = (kv, logits.argmax(-1, keepdim=True))
+    wall: dict[str, list[float]] = {label: [] for label in variants}
+    cpu: dict[str, list[float]] = {label: [] for label in variants}
+    labels = list(variants)
+    for step in range(settings.steps):
+        for label in labels if step % 2 == 0 else labels[::-1]:
+            kv, ids = state[label]
+            _sync(settings.device)
+            t, c = time.perf_counter(), time.thread_time()
+            mask, positions = kv.step_inputs()
+            ids = engine.forward(ids, mask, positions, kv.cache, variants[label]).argmax(-1, keepdim=True)
+            _sync(settings.device)
+            wall[label].append(time.perf_counter() - t)
+            cpu[label].append(time.thread_time() - c)
+            state[label] = (kv, ids)
+    for slots in list(variants.values())[1:]:
         for slot in slots:
             engine.slots.release(slot)
-        best = min(times)
-        rows.append(Row(f"step:{label}", 0 if kind is None else len(batch), 0 if kind is None else 1, len(batch),
-                        len(batch), round(best, 5), round(len(batch) / best, 1), round(statistics.median(times), 5),
-                        round(percentile(times, 0.99), 5), note=f"one decode step of {len(batch)} rows, fastest of "
-                        f"{settings.steps}; p50/p99 are step times"))
+    rows = []
+    for label in labels:
+        times = wall[label]
+        run = Run(times, [], len(prompts) * len(times), sum(times), sum(cpu[label]))
+        row = make_row(f"step:{label}", "" if label == "base" else label, 0 if label == "base" else len(prompts),
+                       0 if label == "base" else 1, run, note=f"{len(prompts)} rows, {settings.steps} steps; "
+                       "p50/p99 are step times; ratio: median of per-step ratios to the base step beside it")
+        row.requests = len(prompts)
+        row.ratio = round(statistics.median(a / b for a, b in zip(times, wall["base"])), 3)
+        row.cpu_ratio = round(statistics.median(a / b for a, b in zip(cpu[label], cpu["base"])), 3)
+        rows.append(row)
     return rows
 
 
-def mixture_strings(names: list[str], m: int, count: int, rng: random.Random) -> list[str]:
-    out = []
-    for _ in range(count):
-        chosen = rng.sample(names, min(m, len(names)))
-        weights = [round(rng.uniform(0.1, 1.0), 4) for _ in chosen]  # distinct mixtures, also when m = N = 1
-        out.append(",".join(f"{n}:{w}" for n, w in zip(chosen, weights)))
-    return out
+def engine_plan(settings: Settings) -> list[tuple[str, str, int, int]]:
+    """(config, kind, N, m) of every engine run in order; a base run after every two others."""
+    jobs: list[tuple[str, str, int, int]] = []
+    for kind, counts, sizes in (("scale", settings.adapter_counts, settings.mixture_sizes),
+                                ("rotation", settings.dense_counts, settings.dense_sizes)):
+        jobs.append(("one", kind, 1, 1))
+        for n in counts:
+            for m in sizes:
+                if m <= n:
+                    jobs += [("new", kind, n, m), ("cached", kind, n, m)]
+    plan = [("base", "", 0, 0)]
+    for i, job in enumerate(jobs):
+        plan.append(job)
+        if i % 2 == 1 or i == len(jobs) - 1:
+            plan.append(("base", "", 0, 0))
+    return plan
 
 
-# --------------------------------------------------------------------------- (c) PEFT, (d) merge
+def engine_rows(service, prompts: list[list[int]], settings: Settings, rng: random.Random) -> list[Row]:
+    rows: list[Row] = []
+    last: dict[tuple[str, int, int], list[str]] = {}  # the mixtures of the last "new" run, for "cached"
+    for config, kind, n, m in engine_plan(settings):
+        names = [f"{kind}{i}" for i in range(n)]
+        if config == "base":
+            mixtures: list[str | None] = [None] * len(prompts)
+        elif config == "one":
+            mixtures = [f"{kind}0"] * len(prompts)
+            service.prepare_mixture(mixtures[0])  # reduced before the clock starts: this row is the cached one
+        elif config == "new":
+            mixtures = last[(kind, n, m)] = mixture_strings(names, m, len(prompts), rng)
+        else:
+            mixtures = last[(kind, n, m)]
+        slot_hits = service.engine.slots.hits
+        run = run_engine(service, prompts, mixtures, settings.max_tokens)
+        note = {"base": "every row on slot -1", "one": "one mixture for every request (one slot)",
+                "new": f"{run.new_mixtures} new mixtures resolved + fused while earlier requests decode",
+                "cached": f"the last run's mixtures again: {service.engine.slots.hits - slot_hits} slot hits"}[config]
+        rows.append(make_row(config, kind, n, m, run, note))
+        print(line(rows[-1]), flush=True)
+    bases = [i for i, r in enumerate(rows) if r.config == "base"]
+    for i, row in enumerate(rows):  # each run against the base runs just before and after it
+        if row.config == "base":
+            near = [j for j in bases if abs(j - i) <= 3 and j != i] or [i]
+        else:
+            near = [max((j for j in bases if j < i), default=bases[0]), min((j for j in bases if j > i),
+                                                                             default=bases[-1])]
+        row.base_runs = sorted(set(near))
+        base_tps = statistics.mean(rows[j].tokens_per_s for j in row.base_runs)
+        base_cpu = statistics.mean(rows[j].cpu_ms_per_token for j in row.base_runs)
+        row.ratio = round(base_tps / row.tokens_per_s, 3)
+        row.cpu_ratio = round(row.cpu_ms_per_token / base_cpu, 3)
+    return rows
 
 
-def run_peft(model, basis, adapters: list, requests, settings: Settings, workdir: Path, rng: random.Random):
-    import copy
+# --------------------------------------------------------------------------- transformers, PEFT, merge
 
+
+class FirstToken:
+    """A logits processor that notes when ``generate`` has its first logits (time to first token)."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            self.at = time.perf_counter()
+        return scores
+
+
+def hf_generate(model, prompts: list[list[int]], max_tokens: int, device: str, **kwargs) -> Run:
+    """One static batch through ``model.generate`` (prompts of one length: no padding)."""
+    from transformers import LogitsProcessorList
+
+    first = FirstToken()
+    ids = torch.tensor(prompts, device=device)
+    start, cpu = time.perf_counter(), time.process_time()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                             min_new_tokens=max_tokens, do_sample=False, pad_token_id=0,
+                             logits_processor=LogitsProcessorList([first]), **kwargs)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    n = len(prompts)
+    return Run([seconds] * n, [first.at - start] * n, (out.shape[1] - ids.shape[1]) * n, seconds,
+               time.process_time() - cpu)
+
+
+def peft_run(model, basis, adapters: list, prompts, settings: Settings, workdir: Path) -> Run:
+    """PEFT mixed-batch LoRA: the adapters exported as LoRA, one per row (cycling), one static batch."""
     from peft import PeftModel
 
     from fusion.lora_io import export_peft_lora
 
-    names = [f"a{i}" for i in range(len(adapters))]
+    names = [f"lora{i}" for i in range(len(adapters))]
     dirs = []
     for name, adapter in zip(names, adapters):
         out = workdir / "peft" / f"{len(adapters)}" / name
         export_peft_lora(adapter, basis, out, base_model_name_or_path="bench-base")
         dirs.append(out)
-    base = copy.deepcopy(model).to(_dtype(settings.device))
-    peft_model = PeftModel.from_pretrained(base, str(dirs[0]), adapter_name=names[0])
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(dirs[0]), adapter_name=names[0])
     for name, path in zip(names[1:], dirs[1:]):
         peft_model.load_adapter(str(path), adapter_name=name)
     peft_model = peft_model.to(settings.device).eval()
-    chosen = [rng.choice(names) for _ in requests]
-    latencies, tokens = [], 0
-    start = time.perf_counter()
-    for b in range(0, len(requests), settings.max_batch):
-        ids = torch.tensor(requests[b : b + settings.max_batch], device=settings.device)
-        with torch.inference_mode():
-            out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                      max_new_tokens=settings.max_tokens, min_new_tokens=settings.max_tokens,
-                                      do_sample=False, adapter_names=chosen[b : b + settings.max_batch],
-                                      pad_token_id=0)
-        _sync(settings.device)
-        now = time.perf_counter() - start
-        latencies += [now] * ids.shape[0]
-        tokens += (out.shape[1] - ids.shape[1]) * ids.shape[0]
-    seconds = time.perf_counter() - start
-    del peft_model, base
-    return latencies, tokens, seconds
+    chosen = [names[i % len(names)] for i in range(len(prompts))]
+    return hf_generate(peft_model, prompts, settings.max_tokens, settings.device, adapter_names=chosen)
 
 
-def run_merge(model, basis, adapters: list, requests, settings: Settings, m: int, rng: random.Random):
+def merge_run(model, basis, adapters: list, prompts, settings: Settings, m: int, rng: random.Random) -> Run:
+    """Per request: W + Σ w ΔW into the dense weights, generate alone, restore; one request after another."""
     from serving.reference import merged
 
-    latencies, tokens = [], 0
-    start = time.perf_counter()
-    for ids in requests[: settings.merge_requests]:
+    latencies, ttft, tokens = [], [], 0
+    start, cpu = time.perf_counter(), time.process_time()
+    for ids in prompts[: settings.merge_requests]:
         mixture = [(a, rng.uniform(0.1, 1.0)) for a in rng.sample(adapters, min(m, len(adapters)))]
         with merged(model, basis, mixture):
-            x = torch.tensor([ids], device=settings.device)
-            with torch.inference_mode():
-                out = model.generate(input_ids=x, attention_mask=torch.ones_like(x),
-                                     max_new_tokens=settings.max_tokens, min_new_tokens=settings.max_tokens,
-                                     do_sample=False, pad_token_id=0)
-        _sync(settings.device)
+            merged_at = time.perf_counter()
+            run = hf_generate(model, [ids], settings.max_tokens, settings.device)
         latencies.append(time.perf_counter() - start)
-        tokens += out.shape[1] - x.shape[1]
-    return latencies, tokens, time.perf_counter() - start
-
-
-def _dtype(device: str) -> torch.dtype:
-    return torch.float32 if device == "cpu" else torch.bfloat16  # what the engine runs in
+        ttft.append(merged_at - start + run.ttft[0])  # from t = 0: the requests before it, its merge, its prefill
+        tokens += run.tokens
+    return Run(latencies, ttft, tokens, time.perf_counter() - start, time.process_time() - cpu)
 
 
 def _sync(device: str) -> None:
@@ -310,224 +439,255 @@ def _sync(device: str) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def run(settings: Settings) -> dict:
-    import copy
-
-    from adapters_zoo.basis import basis_from_model
+def run(settings: Settings, home: str | None = None) -> dict:
     from adapters_zoo.registry import Registry
     from serving.engine import Engine, EngineConfig
     from serving.scheduler import Scheduler, SchedulerConfig
-    from serving.services import Limits, Service
+    from serving.services import Service
 
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), [round(x, 1) for x in os.getloadavg()]
     rng = random.Random(settings.seed)
-    model = build_model(settings.shape, settings.seed)
-    tokenizer = build_tokenizer(model.config.vocab_size)
+    model, tokenizer, model_dir, cache_key = load_base(settings, home)
     t = time.perf_counter()
-    basis = basis_from_model(model.to(settings.device), settings.k)
+    basis = basis_of(model, settings.k, cache_key)
     basis_s = time.perf_counter() - t
-    model = model.to("cpu")
-    n_max = max(settings.adapter_counts + settings.peft_counts)
-    adapters = make_adapters(settings.kind, basis.to("cpu"), n_max, settings.seed)
-    reqs = prompts(settings, model.config.vocab_size)
+    vocab = model.config.vocab_size
+    prompts = make_prompts(settings, vocab)
+    counts = {"scale": max(settings.adapter_counts + settings.peft_counts),
+              "rotation": max(settings.dense_counts)}
+    adapters = {kind: make_adapters(kind, basis, n, settings.seed) for kind, n in counts.items()}
     rows: list[Row] = []
-
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         registry = Registry(workdir / "home")
-        registry.add_basis(basis.to("cpu"))
+        registry.add_basis(basis)
         t = time.perf_counter()
-        for i, adapter in enumerate(adapters):
-            registry.add(adapter, f"a{i}")
+        for kind, items in adapters.items():
+            for i, adapter in enumerate(items):
+                registry.add(adapter, f"{kind}{i}")
         register_s = time.perf_counter() - t
-
-        engine_model = copy.deepcopy(model)
-        dtype = str(_dtype(settings.device)).removeprefix("torch.")
-        engine = Engine(engine_model, tokenizer, basis.to("cpu"),
-                        EngineConfig(device=settings.device, dtype=dtype, slots=2 * settings.max_batch,
-                                     residual_slots=0, mixture_cache=4 * settings.requests))
-        scheduler = Scheduler(engine, SchedulerConfig(max_batch=settings.max_batch, max_queue=10 * settings.requests))
-        scheduler.start()
-        service = Service(engine, scheduler, registry, Limits(max_mixture=64))
+        dtype = "float32" if settings.device == "cpu" else None
+        engine = Engine(copy.deepcopy(model), tokenizer, basis, EngineConfig(device=settings.device, dtype=dtype))
+        scheduler = Scheduler(engine, SchedulerConfig()).start()  # the server's defaults
+        service = Service(engine, scheduler, registry)
         try:
-            run_engine(service, reqs[: settings.max_batch], [None] * settings.max_batch, settings)  # warm up
-            for row in step_rows(engine, basis.to("cpu"), reqs, settings):
+            run_engine(service, prompts, [None] * len(prompts), 2)  # warm up
+            for row in step_rows(engine, basis, prompts, settings):
                 rows.append(row)
-                print(_line(row), flush=True)
-            base_runs = [None] * len(reqs)
-            lat, tok, sec, _ = best_run(partial(run_engine, service, reqs, base_runs, settings), settings.repeats)
-            rows.append(summarize("base", 0, 0, lat, tok, sec, f"best of {settings.repeats}"))
-            print(_line(rows[-1]), flush=True)
-            for n in settings.adapter_counts:
-                names = [f"a{i}" for i in range(n)]
-                for m in settings.mixture_sizes:
-                    if m > n:
-                        continue
-                    misses = engine.mixtures.misses
-                    fresh: list[str] = []
-
-                    def new_mixtures(names=names, m=m, fresh=fresh, service=service):
-                        fresh[:] = mixture_strings(names, m, len(reqs), rng)  # never seen before: fused now
-                        return run_engine(service, reqs, fresh, settings)
-
-                    lat, tok, sec, prep = best_run(new_mixtures, settings.repeats)
-                    fused = (engine.mixtures.misses - misses) // settings.repeats
-                    rows.append(summarize("mixtures", n, m, lat, tok, sec, f"best of {settings.repeats}; {fused} "
-                                          f"new mixtures per run, {prep:.2f} s resolving + fusing"))
-                    print(_line(rows[-1]), flush=True)
-                    slot_hits = engine.slots.hits
-                    lat, tok, sec, _ = best_run(partial(run_engine, service, reqs, fresh, settings), settings.repeats)
-                    hits = (engine.slots.hits - slot_hits) // settings.repeats
-                    rows.append(summarize("cached", n, m, lat, tok, sec, f"best of {settings.repeats}; the last "
-                                          f"run's mixtures again, {hits} slot hits per run"))
-                    print(_line(rows[-1]), flush=True)
-            lat, tok, sec, _ = best_run(partial(run_engine, service, reqs, base_runs, settings), settings.repeats)
-            rows.append(summarize("base", 0, 0, lat, tok, sec, f"best of {settings.repeats}, measured again "
-                                  "after the mixtures"))
-            print(_line(rows[-1]), flush=True)
+                print(line(row), flush=True)
+            first = len(rows)
+            for row in engine_rows(service, prompts, settings, rng):
+                row.base_runs = [first + j for j in row.base_runs]  # engine_rows counts from its first row
+                rows.append(row)
         finally:
             scheduler.stop()
-        del engine, engine_model, scheduler, service
-        if settings.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-
-        try:
-            import peft  # noqa: F401
-
-            has_peft = True
-        except ImportError:
-            has_peft = False
-        if has_peft:
-            for n in settings.peft_counts:
-                lat, tok, sec = run_peft(model, basis.to("cpu"), adapters[:n], reqs, settings, workdir, rng)
-                rows.append(summarize("peft", n, 1, lat, tok, sec, "one LoRA per row, static batches"))
-                print(_line(rows[-1]), flush=True)
-        dense = copy.deepcopy(model).to(settings.device, _dtype(settings.device))
-        dense_basis = basis.to(settings.device, dense.dtype)
-        for m in sorted({1, max(settings.mixture_sizes)}):
-            lat, tok, sec = run_merge(dense, dense_basis, [_to(a, settings.device) for a in adapters[:max(
-                settings.adapter_counts)]], reqs, settings, m, rng)
-            rows.append(summarize("merge", max(settings.adapter_counts), m, lat, tok, sec,
-                                  f"{settings.merge_requests} requests, one at a time"))
-            print(_line(rows[-1]), flush=True)
+        engine_dtype = engine.dtype
+        del engine, scheduler, service
+        hf_model = copy.deepcopy(model).to(settings.device, engine_dtype)  # as the engine runs it
+        rows.append(make_row("hf:base", "", 0, 0, hf_generate(hf_model, prompts, settings.max_tokens, settings.device),
+                             "transformers generate, one static batch, no adapter"))
+        print(line(rows[-1]), flush=True)
+        for n in settings.peft_counts:
+            run_ = peft_run(hf_model, basis, adapters["scale"][:n], prompts, settings, workdir)
+            rows.append(make_row("peft", "scale", n, 1, run_, f"rank-{settings.k} LoRA per row "
+                                 f"({min(n, len(prompts))} distinct in the batch), one static batch"))
+            print(line(rows[-1]), flush=True)
+        dense_basis = basis.to(settings.device, hf_model.dtype)
+        for m in settings.merge_sizes:
+            pool = adapters["scale"][: max(settings.adapter_counts)]
+            run_ = merge_run(hf_model, dense_basis, pool, prompts, settings, m, rng)
+            rows.append(make_row("merge", "scale", len(pool), m, run_, f"{settings.merge_requests} requests, "
+                                 "one at a time (merge, generate, restore)"))
+            print(line(rows[-1]), flush=True)
         registry.close()
-
-    base = statistics.mean(r.tokens_per_s for r in rows if r.config == "base")
-    step_base = next(r.tokens_per_s for r in rows if r.config == "step:base")
-    for row in rows:
-        row.overhead = round((step_base if row.config.startswith("step:") else base) / row.tokens_per_s, 2)
+    engine_base = [r for r in rows if r.config == "base"]
+    base_tps = statistics.mean(r.tokens_per_s for r in engine_base)
+    base_cpu = statistics.mean(r.cpu_ms_per_token for r in engine_base)
+    for row in rows:  # outside the engine: against every engine base run
+        if not row.config.startswith("step:") and row.config not in ("base", "one", "new", "cached"):
+            row.ratio = round(base_tps / row.tokens_per_s, 3)
+            row.cpu_ratio = round(row.cpu_ms_per_token / base_cpu, 3)
     return {
         "settings": asdict(settings),
-        "model": {"shape": settings.shape, **SHAPES[settings.shape],
-                  "parameters": sum(p.numel() for p in model.parameters()), "target_layers": len(basis.layers)},
-        "setup_seconds": {"basis": round(basis_s, 2), "register_adapters": round(register_s, 2)},
-        "adapter_flops_per_token": _flop_ratio(basis),
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "device": settings.device,
-                    "load_average_at_end": [round(x, 1) for x in os.getloadavg()],
-                    "gpu": torch.cuda.get_device_name() if settings.device.startswith("cuda") else None},
+        "command": None,  # main fills it in
+        "environment": environment(),
+        "model": {"base": settings.base, "model_dir": model_dir, "fingerprint": basis.fingerprint,
+                  "parameters": sum(p.numel() for p in model.parameters()), "target_layers": len(basis.layers),
+                  "hidden_size": model.config.hidden_size, "layers": model.config.num_hidden_layers,
+                  "vocab_size": vocab},
+        "machine": {"threads": torch.get_num_threads(), "logical_cpus": os.cpu_count(),
+                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_average_at_start": load_at_start,
+                    "load_average_at_end": [round(x, 1) for x in os.getloadavg()], "device": settings.device,
+                    "python": platform.python_version()},
+        "setup_seconds": {"basis": round(basis_s, 1), "register_adapters": round(register_s, 1)},
+        "adapter_flops": flop_ratio(basis, model),
+        "goals": goals(rows),
         "rows": [asdict(r) for r in rows],
         "total_seconds": round(time.perf_counter() - started, 1),
     }
 
 
-def _flop_ratio(basis) -> dict[str, float]:
-    """The cost model: per token, the adapter path adds 2k(in+out) FLOPs to a target layer's 2·in·out."""
-    base = sum(2 * lb.in_features * lb.out_features for lb in basis.layers.values())
+def flop_ratio(basis, model) -> dict[str, float]:
+    """The cost model: per token the adapter path adds 2k(in+out) FLOPs to a target layer's 2·in·out."""
+    target = sum(2 * lb.in_features * lb.out_features for lb in basis.layers.values())
     extra = sum(2 * lb.k * (lb.in_features + lb.out_features) for lb in basis.layers.values())
-    return {"target_layers_base": base, "adapter_extra": extra, "ratio": round(extra / base, 4)}
+    head = 2 * model.config.hidden_size * model.config.vocab_size
+    return {"target_layers": target, "adapter_extra": extra, "ratio_to_target_layers": round(extra / target, 4),
+            "ratio_to_model": round(extra / (target + head), 4)}
 
 
-def _to(adapter, device: str):
-    from adapters_zoo.format import Adapter
+def goals(rows: list[Row]) -> dict:
+    """Issue 16's goals, read off the rows (None where the run has no such row)."""
+    step = {r.kind: r for r in rows if r.config.startswith("step:")}
+    out = {}
+    for kind, cores in KIND_CORES.items():
+        served = [r.ratio for r in rows if r.kind == kind and r.config in ("one", "cached")]
+        out[cores] = {"goal": GOALS[cores], "step_ratio": step[kind].ratio if kind in step else None,
+                      "step_cpu_ratio": step[kind].cpu_ratio if kind in step else None,
+                      "served_ratio_median": round(statistics.median(served), 3) if served else None}
+        cached = [r.tokens_per_s for r in rows if r.kind == kind and r.config == "cached"]
+        out[f"{cores}_cached_spread"] = round(max(cached) / min(cached) - 1, 3) if len(cached) > 1 else None
+    fuse = [r.fuse_ms_per_mixture for r in rows if r.fuse_ms_per_mixture is not None]
+    out["fuse_ms_per_mixture"] = {"min": min(fuse), "max": max(fuse)} if fuse else None
+    return out
 
-    params = {layer: {n: t.to(device) for n, t in p.items()} for layer, p in adapter.params.items()}
-    return Adapter(adapter.kind, adapter.config, adapter.base_fingerprint, adapter.basis_k, params, adapter.meta)
+
+def line(row: Row) -> str:
+    return (f"{row.config:13s} {row.kind:8s} N={row.n_adapters:<4d} m={row.m:<2d} {row.tokens_per_s:8.1f} tok/s "
+            f"{row.cpu_ms_per_token:7.1f} CPU ms/token  p50 {row.p50_s:6.2f}s  load {row.load_average}")
 
 
-def _line(row: Row) -> str:
-    return (f"{row.config:9s} N={row.n_adapters:<4d} m={row.m:<2d} {row.tokens_per_s:9.1f} tok/s  "
-            f"p50 {row.p50_s:7.3f}s  p99 {row.p99_s:7.3f}s  {row.note}")
+def _fmt(x, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
 
 
 def markdown(result: dict) -> str:
-    s = result["settings"]
-    model = result["model"]
+    s, model, machine, g = result["settings"], result["model"], result["machine"], result["goals"]
+    name = "SmolLM2-135M-Instruct (fetched)" if s["base"] in FETCHED else f"random-weight Llama ({s['base']} shape)"
     lines = [
-        f"# Serving benchmark ({s['device']}, {s['shape']} shape)",
+        f"# Serving speed: {name}, {s['device']}",
         "",
-        f"Model: random-weight Llama, hidden {model['hidden_size']}, {model['num_hidden_layers']} layers, "
-        f"{model['parameters'] / 1e6:.1f}M parameters, {model['target_layers']} target layers, basis k={s['k']}, "
-        f"adapter kind `{s['kind']}`. {s['requests']} requests of {s['prompt_tokens']} prompt tokens, "
-        f"{s['max_tokens']} generated tokens each (greedy, eos ignored), all arriving at t=0; batch ≤ "
-        f"{s['max_batch']} rows. Machine: {result['machine']}.",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {environment_line(result['environment'])}; {machine['threads']} torch thread(s), "
+        f"OMP_WAIT_POLICY={machine['omp_wait_policy']}; load average {machine['load_average_at_start']} at the start,"
+        f" {machine['load_average_at_end']} at the end ({machine['logical_cpus']} logical CPUs: other jobs shared "
+        "the machine when the load exceeds the threads used).",
         "",
-        f"Cost model: the adapter path adds 2k(in+out) FLOPs per token to a target layer's 2·in·out, here "
-        f"{result['adapter_flops_per_token']['ratio']:.1%} of the target layers' FLOPs (less of the model's: "
-        "attention and the output head carry none); small ops also cost a fixed launch/dispatch time each.",
+        f"Model: {model['parameters'] / 1e6:.1f}M parameters, hidden {model['hidden_size']}, {model['layers']} layers, "
+        f"{model['target_layers']} target layers, basis k={s['k']}. {s['requests']} concurrent requests of "
+        f"{s['prompt_tokens']} prompt tokens, {s['max_tokens']} generated tokens each (greedy, eos ignored), all at "
+        f"t=0, through the server's Service + Scheduler + Engine with its default configuration. The adapter math "
+        f"is {result['adapter_flops']['ratio_to_model']:.1%} of the model's matmul FLOPs "
+        f"({result['adapter_flops']['ratio_to_target_layers']:.1%} of the target layers').",
         "",
-        "Overhead = base tokens/s (mean of the two base rows; `step:base` for `step:` rows) ÷ this row's "
-        "tokens/s (1.00 = free). Latency: t=0 to a request's last token. Engine rows are the best of "
-        f"{s['repeats']} runs; on a shared machine (see the load average) rows still move by ±20% from noise "
-        "alone: compare the two base rows. `step:` rows time the adapter math alone.",
+        "Ratio = time per token over the base model's (1.00 = free): `step:` rows, the median of per-step ratios "
+        "(each step beside a base step); engine rows, against the base runs just before and after (listed); the "
+        "others, against the mean of every engine base run. `cpu` = the same on process CPU time, which other jobs "
+        "on the machine disturb less than wall time.",
         "",
-        "| config | N registered | m per mixture | tokens/s | p50 s | p99 s | overhead vs base | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "## Goals (issue 16)",
+        "",
     ]
-    for r in result["rows"]:
-        lines.append(f"| {r['config']} | {r['n_adapters']} | {r['m']} | {r['tokens_per_s']:.1f} | {r['p50_s']:.3f} "
-                     f"| {r['p99_s']:.3f} | {r['overhead']:.2f} | {r['note']} |")
+    for cores in ("diagonal", "dense"):
+        d = g[cores]
+        lines.append(f"- {cores} cores (≤ {d['goal']}×): decode step {_fmt(d['step_ratio'], '.3f')}× "
+                     f"(cpu {_fmt(d['step_cpu_ratio'], '.3f')}×); served (one + cached rows, median) "
+                     f"{_fmt(d['served_ratio_median'], '.3f')}×; cached rows' tokens/s spread over N and m "
+                     f"{_fmt(g[f'{cores}_cached_spread'], '.1%')} (goal ≤ {GOALS['flat']:.0%}).")
+    if g["fuse_ms_per_mixture"]:
+        lines.append(f"- A new mixture's resolve + fuse, off the decode thread: {g['fuse_ms_per_mixture']['min']}–"
+                     f"{g['fuse_ms_per_mixture']['max']} ms per mixture (by N and m: the `new` rows).")
     lines += [
         "",
-        "- **step:base / step:diagonal / step:dense**: one decode step of a full batch, every row on its own "
-        "resident mixture (none; diagonal cores, the elementwise path; dense k×k cores, the gathered path): the "
-        "adapter math alone, fastest of many steps.",
-        "- **base**: the engine with every row on slot -1 (no adapter work): the floor.",
-        "- **mixtures**: every request a distinct mixture of m of the N registered adapters (resolved in the "
-        "registry, fused with `linear`, written to a slot) in the iteration-level batch; resolving and fusing run "
-        "in the submitting thread while earlier requests decode, as HTTP worker threads do.",
-        "- **cached**: the same requests and mixtures again: every mixture already in a device slot, so this is "
-        "the per-token cost of the batched adapter math alone (independent of m by construction).",
-        "- **peft**: PEFT mixed-batch LoRA (`adapter_names=`), the same adapters exported as rank-≤k LoRA, "
-        "one adapter per row (PEFT has no per-row mixtures), static batches.",
-        "- **merge**: dense W + Σ w ΔW per request, generated alone (KV cache), weights restored; serial.",
-        f"- Setup: basis {result['setup_seconds']['basis']} s, registering {max(s['adapter_counts'])} adapters "
+        "| # | config | kind | N | m | tokens/s | ratio | cpu ratio | p50 s | p99 s | TTFT p50 s | TTFT p99 s | "
+        "CPU ms/token | load | fuse ms/mixture | vs base rows | note |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for i, r in enumerate(result["rows"]):
+        lines.append(
+            f"| {i} | {r['config']} | {r['kind'] or '–'} | {r['n_adapters']} | {r['m']} | {r['tokens_per_s']:.1f} | "
+            f"{r['ratio']:.2f} | {r['cpu_ratio']:.2f} | {r['p50_s']:.3f} | {r['p99_s']:.3f} | "
+            f"{_fmt(r['ttft_p50_s'], '.3f')} | {_fmt(r['ttft_p99_s'], '.3f')} | {r['cpu_ms_per_token']:.1f} | "
+            f"{r['load_average']} | {_fmt(r['fuse_ms_per_mixture'], '.1f')} | "
+            f"{','.join(str(i) for i in r['base_runs']) or '–'} | {r['note']} |")
+    lines += [
+        "",
+        "- **step:** one decode step of every request's row together; `scale` rows each on their own diagonal "
+        "mixture (the elementwise path), `rotation` rows on dense k×k cores (the gathered path).",
+        "- **base / one / new / cached**: whole runs through the scheduler (prefill, decode, sampling, text): "
+        "`vs base rows` are the rows (#) of the base runs each is compared to.",
+        "- **hf:base / peft / merge**: transformers `generate`; PEFT holds the N LoRA adapters and routes each row "
+        "to one (`adapter_names=`); merge folds each request's mixture into the dense weights and generates alone.",
+        f"- Setup: basis {result['setup_seconds']['basis']} s, registering adapters "
         f"{result['setup_seconds']['register_adapters']} s; whole run {result['total_seconds']} s.",
         "",
     ]
     return "\n".join(lines)
 
 
+def plot(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    labels = [f"{r['config']} {r['kind']} N={r['n_adapters']} m={r['m']}".replace("  ", " ") for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 0.28 * len(rows) + 1.5))
+    colors = ["#999" if r["config"] in ("base", "step:base", "hf:base") else
+              "#4c72b0" if r["kind"] == "scale" and r["config"] not in ("peft", "merge") else
+              "#dd8452" if r["kind"] == "rotation" else "#c44e52" for r in rows]
+    ax.barh(range(len(rows)), [r["ratio"] for r in rows], color=colors)
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    for goal, style in ((GOALS["diagonal"], "--"), (GOALS["dense"], ":")):
+        ax.axvline(goal, color="k", linestyle=style, linewidth=0.8)
+    ax.axvline(1.0, color="k", linewidth=0.8)
+    ax.set_xlabel("time per token / base model's (log; dashed 1.15 diagonal goal, dotted 1.25 dense goal)")
+    ax.set_title(f"Serving overhead vs base, {result['model']['base']} on {result['settings']['device']}, "
+                 f"{result['machine']['threads']} thread(s)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def settings_for(base: str, device: str, quick: bool, threads: int) -> Settings:
+    gpu = device == "cuda"
+    if quick:
+        return Settings(base=base, device=device, k=32 if base != "tiny" else 8, requests=4, prompt_tokens=8,
+                        max_tokens=6, adapter_counts=(1, 4), mixture_sizes=(1, 2), dense_counts=(4,),
+                        dense_sizes=(2,), peft_counts=(2,), merge_requests=1, merge_sizes=(2,), steps=4,
+                        threads=threads)
+    return Settings(base=base, device=device, k=64 if gpu else 32, requests=64 if gpu else 16,
+                    prompt_tokens=32, max_tokens=32, adapter_counts=(1, 16, 256), mixture_sizes=(1, 2, 4, 8),
+                    dense_counts=(16, 256), dense_sizes=(1, 8),
+                    # a rank-32 LoRA of every SmolLM2 layer is ~37 MB in float32: 256 of them would be 9.4 GB
+                    peft_counts=(1, 16), merge_requests=4, merge_sizes=(1, 8), steps=24, threads=threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--base", default="smollm2", choices=(*FETCHED, *SHAPES),
+                   help="smollm2: the real base (fetched and cached under --home); else a random-weight Llama shape")
+    p.add_argument("--home", default=None, help="where `specfuse base fetch` keeps bases (default: the registry home)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--shape", default=None, choices=tuple(SHAPES), help="default: small on cpu, 1b on cuda")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (1: the shared 2-core dev box thrashes with more)")
-    p.add_argument("--quick", action="store_true", help="a smaller sweep (smoke test)")
-    p.add_argument("--out", default=None, help="results name (default: serving_cpu / serving_cuda_1b)")
+                   help="torch CPU threads (1: on the shared 2-core box a second thread loses to the other jobs)")
+    p.add_argument("--quick", action="store_true", help="a small sweep in a few minutes (and the smoke test)")
+    p.add_argument("--out-dir", default=None, help="default: benchmarks/results/{base}")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    shape = args.shape or ("small" if args.device == "cpu" else "1b")
-    gpu = args.device == "cuda"
-    settings = Settings(
-        device=args.device, shape=shape, k=64 if gpu else 32,
-        requests=8 if args.quick else (256 if gpu else 64),
-        prompt_tokens=16 if args.quick else (128 if gpu else 16),
-        max_tokens=8 if args.quick else (128 if gpu else 32),
-        max_batch=8 if args.quick else (64 if gpu else 32),
-        adapter_counts=(1, 4) if args.quick else (1, 16, 256),
-        mixture_sizes=(1, 2) if args.quick else (1, 4),
-        # a rank-k LoRA export of a 1B-shape adapter is ~0.3 GB in float32: 16 of them on the GPU, not 256
-        peft_counts=(1, 4) if args.quick else ((1, 16, 64) if not gpu else (1, 16)),
-        merge_requests=2 if args.quick else (32 if gpu else 64),
-        kind="scale",
-        repeats=1 if args.quick else 3,
-    )
-    result = run(settings)
-    name = args.out or (f"serving_{args.device}" + ("" if shape == "small" else f"_{shape}"))
-    paths = write_results(name, result, markdown(result))
-    print(f"wrote {paths[0]} and {paths[1].name}", file=sys.stderr)
+    set_threads(args.threads)
+    settings = settings_for(args.base, args.device, args.quick, args.threads)
+    result = run(settings, args.home)
+    result["command"] = " ".join(["python benchmarks/bench_serving.py", *(sys.argv[1:] if argv is None else argv)])
+    out = Path(args.out_dir) if args.out_dir else RESULTS / args.base
+    stem = f"serving_{args.device}" + ("_quick" if args.quick else "")
+    paths = write_results(stem, result, markdown(result), out=out)
+    paths.append(plot(result, out / f"{stem}.png"))
+    print(markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,40 @@
+"""The serving benchmark's quick mode end to end on a tiny random Llama: every row, the goals, the files."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import bench_serving as bench  # noqa: E402
+
+
+def test_quick_run_writes_every_row_and_the_goals(tmp_path):
+    assert bench.main(["--base", "tiny", "--quick", "--out-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "serving_cpu_quick.json").read_text())
+    rows = result["rows"]
+    configs = {(r["config"], r["kind"]) for r in rows}
+    for expected in [("step:base", ""), ("step:scale", "scale"), ("step:rotation", "rotation"), ("base", ""),
+                     ("one", "scale"), ("new", "scale"), ("cached", "scale"), ("one", "rotation"),
+                     ("new", "rotation"), ("cached", "rotation"), ("hf:base", ""), ("peft", "scale"),
+                     ("merge", "scale")]:
+        assert expected in configs, expected
+    settings = result["settings"]
+    for r in rows:
+        assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["ratio"] > 0 and r["cpu_ratio"] > 0
+        if not r["config"].startswith("step:"):
+            assert r["requests"] in (settings["requests"], settings["merge_requests"])
+            assert r["ttft_p50_s"] is not None and r["ttft_p50_s"] <= r["p50_s"]
+    engine_runs = [r for r in rows if r["config"] in ("one", "new", "cached")]
+    for r in engine_runs:  # compared to base runs that exist, before and after it
+        assert r["base_runs"] and all(rows[i]["config"] == "base" for i in r["base_runs"])
+        assert r["tokens"] == settings["requests"] * settings["max_tokens"]
+    assert all(r["fuse_ms_per_mixture"] is not None for r in rows if r["config"] == "new")
+    assert {"diagonal", "dense", "diagonal_cached_spread", "fuse_ms_per_mixture"} <= set(result["goals"])
+    assert result["machine"]["threads"] == 1 and len(result["machine"]["load_average_at_end"]) == 3
+    assert result["command"].endswith("--quick --out-dir " + str(tmp_path))
+    md = (tmp_path / "serving_cpu_quick.md").read_text()
+    assert "| step:scale |" in md and "Goals (issue 16)" in md
+    assert (tmp_path / "serving_cpu_quick.png").stat().st_size > 0
