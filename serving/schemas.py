@@ -22,6 +22,7 @@ from serving.services import Job
 
 MAX_PROMPTS = 32  # prompts in one completion request
 MAX_N = 8  # choices per prompt
+MIN_TEMPERATURE = 1e-3  # below it (but not 0) logits / T overflows to inf: ask for 0, greedy, instead
 
 
 class _Strict(BaseModel):
@@ -74,6 +75,9 @@ class _Generation(_Strict):
                 raise InvalidRequest(f"{name} is not supported (only 0)", param=name)
         if self.logit_bias:
             raise InvalidRequest("logit_bias is not supported", param="logit_bias")
+        if self.temperature is not None and 0 < self.temperature < MIN_TEMPERATURE:
+            raise InvalidRequest(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got "
+                                 f"{self.temperature:g}", param="temperature")
         if not 1 <= self.n <= MAX_N:
             raise InvalidRequest(f"n must be in [1, {MAX_N}], got {self.n}", param="n")
 

@@ -127,6 +127,11 @@ def test_empty_prompts_are_refused(http, prompt):
     assert error_of(r, 400)["param"] == "prompt"
 
 
+def test_a_temperature_that_would_overflow_is_refused(http):
+    r = http.post("/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": 2, "temperature": 1e-300})
+    assert error_of(r, 400)["param"] == "temperature"
+
+
 def test_an_empty_fusion_method_is_refused_not_linear(http):
     r = http.post("/v1/completions", json={"model": "base", "adapters": {"scale": 0.5, "svft": 0.5},
                                            "fusion_method": "", "prompt": "x", "max_tokens": 2})
