@@ -19,7 +19,6 @@ Everything is deterministic given the seed (same thread count, same machine).
 from __future__ import annotations
 
 import json
-import math
 import random
 import string
 import time
@@ -28,7 +27,6 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -38,6 +36,7 @@ from transformers import (
 )
 
 from adapters_zoo.tasks import EOS, Task, pretraining_example, pretraining_tasks
+from adapters_zoo.train import IGNORE_INDEX, Schedule, optimize, pad_batch
 
 PAD, BOS, UNK = "<pad>", "<s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0..3
@@ -170,23 +169,8 @@ def _batch(tokenizer, rng: random.Random, tasks: list[Task], batch_size: int) ->
     examples = [pretraining_example(rng.choice(tasks), rng) for _ in range(batch_size)]
     prompts = tokenizer([ex["prompt"] for ex in examples])["input_ids"]
     completions = tokenizer([ex["completion"] for ex in examples], add_special_tokens=False)["input_ids"]
-    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    input_ids = torch.full((batch_size, width), tokenizer.pad_token_id)
-    labels = torch.full((batch_size, width), -100)
-    attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        n = len(p) + len(c)
-        input_ids[i, :n] = torch.tensor(p + c)
-        labels[i, len(p) : n] = torch.tensor(c)
-        attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def _lr_factor(step: int, settings: PretrainSettings) -> float:
-    if step < settings.warmup:
-        return (step + 1) / settings.warmup
-    progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(progress * math.pi))
+    rows = [(p + c, [IGNORE_INDEX] * len(p) + c) for p, c in zip(prompts, completions)]
+    return pad_batch(rows, tokenizer.pad_token_id, "cpu")
 
 
 def _cached(out_dir: Path, settings: PretrainSettings) -> bool:
@@ -248,24 +232,17 @@ def pretrain_base(
 def _train(settings: PretrainSettings, progress: bool) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, float]:
     tokenizer = build_tokenizer()
     model = _model(_config(tokenizer, DEMO_DEFAULTS, settings.model or {}), settings.seed).train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=settings.lr, betas=(0.9, 0.98), weight_decay=settings.weight_decay
-    )
     rng = random.Random(f"pretrain:{settings.seed}")
     tasks = pretraining_tasks()
-    loss_value = float("nan")
-    bar = tqdm(range(settings.steps), desc="pretrain demo base", disable=not progress)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr * _lr_factor(step, settings)
-        loss = model(**_batch(tokenizer, rng, tasks, settings.batch_size)).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        loss_value = loss.item()
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss_value:.3f}")
+
+    def loss_fn(step: int) -> torch.Tensor:
+        return model(**_batch(tokenizer, rng, tasks, settings.batch_size)).loss
+
+    schedule = Schedule(settings.steps, settings.lr, settings.warmup, floor=0.1)
+    losses = optimize(model.parameters(), loss_fn, schedule, betas=(0.9, 0.98), weight_decay=settings.weight_decay,
+                      progress="pretrain demo base" if progress else None,
+                      on_step=lambda step, loss: {"loss": f"{loss:.3f}"} if step % 10 == 0 else None)
+    loss_value = losses[-1]
     return model, tokenizer, loss_value
 
 

@@ -26,6 +26,7 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,16 +261,19 @@ def _encode_messages(tokenizer, example: Example, max_length: int) -> tuple[list
     return ids[:max_length], labels[:max_length], len(ids) > max_length
 
 
-def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids / attention_mask / labels, each (B, T)."""
+def pad_batch(
+    rows: list[tuple[list[int], list[int]]], pad_id: int, device, left: bool = False
+) -> dict[str, torch.Tensor]:
+    """input_ids / attention_mask / labels, each (B, T): right padded (training), or left padded (generation)."""
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (ids, lab) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        attention_mask[i, : len(ids)] = 1
+        real = slice(width - len(ids), width) if left else slice(0, len(ids))
+        input_ids[i, real] = torch.tensor(ids, dtype=torch.long)
+        labels[i, real.start : real.start + len(lab)] = torch.tensor(lab, dtype=torch.long)
+        attention_mask[i, real] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -367,13 +371,70 @@ def resolve_device(device: str | None) -> torch.device:
     return resolved
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate of step t (0-based): ``lr · factor(t)``, a linear warmup over ``warmup`` steps,
+    then a cosine from 1 down to ``floor`` at the last step."""
+
+    steps: int
+    lr: float
+    warmup: int = 0  # steps
+    floor: float = 0.0  # the factor the cosine ends at
+
+    @classmethod
+    def with_warmup_ratio(cls, steps: int, lr: float, warmup_ratio: float) -> Schedule:
+        return cls(steps, lr, math.ceil(warmup_ratio * steps))
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.floor + (1 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def lr_factor(step: int, steps: int, warmup_ratio: float) -> float:
     """Linear warmup over ⌈warmup_ratio·steps⌉ steps, then cosine decay toward 0 (step is 0-based)."""
-    warmup = math.ceil(warmup_ratio * steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return Schedule.with_warmup_ratio(steps, 1.0, warmup_ratio).factor(step)
+
+
+def optimize(
+    params: Iterable[torch.nn.Parameter],
+    loss_fn: Callable[[int], torch.Tensor],
+    schedule: Schedule,
+    *,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    max_grad_norm: float = 1.0,
+    diverged: Callable[[float, int], str] | None = None,
+    progress: str | None = None,
+    on_step: Callable[[int, float], dict[str, str] | None] | None = None,
+) -> list[float]:
+    """The one training loop: minimise ``loss_fn(step)`` over ``params``; returns every step's loss.
+
+    AdamW at ``schedule``'s rate, gradients clipped to norm ``max_grad_norm``. ``diverged(loss, step)``
+    is the TrainingDiverged message for a non-finite loss (None: no check). ``progress``: the
+    description of a progress bar (None: no bar); ``on_step(step, loss)`` runs after each update and
+    what it returns is shown on the bar.
+    """
+    params = list(params)
+    optimizer = torch.optim.AdamW(params, lr=schedule.lr, betas=betas, weight_decay=weight_decay)
+    values: list[float] = []
+    bar = tqdm(range(schedule.steps), desc=progress, unit="step", disable=progress is None)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = schedule.lr * schedule.factor(step)
+        loss = loss_fn(step)
+        if diverged is not None and not torch.isfinite(loss):
+            raise TrainingDiverged(diverged(loss.item(), step + 1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        values.append(loss.item())
+        shown = on_step(step, values[-1]) if on_step is not None else None
+        if shown:
+            bar.set_postfix(**shown)
+    return values
 
 
 def target_layers(model: torch.nn.Module, basis: Basis, targets: str | list[str] | None) -> list[str]:
@@ -460,33 +521,27 @@ def train_adapter(
         prompts = [prompt_text(tokenizer, ex) for ex in examples[:TRAIN_SIGNATURE_PROMPTS]]
         signature = signature_from_prompts(model, tokenizer, prompts) if cfg.signature else None
         attach(model, adapter, basis)
-        params = adapter_parameters(model)
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         losses, kls = [], []
-        start = time.perf_counter()
-        bar = tqdm(range(cfg.steps), desc=f"train {cfg.kind}", unit="step", disable=not progress)
-        for step in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_ratio)
+
+        def loss_fn(step: int) -> torch.Tensor:
             batch = pad_batch(batches.next(), pad_id, device)
             loss_sum, count = completion_loss_sum(completion_logits(model, batch), batch["labels"])
             loss = loss_sum / max(count, 1)
-            total = loss
-            if preserve_batches is not None:
-                kept = pad_batch(preserve_batches.next(), pad_id, device)
-                with torch.no_grad(), adapter_disabled(model):
-                    base_logits = completion_logits(model, kept)
-                kl = kl_base_to_adapted(base_logits, completion_logits(model, kept), kept["attention_mask"])
-                total = total + cfg.kl_weight * kl
-                kls.append(kl.item())
-            if not torch.isfinite(total):
-                raise TrainingDiverged(f"loss became {total.item()} at step {step + 1}: lower --lr (now {cfg.lr})")
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
             losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", **({"kl": f"{kls[-1]:.4f}"} if kls else {}))
+            if preserve_batches is None:
+                return loss
+            kept = pad_batch(preserve_batches.next(), pad_id, device)
+            with torch.no_grad(), adapter_disabled(model):
+                base_logits = completion_logits(model, kept)
+            kl = kl_base_to_adapted(base_logits, completion_logits(model, kept), kept["attention_mask"])
+            kls.append(kl.item())
+            return loss + cfg.kl_weight * kl
+
+        start = time.perf_counter()
+        optimize(adapter_parameters(model), loss_fn, Schedule.with_warmup_ratio(cfg.steps, cfg.lr, cfg.warmup_ratio),
+                 weight_decay=cfg.weight_decay, progress=f"train {cfg.kind}" if progress else None,
+                 diverged=lambda loss, step: f"loss became {loss} at step {step}: lower --lr (now {cfg.lr})",
+                 on_step=lambda step, _: {"loss": f"{losses[-1]:.4f}", **({"kl": f"{kls[-1]:.4f}"} if kls else {})})
         seconds = time.perf_counter() - start
         trained = extract(model, adapter)
 

@@ -46,12 +46,13 @@ from adapters_zoo.tasks import evaluate, make_split, suite_tasks, write_jsonl
 from adapters_zoo.tasks.chat import CHAT_SUITES, chat_suite_tasks, evaluate_chat, make_chat_split
 from adapters_zoo.train import (
     Batches,
+    Schedule,
     TrainConfig,
     completion_logits,
     completion_loss_sum,
     encode_examples,
     load_model_dir,
-    lr_factor,
+    optimize,
     pad_batch,
     pad_id_of,
     train_adapter,
@@ -147,22 +148,17 @@ def _peft_train(model, tokenizer, examples, steps: int, batch_size: int, seed: i
     )
     peft_model = get_peft_model(model, config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rows = [row[:2] for row in encode_examples(tokenizer, examples, 256)]
     batches = Batches(rows, batch_size, torch.Generator().manual_seed(seed))
-    pad_id, losses = pad_id_of(tokenizer), []
+    pad_id = pad_id_of(tokenizer)
     peft_model.eval()
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * lr_factor(step, steps, 0.06)
+
+    def loss_fn(step: int) -> torch.Tensor:
         batch = pad_batch(batches.next(), pad_id, "cpu")
         loss_sum, count = completion_loss_sum(completion_logits(peft_model, batch), batch["labels"])
-        loss = loss_sum / max(count, 1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        losses.append(loss.item())
+        return loss_sum / max(count, 1)
+
+    losses = optimize(params, loss_fn, Schedule.with_warmup_ratio(steps, lr, 0.06))
     return peft_model, sum(losses[-10:]) / len(losses[-10:]), sum(p.numel() for p in params)
 
 

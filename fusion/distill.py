@@ -36,17 +36,18 @@ import torch
 import torch.nn.functional as F
 
 from adapters_zoo.basis import Basis, check_basis_matches_model
-from adapters_zoo.errors import InvalidConfig, InvalidMixture, TrainingDataError, TrainingDiverged
+from adapters_zoo.errors import InvalidConfig, InvalidMixture, TrainingDataError
 from adapters_zoo.format import Adapter
 from adapters_zoo.inject import adapter_parameters, attach, extract
 from adapters_zoo.train import (
     IGNORE_INDEX,
     Batches,
+    Schedule,
     adapter_disabled,
     completion_logits,
     encode_example,
     frozen_base,
-    lr_factor,
+    optimize,
     pad_batch,
     pad_id_of,
     resolve_device,
@@ -127,13 +128,9 @@ def teacher_rows(model, tokenizer, teacher: Adapter, basis: Basis, examples: lis
         with merged(model, teacher, basis):
             for start in range(0, len(open_), cfg.batch_size):
                 chunk = prompts[start : start + cfg.batch_size]
-                width = max(map(len, chunk))
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for r, p in enumerate(chunk):  # left padded for generation
-                    ids[r, width - len(p):] = torch.tensor(p)
-                    mask[r, width - len(p):] = 1
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                batch = pad_batch([(p, []) for p in chunk], pad, device, left=True)
+                width = batch["input_ids"].shape[1]
+                out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                      max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=eos,
                                      pad_token_id=pad)[:, width:].tolist()
                 for r, (p, gen) in enumerate(zip(chunk, out)):
@@ -199,12 +196,8 @@ def distill_fuse(model: torch.nn.Module, tokenizer, basis: Basis, adapters: list
         draws = [Batches([(n, row) for row in r], 1, gen) if r else None for n, r in enumerate(rows)]
         pad = pad_id_of(tokenizer)
         attach(model, student, basis)
-        params = adapter_parameters(model)
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        kls: list[float] = []
-        for step in range(cfg.steps):
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_ratio)
+
+        def loss_fn(step: int) -> torch.Tensor:
             sources = torch.multinomial(torch.tensor(share), cfg.batch_size, replacement=True, generator=gen)
             picked = [draws[n].next()[0] for n in sorted(sources.tolist())]  # grouped by source
             batch = pad_batch([row for _, row in picked], pad, device)
@@ -215,17 +208,16 @@ def distill_fuse(model: torch.nn.Module, tokenizer, basis: Basis, adapters: list
                     with merged(model, teachers[n], basis):
                         parts.append((index, completion_logits(model, {k: v[index] for k, v in batch.items()})))
                 teacher = torch.cat([logits for _, logits in parts])  # rows already in source order
-            kl = _kl_on_completions(teacher, completion_logits(model, batch), batch["labels"])
-            if not torch.isfinite(kl):
-                raise TrainingDiverged(f"distillation loss became {kl.item()} at step {step + 1}: lower lr "
-                                       f"(now {cfg.lr})")
-            optimizer.zero_grad(set_to_none=True)
-            kl.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            kls.append(kl.item())
+            return _kl_on_completions(teacher, completion_logits(model, batch), batch["labels"])
+
+        def report(step: int, kl: float) -> None:
             if progress and (step % 50 == 0 or step == cfg.steps - 1):
-                print(f"distill step {step + 1}/{cfg.steps}: KL {kls[-1]:.4f}", flush=True)
+                print(f"distill step {step + 1}/{cfg.steps}: KL {kl:.4f}", flush=True)
+
+        kls = optimize(adapter_parameters(model), loss_fn,
+                       Schedule.with_warmup_ratio(cfg.steps, cfg.lr, cfg.warmup_ratio), on_step=report,
+                       diverged=lambda kl, step: f"distillation loss became {kl} at step {step}: lower lr "
+                                                 f"(now {cfg.lr})")
         fused = extract(model, student)
 
     stats = DistillStats(cfg.steps, kls[0], sum(kls[-10:]) / len(kls[-10:]), round(time.perf_counter() - start_time, 3),
