@@ -38,6 +38,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the serving CLI does, 
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import json  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
 import statistics  # noqa: E402
@@ -545,11 +546,17 @@ def goals(rows: list[Row]) -> dict:
         out[cores] = {"goal": GOALS[cores], "step_ratio": step[kind].ratio if kind in step else None,
                       "step_cpu_ratio": step[kind].cpu_ratio if kind in step else None,
                       "served_ratio_median": round(statistics.median(served), 3) if served else None}
-        cached = [r.tokens_per_s for r in rows if r.kind == kind and r.config == "cached"]
-        out[f"{cores}_cached_spread"] = round(max(cached) / min(cached) - 1, 3) if len(cached) > 1 else None
+        cached = [r for r in rows if r.kind == kind and r.config == "cached"]
+        out[f"{cores}_cached_spread"] = spread([r.tokens_per_s for r in cached])
+        out[f"{cores}_cached_cpu_spread"] = spread([r.cpu_ms_per_token for r in cached])
     fuse = [r.fuse_ms_per_mixture for r in rows if r.fuse_ms_per_mixture is not None]
     out["fuse_ms_per_mixture"] = {"min": min(fuse), "max": max(fuse)} if fuse else None
     return out
+
+
+def spread(values: list[float]) -> float | None:
+    """max / min - 1 over the rows that should be equal (None for fewer than two)."""
+    return round(max(values) / min(values) - 1, 3) if len(values) > 1 else None
 
 
 def line(row: Row) -> str:
@@ -592,8 +599,10 @@ def markdown(result: dict) -> str:
         d = g[cores]
         lines.append(f"- {cores} cores (≤ {d['goal']}×): decode step {_fmt(d['step_ratio'], '.3f')}× "
                      f"(cpu {_fmt(d['step_cpu_ratio'], '.3f')}×); served (one + cached rows, median) "
-                     f"{_fmt(d['served_ratio_median'], '.3f')}×; cached rows' tokens/s spread over N and m "
-                     f"{_fmt(g[f'{cores}_cached_spread'], '.1%')} (goal ≤ {GOALS['flat']:.0%}).")
+                     f"{_fmt(d['served_ratio_median'], '.3f')}×; cached rows' spread over N and m "
+                     f"{_fmt(g[f'{cores}_cached_spread'], '.1%')} in tokens/s, "
+                     f"{_fmt(g.get(f'{cores}_cached_cpu_spread'), '.1%')} in CPU ms/token "
+                     f"(goal ≤ {GOALS['flat']:.0%}).")
     if g["fuse_ms_per_mixture"]:
         lines.append(f"- A new mixture's resolve + fuse, off the decode thread: {g['fuse_ms_per_mixture']['min']}–"
                      f"{g['fuse_ms_per_mixture']['max']} ms per mixture (by N and m: the `new` rows).")
@@ -677,7 +686,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch CPU threads (1: on the shared 2-core box a second thread loses to the other jobs)")
     p.add_argument("--quick", action="store_true", help="a small sweep in a few minutes (and the smoke test)")
     p.add_argument("--out-dir", default=None, help="default: benchmarks/results/{base}")
+    p.add_argument("--render", default=None, metavar="JSON", help="only rewrite the .md and .png of a results file")
     args = p.parse_args(argv)
+    if args.render:
+        path = Path(args.render)
+        result = json.loads(path.read_text())
+        result["goals"] = goals([Row(**r) for r in result["rows"]])
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        path.with_suffix(".md").write_text(markdown(result))
+        plot(result, path.with_suffix(".png"))
+        return 0
     set_threads(args.threads)
     settings = settings_for(args.base, args.device, args.quick, args.threads)
     result = run(settings, args.home)
