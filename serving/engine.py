@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from adapters_zoo import train
 from adapters_zoo.basis import Basis, check_basis_matches_model
 from adapters_zoo.errors import IncompatibleAdapter, InvalidConfig, InvalidMixture, ModelDirError
 from adapters_zoo.format import Adapter, check_delta
@@ -110,9 +111,7 @@ class EngineConfig:
 
 
 def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidConfig("device cuda was asked for, but torch sees no CUDA device")
+    device = train.resolve_device(config.device)
     if config.dtype is not None:
         return device, DTYPES[config.dtype]
     if device.type == "cuda":
@@ -278,21 +277,8 @@ class PromptProbe:
 
 
 def load_model_dir(model_dir: str | Path):
-    """(model in its stored dtype, for the fingerprint check; tokenizer) from a local directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ModelDirError(f"{model_dir}: not a model directory (no config.json)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, TypeError) as err:
-        raise ModelDirError(f"{model_dir}: no usable tokenizer ({err})") from err
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", use_safetensors=True)
-    except (OSError, ValueError) as err:
-        raise ModelDirError(f"{model_dir}: cannot load the model ({err})") from err
-    return model, tokenizer
+    """(model on the cpu in its stored dtype, for the fingerprint check; tokenizer): the Engine moves and casts it."""
+    return train.load_model_dir(model_dir, "cpu")
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:
