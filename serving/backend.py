@@ -147,14 +147,13 @@ class Routing:
         self.num_slots = num_slots
         self.device = torch.device(device)
         self._allocate(max(1, capacity))
-        self.rows = 0
         self.index = self._index[:0]  # (rows,) int64 in [0, S]; S = the zero (base) slot
         self.all_base = True  # no row has an adapter: layers skip the adapter path
         self.all_diagonal = True  # every row's core is diagonal: elementwise path
         self.residual_groups: list[tuple[int, torch.Tensor, int]] = []  # (slot, its rows (r,), rank q)
 
     def _allocate(self, capacity: int) -> None:
-        self.capacity = capacity
+        self.capacity, self.rows = capacity, 0
         on_cuda = self.device.type == "cuda"
         # rows 0..n-1: the slot index; rows n..2n-1: the rows that have a residual, grouped by slot
         self._host = torch.full((2 * capacity,), self.num_slots, dtype=torch.long, pin_memory=on_cuda)
@@ -177,9 +176,10 @@ class Routing:
             self._allocate(max(rows, 2 * self.capacity))
         if self._copied is not None:
             self._copied.synchronize()  # the last step's copy has left the host buffer (it normally has)
-        n = self.capacity
+        n, stale = self.capacity, max(self.rows, rows)
         used = sorted({s for s in row_slots if s >= 0})
         self._host_np[:rows] = [self.num_slots if s < 0 else s for s in row_slots]
+        self._host_np[rows:stale] = self.num_slots  # past the batch: the zero slot (a padded batch adds nothing)
         groups, filled = [], 0
         for s in used:
             if residual_rank[s] > 0:
@@ -188,7 +188,7 @@ class Routing:
                 groups.append((s, filled, len(mine), residual_rank[s]))
                 filled += len(mine)
         if self._copied is not None:
-            self._buffer[:rows].copy_(self._host[:rows], non_blocking=True)
+            self._buffer[:stale].copy_(self._host[:stale], non_blocking=True)
             self._buffer[n : n + filled].copy_(self._host[n : n + filled], non_blocking=True)
             self._copied.record()
         self.rows = rows

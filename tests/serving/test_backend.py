@@ -180,6 +180,7 @@ def test_routing_fills_its_buffers_in_place():
     assert (slot, rows.tolist(), q) == (2, [2, 3], 5)
     routing.update([-1, -1], diagonal, rank)
     assert routing.index.tolist() == [8, 8] and routing.all_base and routing.residual_groups == []
+    assert routing._index.tolist() == [8] * 4, "rows past the batch read the zero slot (padding adds nothing)"
     routing.update([3, 1, -1], diagonal, rank)
     assert not routing.all_diagonal and routing.index.tolist() == [3, 1, 8]
     assert routing._buffer.data_ptr() == buffer, "no step allocates new buffers"
