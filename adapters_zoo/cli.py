@@ -1,5 +1,7 @@
-"""Foundation commands: ``specfuse base``, ``basis``, ``train``, ``count-params``, ``inspect``.
+"""The commands of the adapters_zoo layer: ``specfuse zoo``, ``base``, ``basis``, ``train``, ``count-params``,
+``inspect``, ``analyze`` (``registry`` lives in :mod:`adapters_zoo.registry.cli`).
 
+    specfuse zoo build [--out DIR] [--quick] [--base NAME|char] [--kinds a,b] [--suites a,b] [--home DIR] [--json]
     specfuse base fetch NAME [--home DIR] [--json] | list [--home DIR] [--json]
     specfuse basis MODEL_DIR --rank K|full [--targets q_proj,v_proj] [--method auto|exact|randomized]
                    [--out FILE] [--home DIR] [--json]
@@ -10,6 +12,7 @@
     specfuse count-params CONFIG.json|MODEL_DIR --kind KIND --targets a,b|all-linear
                    [--rank R|full --pattern P --d D --slice A:B --lora-rank Q --no-gate --json]
     specfuse inspect ADAPTER.safetensors [--basis FILE] [--json]
+    specfuse analyze BASE_DIR [TUNED_DIR | --adapter FILE --basis FILE] --out DIR [--top K] [--json]
 
 ``--rank`` is the number of basis directions an adapter acts on (``full``: all of them);
 when ``train`` computes the basis itself, the basis keeps that many directions too
@@ -30,6 +33,7 @@ DEFAULT_RANK = "8"
 
 
 def register_cli(subparsers) -> None:
+    _register_zoo(subparsers)
     _register_base(subparsers)
     _register_basis(subparsers)
     _register_train(subparsers)
@@ -37,8 +41,9 @@ def register_cli(subparsers) -> None:
     _register_inspect(subparsers)
 
 
-def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=1, sort_keys=True))
+def print_json(obj) -> None:
+    """The one way every command prints its ``--json`` result."""
+    print(json.dumps(obj, indent=2, default=str))
 
 
 def _add_home(p: argparse.ArgumentParser) -> None:
@@ -56,6 +61,78 @@ def _add_kind_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slice", default=None, metavar="A:B", help="adapt directions A..B-1 only")
     g.add_argument("--lora-rank", type=int, default=None, metavar="Q", help="scale: add a LoRA term of rank Q")
     g.add_argument("--no-gate", action="store_true", help="svft: no gate scalar (the paper's count)")
+
+
+# --------------------------------------------------------------------------- zoo
+
+
+def _register_zoo(subparsers) -> None:
+    p = subparsers.add_parser("zoo", help="build the zoo (base, basis, one adapter per task × kind, report)")
+    sub = p.add_subparsers(dest="zoo_command", metavar="SUBCOMMAND")
+    sub.required = True
+    b = sub.add_parser("build", help="fetch the base (cached), train one adapter per task × kind, report; "
+                       "resumable")
+    b.add_argument("--out", default=None, help="zoo directory (default: $SPECFUSE_HOME/zoo or ~/.specfuse/zoo)")
+    b.add_argument("--home", default=None, help="registry home (default: OUT/registry)")
+    b.add_argument("--base", default=None, help="a fetchable base, or 'char' (the toy char model)")
+    b.add_argument("--bases-home", default=None, help="where fetched bases live (default: $SPECFUSE_HOME)")
+    b.add_argument("--quick", action="store_true", help="2 tasks per suite, short training: minutes on 2 cores")
+    b.add_argument("--seed", type=int, default=None)
+    b.add_argument("--steps", type=int, default=None, help="training steps per adapter (default: the base's)")
+    b.add_argument("--batch-size", type=int, default=None)
+    b.add_argument("--n-eval", type=int, default=None, help="test examples per task")
+    b.add_argument("--tasks-per-suite", type=int, default=None)
+    b.add_argument("--pretrain-steps", type=int, default=None, help="char base pretraining steps")
+    b.add_argument("--threads", type=int, default=None, help="torch threads (part of what makes builds reproducible)")
+    b.add_argument("--kinds", default=None, help="comma-separated kinds (default: scale,svft,rotation,additive)")
+    b.add_argument("--suites", default=None, help="comma-separated suites (default: the base's)")
+    b.add_argument("--no-peft", action="store_true", help="skip the PEFT LoRA baselines")
+    b.add_argument("--json", action="store_true", help="print the report as JSON")
+    b.set_defaults(func=cmd_zoo_build)
+
+
+def _names(csv: str | None) -> tuple[str, ...] | None:
+    return tuple(name.strip() for name in csv.split(",")) if csv else None
+
+
+def zoo_settings_from_args(args):
+    """ZooSettings from the flags: a flag not given keeps the dataclass default; unknown names are errors."""
+    from adapters_zoo.bases import BASES
+    from adapters_zoo.errors import InvalidConfig
+    from adapters_zoo.kinds import TRAINABLE_KINDS
+    from adapters_zoo.tasks import SUITES
+    from adapters_zoo.tasks.chat import CHAT_SUITES
+    from adapters_zoo.zoo import CHAR_BASE, ZooSettings, default_zoo_dir
+
+    given = {"base": args.base, "bases_home": args.bases_home, "seed": args.seed, "steps": args.steps,
+             "batch_size": args.batch_size, "n_eval": args.n_eval, "tasks_per_suite": args.tasks_per_suite,
+             "kinds": _names(args.kinds), "suites": _names(args.suites), "pretrain_steps": args.pretrain_steps,
+             "threads": args.threads}
+    settings = ZooSettings(out=Path(args.out) if args.out else default_zoo_dir(), quick=args.quick,
+                           peft_lora=not args.no_peft, **{k: v for k, v in given.items() if v is not None})
+    if settings.base != CHAR_BASE and settings.base not in BASES:
+        raise InvalidConfig(f"unknown base {settings.base!r} (known: {', '.join([*sorted(BASES), CHAR_BASE])})")
+    bad = [k for k in settings.kinds if k not in TRAINABLE_KINDS]
+    if bad:
+        raise InvalidConfig(f"unknown kind {bad[0]!r} (trainable kinds: {', '.join(TRAINABLE_KINDS)})")
+    known = CHAT_SUITES if settings.chat else SUITES
+    bad = [s for s in settings.suites if s not in known]
+    if bad:
+        raise InvalidConfig(f"unknown suite {bad[0]!r} for base {settings.base} (known: {', '.join(known)})")
+    return settings
+
+
+def cmd_zoo_build(args) -> int:
+    from adapters_zoo.zoo import build_zoo, report_markdown
+
+    settings = zoo_settings_from_args(args)
+    report = build_zoo(settings, home=args.home)
+    if args.json:
+        print_json(report)
+    else:
+        print(report_markdown(report))
+        print(f"zoo written to {settings.out}")
+    return 0
 
 
 # --------------------------------------------------------------------------- base
@@ -82,7 +159,7 @@ def cmd_base_fetch(args) -> int:
 
     fetched = fetch_base(args.name, args.home)
     if args.json:
-        _print_json(fetched.to_json())
+        print_json(fetched.to_json())
     else:
         print(f"{fetched.name}: {fetched.parameters:,} parameters, fingerprint {fetched.fingerprint}")
         print(fetched.path)
@@ -94,7 +171,7 @@ def cmd_base_list(args) -> int:
 
     rows = list_bases(args.home)
     if args.json:
-        _print_json(rows)
+        print_json(rows)
     else:
         for row in rows:
             where = row["path"] if row["fetched"] else "not fetched"
@@ -154,7 +231,7 @@ def cmd_basis(args) -> int:
     _, registry = declare_basis(basis, args.home)
     summary = basis_summary(basis, out) | {"registry": registry}
     if args.json:
-        _print_json(summary)
+        print_json(summary)
     else:
         print(f"basis of {summary['layers']} layers, k={basis.rank} ({basis.method} SVD), "
               f"energy kept: mean {summary['energy_mean']:.4f}, min {summary['energy_min']:.4f}")
@@ -292,7 +369,7 @@ def cmd_train(args) -> int:
         "eval_loss_before": before, "eval_loss_after": after, "registry": registry,
     }
     if args.json:
-        _print_json(summary)
+        print_json(summary)
     else:
         print(f"trained {adapter.kind} on {len(adapter.layers)} layers: {stats.trainable_params} parameters, "
               f"{stats.steps} steps in {stats.seconds:.1f}s, loss {stats.first_loss:.4f} -> {stats.final_loss:.4f}")
@@ -346,7 +423,7 @@ def cmd_count_params(args) -> int:
     rank = "full" if args.kind == "lora" else _basis_rank(args)  # lora: --rank is its own rank, no basis
     result = count_kind_params(args.config, args.kind, kind_config, args.targets, rank)
     if args.json:
-        _print_json(result)
+        print_json(result)
     else:
         for leaf, n in result["by_type"].items():
             print(f"{leaf:>24} {n:>14,}")
@@ -377,7 +454,7 @@ def cmd_inspect(args) -> int:
         "params": adapter.num_params(), "meta": adapter.meta, "checked_against_basis": basis is not None,
     }
     if args.json:
-        _print_json(info)
+        print_json(info)
     else:
         print(f"{adapter.kind} adapter, {info['layers']} layers, {info['params']:,} parameters, "
               f"basis k={adapter.basis_k}, base {adapter.base_fingerprint}")

@@ -439,68 +439,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("zoo", help="build the zoo (base, basis, one adapter per task × kind, report)")
-    sub = p.add_subparsers(dest="zoo_command", metavar="SUBCOMMAND")
-    sub.required = True
-    b = sub.add_parser("build", help="fetch the base (cached), train one adapter per task × kind, report; "
-                       "resumable")
-    b.add_argument("--out", default=None, help="zoo directory (default: $SPECFUSE_HOME/zoo or ~/.specfuse/zoo)")
-    b.add_argument("--home", default=None, help="registry home (default: OUT/registry)")
-    b.add_argument("--base", default=REAL_BASE, help=f"a fetchable base, or {CHAR_BASE!r} (the toy char model)")
-    b.add_argument("--bases-home", default=None, help="where fetched bases live (default: $SPECFUSE_HOME)")
-    b.add_argument("--quick", action="store_true", help="2 tasks per suite, short training: minutes on 2 cores")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--steps", type=int, default=None, help="training steps per adapter (default: the base's)")
-    b.add_argument("--batch-size", type=int, default=None)
-    b.add_argument("--n-eval", type=int, default=None, help="test examples per task")
-    b.add_argument("--tasks-per-suite", type=int, default=None)
-    b.add_argument("--pretrain-steps", type=int, default=None, help="char base pretraining steps")
-    b.add_argument("--threads", type=int, default=2, help="torch threads (part of what makes builds reproducible)")
-    b.add_argument("--kinds", default=None, help="comma-separated kinds (default: scale,svft,rotation,additive)")
-    b.add_argument("--suites", default=None, help="comma-separated suites (default: the base's)")
-    b.add_argument("--no-peft", action="store_true", help="skip the PEFT LoRA baselines")
-    b.add_argument("--json", action="store_true", help="print the report as JSON")
-    b.set_defaults(func=cmd_zoo_build)
-
-
 def default_zoo_dir() -> Path:
     import os
 
     home = os.environ.get("SPECFUSE_HOME")
     return (Path(home) if home else Path.home() / ".specfuse") / "zoo"
-
-
-def zoo_settings_from_args(args) -> ZooSettings:
-    from adapters_zoo.bases import BASES
-    from adapters_zoo.errors import InvalidConfig
-    from adapters_zoo.kinds import TRAINABLE_KINDS
-    from adapters_zoo.tasks import SUITES
-
-    if args.base != CHAR_BASE and args.base not in BASES:
-        raise InvalidConfig(f"unknown base {args.base!r} (known: {', '.join([*sorted(BASES), CHAR_BASE])})")
-    kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else ZooSettings.kinds
-    bad = [k for k in kinds if k not in TRAINABLE_KINDS]
-    if bad:
-        raise InvalidConfig(f"unknown kind {bad[0]!r} (trainable kinds: {', '.join(TRAINABLE_KINDS)})")
-    known = SUITES if args.base == CHAR_BASE else CHAT_SUITES
-    suites = tuple(s.strip() for s in args.suites.split(",")) if args.suites else None
-    bad = [s for s in suites or () if s not in known]
-    if bad:
-        raise InvalidConfig(f"unknown suite {bad[0]!r} for base {args.base} (known: {', '.join(known)})")
-    return ZooSettings(out=Path(args.out) if args.out else default_zoo_dir(), base=args.base,
-                       bases_home=args.bases_home, seed=args.seed, quick=args.quick, steps=args.steps,
-                       batch_size=args.batch_size, n_eval=args.n_eval, tasks_per_suite=args.tasks_per_suite,
-                       kinds=kinds, suites=suites, peft_lora=not args.no_peft, pretrain_steps=args.pretrain_steps,
-                       threads=args.threads)
-
-
-def cmd_zoo_build(args) -> int:
-    settings = zoo_settings_from_args(args)
-    report = build_zoo(settings, home=args.home)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(report_markdown(report))
-        print(f"zoo written to {settings.out}")
-    return 0

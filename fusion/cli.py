@@ -19,6 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from adapters_zoo.cli import print_json
+
 
 def register_cli(subparsers) -> None:
     common = argparse.ArgumentParser(add_help=False)
@@ -87,10 +89,6 @@ def register_cli(subparsers) -> None:
     p.add_argument("--name", required=True, metavar="N")
     p.add_argument("--project", action="store_true", help="project into the basis (kind core), report energy lost")
     p.set_defaults(func=cmd_import_lora)
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
 
 
 def method_params(args) -> dict[str, Any]:
@@ -195,7 +193,7 @@ def cmd_fuse(args) -> int:
         else:
             summary["path"] = str(save_adapter(fused, args.out))
     if args.json:
-        _print_json(summary)
+        print_json(summary)
     else:
         where = summary.get("ref") or summary["path"]
         print(f"fused {len(mixture)} adapters ({args.method}) into {where}: {summary['layers']} layers, "
@@ -219,7 +217,7 @@ def cmd_merge(args) -> int:
     out = merge_model_dir(args.model_dir, fused, basis, args.out, progress=not args.json, overwrite=args.overwrite)
     summary = _summary(fused, mixture) | {"out": str(out), "base_model": args.model_dir}
     if args.json:
-        _print_json(summary)
+        print_json(summary)
     else:
         print(f"merged {args.mixture} into {summary['layers']} layers of {args.model_dir} -> {out}")
         _print_notes(summary)
@@ -238,7 +236,7 @@ def cmd_export_lora(args) -> int:
         "rank_pattern": export.rank_pattern,
     }
     if args.json:
-        _print_json(summary)
+        print_json(summary)
     else:
         print(f"exported {args.mixture} as a PEFT LoRA of r={export.r} on {', '.join(export.target_modules)} "
               f"-> {export.path}")
@@ -286,7 +284,7 @@ def cmd_import_lora(args) -> int:
         "sha256": rec.sha256, "projection": adapter.meta.get("projection"),
     }
     if args.json:
-        _print_json(summary)
+        print_json(summary)
     else:
         print(f"imported {args.peft_dir} as {rec.ref} ({adapter.kind}, {summary['layers']} layers)")
         if summary["projection"]:

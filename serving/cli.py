@@ -15,8 +15,7 @@ import os
 import sys
 
 COMMAND_MODULES = [
-    "adapters_zoo.zoo",  # zoo build
-    "adapters_zoo.cli",  # basis, train, count-params
+    "adapters_zoo.cli",  # zoo build, base, basis, train, count-params, inspect, analyze
     "adapters_zoo.analysis",  # analyze
     "adapters_zoo.registry.cli",  # registry add | list | show | rm | verify | gc | bases
     "fusion.cli",  # fuse, merge, export-lora, import-lora

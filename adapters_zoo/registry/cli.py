@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+
+from adapters_zoo.cli import print_json
 
 
 def register_cli(subparsers) -> None:
@@ -62,19 +63,18 @@ def register_cli(subparsers) -> None:
     add_basis.add_argument("file", metavar="BASIS_FILE")
     add_basis.set_defaults(func=cmd_add_basis)
 
-    from adapters_zoo.registry.sign import add_sign_parser  # routing signatures for serving's model "auto"
-
-    add_sign_parser(sub, common)
+    sign = sub.add_parser("sign", parents=[common], help="compute an adapter's routing signature from sample "
+                          "prompts (stored as a new version)")
+    sign.add_argument("ref", metavar="N[@V]")
+    sign.add_argument("--data", required=True, metavar="SAMPLE.jsonl", help='JSON Lines with a "prompt" per line')
+    sign.add_argument("--model", required=True, metavar="MODEL_DIR", help="the base model the adapter was trained on")
+    sign.set_defaults(func=cmd_sign)
 
 
 def _open(args):
     from adapters_zoo.registry import Registry
 
     return Registry(args.home)
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2))
 
 
 def _size(n: int) -> str:
@@ -103,7 +103,7 @@ def cmd_add(args) -> int:
     with _open(args) as reg:
         rec = reg.add(args.file, args.name, args.version, args.tag, metrics, args.description)
     if args.json:
-        _print_json(rec.to_json())
+        print_json(rec.to_json())
     else:
         print(f"added {rec.ref} ({rec.kind}, {rec.num_params} params, {_size(rec.size)}, sha256 {rec.sha256[:12]})")
     return 0
@@ -113,7 +113,7 @@ def cmd_list(args) -> int:
     with _open(args) as reg:
         records = reg.list(kind=args.kind, tag=args.tag, base=args.base)
     if args.json:
-        _print_json([r.to_json() for r in records])
+        print_json([r.to_json() for r in records])
     elif not records:
         print("no adapters")
     else:
@@ -130,7 +130,7 @@ def cmd_show(args) -> int:
     with _open(args) as reg:
         rec = reg.get(args.ref)
     if args.json:
-        _print_json(rec.to_json())
+        print_json(rec.to_json())
     else:
         for key, value in rec.to_json().items():
             if isinstance(value, (dict, list)):
@@ -143,7 +143,7 @@ def cmd_rm(args) -> int:
     with _open(args) as reg:
         removed = reg.remove(args.ref)
     if args.json:
-        _print_json([r.to_json() for r in removed])
+        print_json([r.to_json() for r in removed])
     else:
         for r in removed:
             print(f"removed {r.ref}")
@@ -157,7 +157,7 @@ def cmd_verify(args) -> int:
         n_adapters, n_bases = len(reg.list()), len(reg.bases())
         unreferenced = len(reg.unreferenced())
     if args.json:
-        _print_json({"ok": not problems, "problems": problems, "adapters": n_adapters, "bases": n_bases,
+        print_json({"ok": not problems, "problems": problems, "adapters": n_adapters, "bases": n_bases,
                      "unreferenced_blobs": unreferenced})
     else:
         for line in problems:
@@ -172,7 +172,7 @@ def cmd_gc(args) -> int:
     with _open(args) as reg:
         removed = reg.gc()
     if args.json:
-        _print_json({"removed": removed})
+        print_json({"removed": removed})
     else:
         print(f"removed {removed} unreferenced blob(s)")
     return 0
@@ -182,7 +182,7 @@ def cmd_bases(args) -> int:
     with _open(args) as reg:
         bases = reg.bases()
     if args.json:
-        _print_json(bases)
+        print_json(bases)
     elif not bases:
         print("no declared bases (add one with `specfuse basis MODEL_DIR --rank K --home DIR`)")
     else:
@@ -200,7 +200,23 @@ def cmd_add_basis(args) -> int:
         fp = reg.add_basis(basis)
         row = next(b for b in reg.bases() if b["fingerprint"] == fp)
     if args.json:
-        _print_json(row)
+        print_json(row)
     else:
         print(f"declared base {fp} (k={row['k']}, {row['num_layers']} layers)")
+    return 0
+
+
+def cmd_sign(args) -> int:
+    from adapters_zoo.registry.sign import sign_adapter
+    from adapters_zoo.signatures import SIGNATURE_PROMPTS
+    from adapters_zoo.train import load_examples, load_model_dir
+
+    prompts = [ex["prompt"] for ex in load_examples(args.data, need_completion=False)]
+    model, tokenizer = load_model_dir(args.model, device="cpu")
+    with _open(args) as reg:
+        rec = sign_adapter(reg, args.ref, model, tokenizer, prompts, source=args.data)
+    if args.json:
+        print_json(rec.to_json())
+    else:
+        print(f"signed {rec.ref}: signature of {min(len(prompts), SIGNATURE_PROMPTS)} prompt(s) from {args.data}")
     return 0

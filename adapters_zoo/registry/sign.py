@@ -1,6 +1,4 @@
-"""``specfuse registry sign``: give a registry adapter the signature that routing (``model: "auto"``) matches.
-
-    specfuse registry sign NAME[@V] --data SAMPLE.jsonl --model MODEL_DIR [--home DIR] [--json]
+"""Give a registry adapter the signature that routing (``model: "auto"``) matches (``specfuse registry sign``).
 
 The signature (:mod:`adapters_zoo.signatures`) is the base model's mean prompt feature over
 sample prompts of what the adapter is for (``{"prompt": ...}`` lines; a completion may be
@@ -18,12 +16,10 @@ avoid the version bump but would split one adapter's identity over two places.)
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the CLI imports this module to build its parser: nothing heavy at import
+if TYPE_CHECKING:
     from adapters_zoo.registry.catalog import AdapterRecord
 
 
@@ -49,28 +45,3 @@ def sign_adapter(registry, ref: str, model, tokenizer, prompts: list[str], sourc
     adapter.meta["signature_source"] = {"file": Path(source).name if source else "",
                                         "prompts": min(len(prompts), SIGNATURE_PROMPTS), "signed_from": rec.ref}
     return registry.add(adapter, rec.name, tags=rec.tags, metrics=rec.metrics, description=rec.description)
-
-
-def add_sign_parser(sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("sign", parents=[common], help="compute an adapter's routing signature from sample prompts "
-                       "(stored as a new version)")
-    p.add_argument("ref", metavar="N[@V]")
-    p.add_argument("--data", required=True, metavar="SAMPLE.jsonl", help='JSON Lines with a "prompt" per line')
-    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="the base model the adapter was trained on")
-    p.set_defaults(func=cmd_sign)
-
-
-def cmd_sign(args) -> int:
-    from adapters_zoo.registry import Registry
-    from adapters_zoo.signatures import SIGNATURE_PROMPTS
-    from adapters_zoo.train import load_examples, load_model_dir
-
-    prompts = [ex["prompt"] for ex in load_examples(args.data, need_completion=False)]
-    model, tokenizer = load_model_dir(args.model, device="cpu")
-    with Registry(args.home) as registry:
-        rec = sign_adapter(registry, args.ref, model, tokenizer, prompts, source=args.data)
-    if args.json:
-        print(json.dumps(rec.to_json(), indent=2))
-    else:
-        print(f"signed {rec.ref}: signature of {min(len(prompts), SIGNATURE_PROMPTS)} prompt(s) from {args.data}")
-    return 0
