@@ -14,25 +14,20 @@ per linear layer:
   as curves over k, with the share a random ΔW would put there (k²/(out·in), k/out, k/in);
 - principal angles between span(U_k) and span(U'_k) (and V), in degrees.
 
-The math is pure functions on tensors (:func:`analyze_pair`, :func:`analyze_delta`),
-computed in float64; :func:`analyze` streams checkpoints one layer at a time (memory: two
-matrices and their SVDs); :func:`write_report` writes report.json, report.md and plots.
+This module is the math: pure functions on tensors (:func:`analyze_pair`, :func:`analyze_delta`),
+computed in float64, and :func:`summarize` across layers. :mod:`adapters_zoo.analysis_report`
+streams checkpoints through it (``analyze``) and writes the report; ``specfuse analyze`` is in
+:mod:`adapters_zoo.cli`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-from adapters_zoo.errors import BasisMismatch, IncompatibleAdapter, InvalidConfig, ModelDirError
+import torch
 
-if TYPE_CHECKING:  # torch is imported where it is used: `specfuse --help` loads this module (register_cli)
-    import torch
-
-    from adapters_zoo.checkpoint import Checkpoint, LayerSpec
+from adapters_zoo.errors import IncompatibleAdapter, InvalidConfig, ModelDirError
 
 SHARE_THRESHOLDS = (0.5, 0.8, 0.9)
 PROFILE_BINS = 10  # the whole spectrum, index-normalised, so layers of any size average
@@ -49,8 +44,6 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     cos θ from svd(AᵀB) loses precision near 0°, sin θ from svd(B − A AᵀB) near 90°;
     each angle is taken from whichever is accurate (Björck & Golub).
     """
-    import torch
-
     cos = torch.linalg.svdvals(A.T @ B).clamp(0.0, 1.0)  # (k,) descending -> θ ascending
     sin = torch.linalg.svdvals(B - A @ (A.T @ B)).clamp(0.0, 1.0).flip(0)  # ascending -> θ ascending
     theta = torch.where(sin**2 < 0.5, torch.arcsin(sin), torch.arccos(cos))
@@ -108,7 +101,6 @@ def analyze_delta(
         raise IncompatibleAdapter(f"weight shape {tuple(W_base.shape)} and delta shape {tuple(delta.shape)} differ")
     if top_k < 1:
         raise InvalidConfig(f"top_k must be ≥ 1, got {top_k}")
-    import torch
 
     W = W_base.to(torch.float64)
     dW = delta.to(torch.float64)
@@ -282,186 +274,3 @@ def summarize(layers: dict[str, dict]) -> dict:
     for name in layers:
         by_type.setdefault(name.rsplit(".", 1)[-1], []).append(name)
     return {"all": over(list(layers)), "by_type": {t: over(names) for t, names in by_type.items()}}
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def _check_finite(w: torch.Tensor, where: str) -> torch.Tensor:
-    if not w.isfinite().all():
-        raise IncompatibleAdapter(f"{where}: adapter delta has NaN or infinite values")
-    return w
-
-
-def _matching_layers(base: Checkpoint, tuned: Checkpoint, targets) -> list[LayerSpec]:
-    """The base's target layers, after checking the tuned checkpoint has the same ones, same shapes."""
-    base_specs = base.linear_layers(targets)
-    tuned_specs = {s.name: s for s in tuned.linear_layers(targets)}
-    for spec in base_specs:
-        other = tuned_specs.pop(spec.name, None)
-        if other is None:
-            raise ModelDirError(f"{tuned.dir}: no layer {spec.name} (architectures differ from {base.dir})")
-        if (other.out_features, other.in_features) != (spec.out_features, spec.in_features):
-            raise ModelDirError(
-                f"{spec.name}: shape ({spec.out_features}, {spec.in_features}) in {base.dir} "
-                f"but ({other.out_features}, {other.in_features}) in {tuned.dir}"
-            )
-    if tuned_specs:
-        extra = next(iter(tuned_specs))
-        raise ModelDirError(f"{base.dir}: no layer {extra} (architectures differ from {tuned.dir})")
-    return base_specs
-
-
-def _adapter_deltas(base: Checkpoint, adapter_file: str | Path, basis_file: str | Path | None, targets):
-    """(layer specs, delta_of(spec, W_base)) for base + a spectral adapter trained in ``basis_file``."""
-    # Imported here: the adapter format pulls in kinds/, which comparing two checkpoints never needs.
-    from adapters_zoo.basis import load_basis
-    from adapters_zoo.format import load_adapter
-
-    if basis_file is None:
-        raise IncompatibleAdapter(f"{adapter_file}: --adapter needs the basis it was trained in (--basis FILE)")
-    basis = load_basis(basis_file)
-    adapter = load_adapter(adapter_file, basis)  # checks fingerprint, k and layers against the basis
-    all_specs = {s.name: s for s in base.linear_layers(None)}
-    missing = [n for n in adapter.layers if n not in all_specs]
-    if missing:
-        raise IncompatibleAdapter(f"{adapter_file}: layer {missing[0]} is not a linear layer of {base.dir}")
-    wanted = {s.name for s in base.linear_layers(targets)} if targets else set(all_specs)
-    specs = [all_specs[n] for n in adapter.layers if n in wanted]
-    if not specs:
-        raise IncompatibleAdapter(f"{adapter_file}: no adapter layer matches targets {targets}")
-
-    def delta_of(spec: LayerSpec, W: torch.Tensor) -> torch.Tensor:  # W: (out, in) of the base
-        lb = basis[spec.name]
-        if (lb.out_features, lb.in_features) != (spec.out_features, spec.in_features):
-            raise BasisMismatch(
-                f"{spec.name}: basis shape ({lb.out_features}, {lb.in_features}) != "
-                f"({spec.out_features}, {spec.in_features}) in {base.dir}"
-            )
-        # The basis must be this base's SVD: W V_k = U_k diag(S_k), up to float32 storage.
-        residual = float((W @ lb.V - lb.U * lb.S).norm())
-        if residual > 1e-2 * float(lb.S.norm()):
-            raise BasisMismatch(f"{spec.name}: {basis_file} is not the SVD of this layer in {base.dir}")
-        return _check_finite(adapter.delta(spec.name, basis), f"{adapter_file}: {spec.name}")
-
-    return specs, delta_of
-
-
-def analyze(
-    base_dir: str | Path,
-    tuned_dir: str | Path | None = None,
-    *,
-    adapter_file: str | Path | None = None,
-    basis_file: str | Path | None = None,
-    top_k: int = 32,
-    targets: str | list[str] | None = None,
-    progress: bool = True,
-) -> dict:
-    """Compare a base checkpoint with a tuned one (or with base + adapter), layer by layer.
-
-    Exactly one of ``tuned_dir`` / ``adapter_file`` is given. Returns
-    ``{"meta": ..., "layers": {name: analyze_delta(...)}, "summary": summarize(...)}``.
-    Raises ModelDirError (unreadable or mismatched checkpoints) or IncompatibleAdapter.
-    """
-    if (tuned_dir is None) == (adapter_file is None):
-        raise InvalidConfig("analyze: give exactly one of tuned_dir and adapter_file")
-    if top_k < 1:
-        raise InvalidConfig(f"top_k must be ≥ 1, got {top_k}")
-    from adapters_zoo.checkpoint import Checkpoint, parse_targets
-
-    base = Checkpoint(base_dir)
-    if tuned_dir is not None:
-        tuned = Checkpoint(tuned_dir)
-        specs = _matching_layers(base, tuned, targets)
-
-        def delta_of(spec: LayerSpec, W: torch.Tensor) -> torch.Tensor:
-            return tuned.weight(spec).double() - W.double()  # weight() checks shape and finiteness
-    else:
-        specs, delta_of = _adapter_deltas(base, adapter_file, basis_file, targets)
-
-    layers: dict[str, dict] = {}
-    for spec in _progress(specs, progress, "analyze"):
-        W = base.weight(spec)  # (out, in) float32, shape and finiteness checked by the reader
-        layers[spec.name] = analyze_delta(W, delta_of(spec, W), top_k)
-
-    meta = {
-        "base_dir": str(base_dir),
-        "tuned_dir": None if tuned_dir is None else str(tuned_dir),
-        "adapter_file": None if adapter_file is None else str(adapter_file),
-        "basis_file": None if basis_file is None else str(basis_file),
-        "top_k": top_k,
-        "targets": parse_targets(targets),
-        "n_layers": len(layers),
-        "paper": "https://arxiv.org/abs/2505.23099",
-    }
-    return {"meta": meta, "layers": layers, "summary": summarize(layers)}
-
-
-def _progress(items: list, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit="layer")
-
-
-def write_report(result: dict, out_dir: str | Path) -> dict[str, Path]:
-    """Write report.json, report.md and the PNG plots into ``out_dir``; returns {name: path}."""
-    from adapters_zoo.analysis_report import write_report as render  # matplotlib only when asked
-
-    return render(result, out_dir)
-
-
-# ---------------------------------------------------------------- command line
-
-
-def register_cli(subparsers) -> None:
-    """Add ``specfuse analyze`` to an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "analyze",
-        help="spectral comparison of a base and a tuned checkpoint (or base + adapter), with plots",
-        description="Per linear layer: singular-value ratios, share of ‖ΔW‖² in the base's top-k "
-        "directions, principal angles of the top-k subspaces (arXiv 2505.23099).",
-    )
-    p.add_argument("base_dir", metavar="BASE_DIR")
-    p.add_argument("tuned_dir", metavar="TUNED_DIR", nargs="?", help="omit with --adapter")
-    p.add_argument("--out", required=True, metavar="DIR", help="report.json, report.md and PNGs go here")
-    p.add_argument("--top", type=int, default=32, metavar="K", help="top-k directions (default 32)")
-    p.add_argument("--targets", default=None, help="comma-separated layer names (default: all linear)")
-    p.add_argument("--adapter", default=None, metavar="FILE", help="analyze BASE_DIR + this spectral adapter")
-    p.add_argument("--basis", default=None, metavar="FILE", help="the basis the adapter was trained in")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
-    p.set_defaults(func=cmd_analyze)
-
-
-def cmd_analyze(args) -> int:
-    if (args.tuned_dir is None) == (args.adapter is None):
-        raise InvalidConfig("analyze: give TUNED_DIR or --adapter FILE (exactly one)")
-    result = analyze(
-        args.base_dir,
-        args.tuned_dir,
-        adapter_file=args.adapter,
-        basis_file=args.basis,
-        top_k=args.top,
-        targets=args.targets,
-        progress=True,  # tqdm writes to stderr, so --json output stays clean
-    )
-    paths = write_report(result, args.out)
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "meta": result["meta"],
-                    "summary": result["summary"],
-                    "files": {k: str(v) for k, v in paths.items()},
-                },
-                indent=1,
-            )
-        )
-    else:
-        from adapters_zoo.analysis_report import findings
-
-        for line in findings(result):
-            print(line)
-        print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return 0

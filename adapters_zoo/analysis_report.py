@@ -1,7 +1,9 @@
-"""Render an :func:`adapters_zoo.analysis.analyze` result: report.json, report.md, PNG plots.
+"""Checkpoints in, report out: the IO around the spectral math of :mod:`adapters_zoo.analysis`.
 
-Plots use matplotlib's Agg backend (no display); each shows the mean over layers with the
-10–90% band across layers. Kept apart from the analysis so the math never imports matplotlib.
+:func:`analyze` streams two checkpoints (or a base and a spectral adapter) one layer at a
+time (memory: two matrices and their SVDs); :func:`write_report` writes report.json,
+report.md and PNG plots. Plots use matplotlib's Agg backend (no display), imported only
+when a report is written; each shows the mean over layers with the 10–90% band across layers.
 """
 
 from __future__ import annotations
@@ -13,7 +15,130 @@ from pathlib import Path
 
 import torch
 
-from adapters_zoo.analysis import PROFILE_BINS, k_grid, layer_metric
+from adapters_zoo.analysis import PROFILE_BINS, analyze_delta, k_grid, layer_metric, summarize
+from adapters_zoo.checkpoint import Checkpoint, LayerSpec, parse_targets
+from adapters_zoo.errors import BasisMismatch, IncompatibleAdapter, InvalidConfig, ModelDirError
+
+# ---------------------------------------------------------------- checkpoints in
+
+
+def _check_finite(w: torch.Tensor, where: str) -> torch.Tensor:
+    if not w.isfinite().all():
+        raise IncompatibleAdapter(f"{where}: adapter delta has NaN or infinite values")
+    return w
+
+
+def _matching_layers(base: Checkpoint, tuned: Checkpoint, targets) -> list[LayerSpec]:
+    """The base's target layers, after checking the tuned checkpoint has the same ones, same shapes."""
+    base_specs = base.linear_layers(targets)
+    tuned_specs = {s.name: s for s in tuned.linear_layers(targets)}
+    for spec in base_specs:
+        other = tuned_specs.pop(spec.name, None)
+        if other is None:
+            raise ModelDirError(f"{tuned.dir}: no layer {spec.name} (architectures differ from {base.dir})")
+        if (other.out_features, other.in_features) != (spec.out_features, spec.in_features):
+            raise ModelDirError(
+                f"{spec.name}: shape ({spec.out_features}, {spec.in_features}) in {base.dir} "
+                f"but ({other.out_features}, {other.in_features}) in {tuned.dir}"
+            )
+    if tuned_specs:
+        extra = next(iter(tuned_specs))
+        raise ModelDirError(f"{base.dir}: no layer {extra} (architectures differ from {tuned.dir})")
+    return base_specs
+
+
+def _adapter_deltas(base: Checkpoint, adapter_file: str | Path, basis_file: str | Path | None, targets):
+    """(layer specs, delta_of(spec, W_base)) for base + a spectral adapter trained in ``basis_file``."""
+    # Imported here: the adapter format pulls in kinds/, which comparing two checkpoints never needs.
+    from adapters_zoo.basis import load_basis
+    from adapters_zoo.format import load_adapter
+
+    if basis_file is None:
+        raise IncompatibleAdapter(f"{adapter_file}: --adapter needs the basis it was trained in (--basis FILE)")
+    basis = load_basis(basis_file)
+    adapter = load_adapter(adapter_file, basis)  # checks fingerprint, k and layers against the basis
+    all_specs = {s.name: s for s in base.linear_layers(None)}
+    missing = [n for n in adapter.layers if n not in all_specs]
+    if missing:
+        raise IncompatibleAdapter(f"{adapter_file}: layer {missing[0]} is not a linear layer of {base.dir}")
+    wanted = {s.name for s in base.linear_layers(targets)} if targets else set(all_specs)
+    specs = [all_specs[n] for n in adapter.layers if n in wanted]
+    if not specs:
+        raise IncompatibleAdapter(f"{adapter_file}: no adapter layer matches targets {targets}")
+
+    def delta_of(spec: LayerSpec, W: torch.Tensor) -> torch.Tensor:  # W: (out, in) of the base
+        lb = basis[spec.name]
+        if (lb.out_features, lb.in_features) != (spec.out_features, spec.in_features):
+            raise BasisMismatch(
+                f"{spec.name}: basis shape ({lb.out_features}, {lb.in_features}) != "
+                f"({spec.out_features}, {spec.in_features}) in {base.dir}"
+            )
+        # The basis must be this base's SVD: W V_k = U_k diag(S_k), up to float32 storage.
+        residual = float((W @ lb.V - lb.U * lb.S).norm())
+        if residual > 1e-2 * float(lb.S.norm()):
+            raise BasisMismatch(f"{spec.name}: {basis_file} is not the SVD of this layer in {base.dir}")
+        return _check_finite(adapter.delta(spec.name, basis), f"{adapter_file}: {spec.name}")
+
+    return specs, delta_of
+
+
+def analyze(
+    base_dir: str | Path,
+    tuned_dir: str | Path | None = None,
+    *,
+    adapter_file: str | Path | None = None,
+    basis_file: str | Path | None = None,
+    top_k: int = 32,
+    targets: str | list[str] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Compare a base checkpoint with a tuned one (or with base + adapter), layer by layer.
+
+    Exactly one of ``tuned_dir`` / ``adapter_file`` is given. Returns
+    ``{"meta": ..., "layers": {name: analyze_delta(...)}, "summary": summarize(...)}``.
+    Raises ModelDirError (unreadable or mismatched checkpoints) or IncompatibleAdapter.
+    """
+    if (tuned_dir is None) == (adapter_file is None):
+        raise InvalidConfig("analyze: give exactly one of tuned_dir and adapter_file")
+    if top_k < 1:
+        raise InvalidConfig(f"top_k must be ≥ 1, got {top_k}")
+    base = Checkpoint(base_dir)
+    if tuned_dir is not None:
+        tuned = Checkpoint(tuned_dir)
+        specs = _matching_layers(base, tuned, targets)
+
+        def delta_of(spec: LayerSpec, W: torch.Tensor) -> torch.Tensor:
+            return tuned.weight(spec).double() - W.double()  # weight() checks shape and finiteness
+    else:
+        specs, delta_of = _adapter_deltas(base, adapter_file, basis_file, targets)
+
+    layers: dict[str, dict] = {}
+    for spec in _progress(specs, progress, "analyze"):
+        W = base.weight(spec)  # (out, in) float32, shape and finiteness checked by the reader
+        layers[spec.name] = analyze_delta(W, delta_of(spec, W), top_k)
+
+    meta = {
+        "base_dir": str(base_dir),
+        "tuned_dir": None if tuned_dir is None else str(tuned_dir),
+        "adapter_file": None if adapter_file is None else str(adapter_file),
+        "basis_file": None if basis_file is None else str(basis_file),
+        "top_k": top_k,
+        "targets": parse_targets(targets),
+        "n_layers": len(layers),
+        "paper": "https://arxiv.org/abs/2505.23099",
+    }
+    return {"meta": meta, "layers": layers, "summary": summarize(layers)}
+
+
+def _progress(items: list, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="layer")
+
+
+# ---------------------------------------------------------------- report out
 
 
 def _fmt(v, digits: int = 4) -> str:

@@ -39,6 +39,7 @@ def register_cli(subparsers) -> None:
     _register_train(subparsers)
     _register_count_params(subparsers)
     _register_inspect(subparsers)
+    _register_analyze(subparsers)
 
 
 def print_json(obj) -> None:
@@ -461,4 +462,42 @@ def cmd_inspect(args) -> int:
         print(f"config {json.dumps(adapter.config, sort_keys=True)}")
         if basis is not None:
             print("matches the basis")
+    return 0
+
+
+# --------------------------------------------------------------------------- analyze
+
+
+def _register_analyze(subparsers) -> None:
+    p = subparsers.add_parser(
+        "analyze",
+        help="spectral comparison of a base and a tuned checkpoint (or base + adapter), with plots",
+        description="Per linear layer: singular-value ratios, share of ‖ΔW‖² in the base's top-k "
+        "directions, principal angles of the top-k subspaces (arXiv 2505.23099).",
+    )
+    p.add_argument("base_dir", metavar="BASE_DIR")
+    p.add_argument("tuned_dir", metavar="TUNED_DIR", nargs="?", help="omit with --adapter")
+    p.add_argument("--out", required=True, metavar="DIR", help="report.json, report.md and PNGs go here")
+    p.add_argument("--top", type=int, default=32, metavar="K", help="top-k directions (default 32)")
+    p.add_argument("--targets", default=None, help="comma-separated layer names (default: all linear)")
+    p.add_argument("--adapter", default=None, metavar="FILE", help="analyze BASE_DIR + this spectral adapter")
+    p.add_argument("--basis", default=None, metavar="FILE", help="the basis the adapter was trained in")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.set_defaults(func=cmd_analyze)
+
+
+def cmd_analyze(args) -> int:
+    from adapters_zoo.analysis_report import analyze, findings, write_report
+    from adapters_zoo.errors import InvalidConfig
+
+    if (args.tuned_dir is None) == (args.adapter is None):
+        raise InvalidConfig("analyze: give TUNED_DIR or --adapter FILE (exactly one)")
+    result = analyze(args.base_dir, args.tuned_dir, adapter_file=args.adapter, basis_file=args.basis,
+                     top_k=args.top, targets=args.targets, progress=True)  # tqdm on stderr: --json stays clean
+    paths = write_report(result, args.out)
+    if args.json:
+        print_json({"meta": result["meta"], "summary": result["summary"], "files": paths})
+    else:
+        print("\n".join(findings(result)))
+        print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0

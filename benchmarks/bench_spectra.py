@@ -35,8 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from adapters_zoo.analysis import analyze, write_report  # noqa: E402
-from adapters_zoo.analysis_report import markdown_table  # noqa: E402
+from adapters_zoo.analysis_report import analyze, markdown_table, write_report  # noqa: E402
 from adapters_zoo.demo_model import QUICK_STEPS, load_base, pretrain_base, save_model  # noqa: E402
 from adapters_zoo.tasks import evaluate, make_split, suite_tasks, write_jsonl  # noqa: E402
 from adapters_zoo.train import encode_example, load_examples, pad_batch  # noqa: E402

@@ -16,7 +16,6 @@ import sys
 
 COMMAND_MODULES = [
     "adapters_zoo.cli",  # zoo build, base, basis, train, count-params, inspect, analyze
-    "adapters_zoo.analysis",  # analyze
     "adapters_zoo.registry.cli",  # registry add | list | show | rm | verify | gc | bases
     "fusion.cli",  # fuse, merge, export-lora, import-lora
     "serving.serve_cli",  # serve, demo

@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapters_zoo.analysis import analyze, analyze_delta, analyze_pair, principal_angles, register_cli
+from adapters_zoo.analysis import analyze_delta, analyze_pair, principal_angles
+from adapters_zoo.analysis_report import analyze
+from adapters_zoo.cli import register_cli
 from adapters_zoo.errors import BasisMismatch, IncompatibleAdapter, ModelDirError
 
 OUT, IN, K = 48, 32, 6
@@ -136,7 +138,7 @@ def llama_pair(tmp_path_factory):
 
 
 def test_end_to_end_report(llama_pair, tmp_path):
-    from adapters_zoo.analysis import write_report
+    from adapters_zoo.analysis_report import write_report
 
     result = analyze(llama_pair / "base", llama_pair / "tuned", top_k=4, progress=False)
     assert result["meta"]["n_layers"] == 2 * 7  # q k v o gate up down per block
