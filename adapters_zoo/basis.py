@@ -141,6 +141,18 @@ def fingerprint_model(model: torch.nn.Module, layers: list[str] | None = None, t
     return fingerprint_weights(model_weights(model, specs))
 
 
+def model_dir_fingerprint(ckpt: Checkpoint, layers: list[str]) -> str:
+    """The fingerprint of a model directory's weights on ``layers`` (streamed, as compute_basis does)."""
+    specs = {s.name: s for s in ckpt.linear_layers(layers)}
+    missing = [name for name in layers if name not in specs]
+    if missing:
+        raise BasisMismatch(f"{ckpt.dir}: the model has no layer {missing[0]!r} that the basis names")
+    fp = Fingerprinter()
+    for name in layers:
+        fp.add(name, ckpt.weight(specs[name]))
+    return fp.hexdigest()
+
+
 # --------------------------------------------------------------------------- SVD
 
 

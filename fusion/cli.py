@@ -244,36 +244,12 @@ def cmd_export_lora(args) -> int:
     return 0
 
 
-def basis_for_model_dir(reg, model_dir: str | Path):
-    """The registry's declared basis whose fingerprint matches the weights in ``model_dir``."""
-    from adapters_zoo.checkpoint import Checkpoint
-    from adapters_zoo.errors import BaseNotDeclared
-    from adapters_zoo.registry.registry import basis_command_hint
-    from fusion.merge import model_dir_fingerprint
-
-    ckpt = Checkpoint(model_dir)
-    shapes = {s.name: (s.out_features, s.in_features) for s in ckpt.linear_layers(None)}
-    fingerprints: dict[tuple[str, ...], str] = {}
-    for row in reg.bases():
-        basis = reg.basis(row["fingerprint"])
-        if any(shapes.get(n) != (o, i) for n, (o, i, _) in basis.shapes().items()):
-            continue  # another architecture: no need to hash
-        layers = tuple(basis.layer_names())
-        if layers not in fingerprints:
-            fingerprints[layers] = model_dir_fingerprint(ckpt, list(layers))
-        if fingerprints[layers] == basis.fingerprint:
-            return basis
-    raise BaseNotDeclared(
-        f"the registry at {reg.home} holds no basis of the model in {model_dir}; "
-        f"add it first with `{basis_command_hint(reg.home).replace('MODEL_DIR', str(model_dir))}`"
-    )
-
-
 def cmd_import_lora(args) -> int:
+    from adapters_zoo.registry import basis_for_model
     from fusion.lora_io import import_peft_lora
 
     with _registry(args) as reg:
-        basis = basis_for_model_dir(reg, args.base)
+        basis = basis_for_model(reg, args.base)
         adapter = import_peft_lora(args.peft_dir, basis, project=args.project)
         adapter.meta["name"] = args.name
         adapter.meta["base_model"] = str(args.base)

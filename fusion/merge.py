@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from adapters_zoo.basis import Basis, Fingerprinter, check_basis_matches_model
+from adapters_zoo.basis import Basis, check_basis_matches_model, model_dir_fingerprint
 from adapters_zoo.checkpoint import Checkpoint
 from adapters_zoo.errors import BasisMismatch, IncompatibleAdapter, ModelDirError
 from adapters_zoo.format import Adapter
@@ -80,18 +80,6 @@ def merged(model: torch.nn.Module, adapter: Adapter | None, basis: Basis) -> Ite
         with torch.no_grad():
             for layer, weight in saved.items():
                 model.get_submodule(layer).weight.copy_(weight)
-
-
-def model_dir_fingerprint(ckpt: Checkpoint, layers: list[str]) -> str:
-    """The fingerprint of a model directory's weights on ``layers`` (streamed, as compute_basis does)."""
-    specs = {s.name: s for s in ckpt.linear_layers(layers)}
-    missing = [name for name in layers if name not in specs]
-    if missing:
-        raise BasisMismatch(f"{ckpt.dir}: the model has no layer {missing[0]!r} that the basis names")
-    fp = Fingerprinter()
-    for name in layers:
-        fp.add(name, ckpt.weight(specs[name]))
-    return fp.hexdigest()
 
 
 def check_model_dir(ckpt: Checkpoint, basis: Basis) -> None:

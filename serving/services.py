@@ -22,18 +22,15 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from adapters_zoo.basis import Basis, fingerprint_model
 from adapters_zoo.errors import (
     AdapterNotFound,
-    BaseNotDeclared,
-    BasisMismatch,
     IncompatibleAdapter,
     InvalidMixture,
     InvalidRequest,
     PayloadTooLarge,
 )
 from adapters_zoo.format import Adapter, adapter_from_bytes
-from adapters_zoo.registry import Registry, mixture_pairs
+from adapters_zoo.registry import Registry, basis_for_model, mixture_pairs
 from serving.engine import Engine, MixtureSpec
 from serving.generation import SamplingParams
 from serving.metrics import Metrics
@@ -74,22 +71,7 @@ class Job:
     fusion_params: dict[str, Any] | None
 
 
-def find_basis(registry: Registry, model) -> Basis:
-    """The declared basis whose fingerprint matches ``model``'s weights (BaseNotDeclared if none)."""
-    tried = []
-    for row in registry.bases():
-        basis = registry.basis(row["fingerprint"])
-        try:
-            fp = fingerprint_model(model, basis.layer_names())
-        except BasisMismatch:
-            continue
-        if fp == basis.fingerprint:
-            return basis
-        tried.append(row["fingerprint"])
-    raise BaseNotDeclared(
-        f"the registry at {registry.home} declares no basis of this model ({len(tried)} other base(s) declared); "
-        f"add one with `specfuse basis MODEL_DIR --rank K --home {registry.home}`"
-    )
+find_basis = basis_for_model  # the declared basis of a loaded model (BaseNotDeclared if none)
 
 
 class Service:

@@ -24,6 +24,7 @@ _EXPORTS = {
     "validate_tag": "names",
     "validate_version": "names",
     "Registry": "registry",
+    "basis_for_model": "model_basis",
     "default_home": "registry",
 }
 __all__ = sorted(_EXPORTS)
