@@ -21,8 +21,10 @@ the server's own Service + Scheduler + Engine with the server's defaults:
   merge      dense W + Σ w ΔW per request, generated alone, weights restored; serial
 
 Reported: tokens/s, p50/p99 latency (t = 0 to a request's last token), p50/p99 time to
-first token, CPU seconds per token (all threads of the process; steadier than wall time
-when other jobs share the machine), the ratio to base (time per token over base's), torch
+first token, CPU milliseconds per token of the thread that runs the model (the scheduler's;
+resolving and fusing new mixtures run in the submitting thread, as in the server, and are
+reported per mixture), which other jobs on a shared machine disturb less than wall time,
+the ratio to base (time per token over base's, wall and CPU), torch
 threads and the load average. Results: ``benchmarks/results/{base}/serving_{device}.{json,md,png}``.
 
     python benchmarks/bench_serving.py --base smollm2              # ~15 min on 2 CPU cores
@@ -243,7 +245,8 @@ def run_engine(service, prompts: list[list[int]], mixtures: list[str | None], ma
                 finished.set()
 
     misses = service.engine.mixtures.misses
-    start, cpu = time.perf_counter(), time.process_time()
+    clock = scheduler_clock()
+    start, cpu = time.perf_counter(), time.clock_gettime(clock)
     preparing = 0.0
     for i, (ids, model) in enumerate(zip(prompts, mixtures)):
         t = time.perf_counter()
@@ -254,9 +257,15 @@ def run_engine(service, prompts: list[list[int]], mixtures: list[str | None], ma
         raise TimeoutError("the engine did not finish")
     if errors:
         raise RuntimeError(f"a request failed: {errors[0]}")
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    seconds, cpu_seconds = time.perf_counter() - start, time.clock_gettime(clock) - cpu
     return Run([done_at[i] - start for i in range(len(prompts))], [first_at[i] - start for i in range(len(prompts))],
                tokens[0], seconds, cpu_seconds, preparing, service.engine.mixtures.misses - misses)
+
+
+def scheduler_clock() -> int:
+    """The CPU-time clock of the scheduler's thread (the one that runs the model; fusion runs elsewhere)."""
+    thread = next(t for t in threading.enumerate() if t.name == "specfuse-scheduler")
+    return time.pthread_getcpuclockid(thread.ident)
 
 
 def step_rows(engine, basis, prompts: list[list[int]], settings: Settings) -> list[Row]:
@@ -383,7 +392,7 @@ def hf_generate(model, prompts: list[list[int]], max_tokens: int, device: str, *
 
     first = FirstToken()
     ids = torch.tensor(prompts, device=device)
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu = time.perf_counter(), time.thread_time()
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                              min_new_tokens=max_tokens, do_sample=False, pad_token_id=0,
@@ -392,7 +401,7 @@ def hf_generate(model, prompts: list[list[int]], max_tokens: int, device: str, *
     seconds = time.perf_counter() - start
     n = len(prompts)
     return Run([seconds] * n, [first.at - start] * n, (out.shape[1] - ids.shape[1]) * n, seconds,
-               time.process_time() - cpu)
+               time.thread_time() - cpu)
 
 
 def peft_run(model, basis, adapters: list, prompts, settings: Settings, workdir: Path) -> Run:
@@ -420,7 +429,7 @@ def merge_run(model, basis, adapters: list, prompts, settings: Settings, m: int,
     from serving.reference import merged
 
     latencies, ttft, tokens = [], [], 0
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu = time.perf_counter(), time.thread_time()
     for ids in prompts[: settings.merge_requests]:
         mixture = [(a, rng.uniform(0.1, 1.0)) for a in rng.sample(adapters, min(m, len(adapters)))]
         with merged(model, basis, mixture):
@@ -429,7 +438,7 @@ def merge_run(model, basis, adapters: list, prompts, settings: Settings, m: int,
         latencies.append(time.perf_counter() - start)
         ttft.append(merged_at - start + run.ttft[0])  # from t = 0: the requests before it, its merge, its prefill
         tokens += run.tokens
-    return Run(latencies, ttft, tokens, time.perf_counter() - start, time.process_time() - cpu)
+    return Run(latencies, ttft, tokens, time.perf_counter() - start, time.thread_time() - cpu)
 
 
 def _sync(device: str) -> None:
@@ -589,8 +598,9 @@ def markdown(result: dict) -> str:
         "",
         "Ratio = time per token over the base model's (1.00 = free): `step:` rows, the median of per-step ratios "
         "(each step beside a base step); engine rows, against the base runs just before and after (listed); the "
-        "others, against the mean of every engine base run. `cpu` = the same on process CPU time, which other jobs "
-        "on the machine disturb less than wall time.",
+        "others, against the mean of every engine base run. `cpu` = the same on the CPU time of the thread that "
+        "runs the model (the scheduler's, which excludes fusing new mixtures), which other jobs on the machine "
+        "disturb less than wall time.",
         "",
         "## Goals (issue 16)",
         "",
