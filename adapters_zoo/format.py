@@ -92,7 +92,7 @@ class Adapter:
             dw = dw + res[0].to(lb.U) @ res[1].to(lb.U)
         return dw
 
-    def num_params(self, basis: Basis | None = None) -> int:
+    def num_params(self) -> int:
         """Trainable parameter count (frozen tensors such as sparse indices excluded)."""
         frozen = self.kind_impl.frozen
         return sum(t.numel() for p in self.params.values() for n, t in p.items() if n not in frozen)
@@ -308,9 +308,3 @@ def count_params(kind: str, config: dict[str, Any] | None, shapes: dict[str, tup
     impl = get_kind(kind)
     cfg = impl.config(config)
     return sum(impl.count_params(o, i, k, cfg) for o, i, k in shapes.values())
-
-
-def file_size_bytes(adapter: Adapter) -> int:
-    return len(adapter_to_bytes(adapter))
-
-

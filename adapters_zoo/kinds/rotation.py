@@ -37,12 +37,6 @@ def cayley(k_skew: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(eye + k_skew, eye - k_skew, left=False)
 
 
-def inverse_cayley(r: torch.Tensor) -> torch.Tensor:
-    """The skew K with cayley(K) = R (for R without eigenvalue −1)."""
-    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
-    return torch.linalg.solve(eye + r, eye - r, left=False)
-
-
 class RotationKind(Kind):
     name = "rotation"
     paper = "https://arxiv.org/abs/2405.13952"

@@ -89,10 +89,6 @@ class SvftKind(Kind):
     Config = SvftConfig
     frozen = ("idx",)
 
-    @staticmethod
-    def _diagonal_only(cfg: SvftConfig) -> bool:
-        return cfg.pattern == "plain" or cfg.d == 0
-
     def param_shapes(self, out_f, in_f, k, cfg: SvftConfig):
         a, b = cfg.directions(k)
         nnz = pattern_size(b - a, cfg.d, cfg.pattern)
