@@ -96,6 +96,7 @@ class ZooSettings:
     pretrain_steps: int | None = None  # char base: None = the demo base's quick / full default
     model_overrides: dict[str, Any] = field(default_factory=dict)  # char base: e.g. a tinier model for tests
     threads: int = 2
+    train_missing: bool = True  # False: report the finished rows only (a report while a build still runs)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -299,6 +300,8 @@ def _build_task(settings: ZooSettings, suite: str, task, model, tokenizer, basis
             _register(registry, path, registry_name(task.name, kind), suite, task.name, kind, done.accuracy)
             entries.append(done)
             continue
+        if not settings.train_missing:
+            continue
         if base_accuracy is None:
             base_accuracy = _base_accuracy(settings, suite, task, model, tokenizer, test, data)
         kind_config, lr = KIND_SETTINGS[kind]
@@ -325,6 +328,8 @@ def _build_task(settings: ZooSettings, suite: str, task, model, tokenizer, basis
         entries.append(entry)
     if settings.peft_lora:
         done = _finished(settings, suite, "peft-lora", task.name, data)
+        if done is None and not settings.train_missing:
+            return entries
         if done is None:
             if base_accuracy is None:
                 base_accuracy = _base_accuracy(settings, suite, task, model, tokenizer, test, data)

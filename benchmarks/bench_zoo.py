@@ -55,11 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", default="scale,svft,rotation,additive")
     p.add_argument("--no-peft", action="store_true")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--report-only", action="store_true", help="report the finished adapters, train nothing")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
     set_threads(args.threads)
     settings = ZooSettings(out=Path(args.zoo), bases_home=args.bases_home, quick=args.quick,
-                           kinds=tuple(args.kinds.split(",")), peft_lora=not args.no_peft, threads=args.threads)
+                           kinds=tuple(args.kinds.split(",")), peft_lora=not args.no_peft, threads=args.threads,
+                           train_missing=not args.report_only)
     report = build_zoo(settings)
     report["environment"] = environment()
     report["command"] = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
