@@ -333,6 +333,17 @@ async def vanish(server: Server, names: list[str], count: int, seed: int) -> dic
     return tally.summary()
 
 
+def cache_bytes(server: Server) -> dict:
+    """The server's own account of its host caches (from /metrics), MB."""
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).text
+    out = {}
+    for line in text.splitlines():
+        for name in ("specfuse_mixture_cache_bytes", "specfuse_adapter_cache_bytes"):
+            if line.startswith(name + " "):
+                out[name.removeprefix("specfuse_").replace("_bytes", "_mb")] = round(float(line.split()[1]) / 2**20, 1)
+    return out
+
+
 def settled(server: Server, wait_s: float = 30.0) -> dict:
     """/health once nothing runs or waits (or after ``wait_s``): rows and slots left behind."""
     deadline = time.time() + wait_s
@@ -416,7 +427,9 @@ def report(result: dict) -> str:
         ("RSS before (MB)", result["rss_before_mb"]),
         (f"RSS first / last {s['rss_window_s']:g} s (MB)", f"{s['rss_first_window_mb']} / {s['rss_last_window_mb']}"
                                                              f" ({100 * (s['rss_growth'] or 0):+.1f}%)"),
-        ("RSS peak (MB)", s["rss_peak_mb"]), ("RSS after all phases (MB)", result["rss_after_mb"]),
+        ("RSS peak (MB)", s["rss_peak_mb"]),
+        ("host caches after steady (MB, the server's count)", s["caches_after"]),
+        ("RSS after all phases (MB)", result["rss_after_mb"]),
         (f"burst: {result['settings']['burst']} at once", b["statuses"]), ("burst: hangs", b["hangs"]),
         ("burst: p50 / p99 (s)", f"{b['p50_s']} / {b['p99_s']}"),
         (f"vanish: {result['settings']['vanish']} clients gone mid-stream", v["statuses"]),
@@ -465,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             rss_before = server.rss
             hostile = hostile_requests(names, basis)
             result = {"steady": asyncio.run(steady(server, names, hostile, args.clients, args.duration, args.seed))}
+            result["steady"]["caches_after"] = cache_bytes(server)
             result["burst"] = asyncio.run(burst(server, names, args.burst, args.seed + 1))
             result["vanish"] = asyncio.run(vanish(server, names, args.vanish, args.seed + 2))
             result["end"] = settled(server)

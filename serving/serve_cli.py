@@ -63,7 +63,8 @@ def _server_options(p: argparse.ArgumentParser) -> None:
                    help=f"host memory for fused mixtures, LRU (default {MIXTURE_CACHE_MB:g} MiB; the device slot "
                         "table is fixed by --slots)")
     p.add_argument("--name", default=None, help="model name in responses (default: the model directory's name)")
-    p.add_argument("--slots", type=int, default=32, help="mixtures resident on the device")
+    p.add_argument("--slots", type=int, default=32,
+                   help="mixtures resident on the device (preallocated: device memory for mixtures never grows)")
     p.add_argument("--residual-slots", type=int, default=8, help="of which this many hold a residual (LoRA) part")
     p.add_argument("--max-batch", type=int, default=32, help="rows decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting before 429")
@@ -183,6 +184,11 @@ def _serve(service, args: argparse.Namespace) -> int:
     adapters = len(service.registry.compatible(service.fingerprint))
     print(f"specfuse: serving {service.model_name} ({adapters} adapter versions, device {service.engine.device}) "
           f"on http://{host}:{port}/v1", file=sys.stderr)
+    engine = service.engine
+    device_bytes = sum(t.numel() * t.element_size() for table in engine.slots.layers.values()
+                       for t in (table.cores, table.diag, table.res_B, table.res_A))
+    print(f"specfuse: memory bounds: device slot tables {device_bytes / 2**20:.1f} MiB (fixed by --slots), host "
+          f"mixture cache ≤ {engine.mixtures.max_bytes / 2**20:g} MiB (--mixture-cache-mb)", file=sys.stderr)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
     finally:

@@ -169,3 +169,13 @@ def test_openapi_lists_the_error_statuses_answered(http):
         assert statuses <= set(paths[path][method]["responses"]), (path, method)
     assert "text/event-stream" in paths["/v1/completions"]["post"]["responses"]["200"]["content"]
     assert "text/plain" in paths["/metrics"]["get"]["responses"]["200"]["content"]
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/v1/adapters/%ED%A0%80"), ("GET", "/v1/models/%00"),
+    ("GET", "/v1/adapters/" + "a" * 5000), ("DELETE", "/v1/adapters/..%2F..%2Fetc"),
+    ("POST", "/v1/adapters?name=%ED%A0%80"), ("POST", "/v1/adapters?name=ok&version=%FF"),
+], ids=["path-surrogate", "path-nul", "path-long", "path-dots", "name-surrogate", "version-bad"])
+def test_odd_paths_and_queries_are_4xx(http, adapters, method, path):
+    r = http.request(method, path, content=adapter_to_bytes(adapters["scale"]) if method == "POST" else None)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:200])
