@@ -26,6 +26,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from adapters_zoo.errors import InvalidRequest
+from adapters_zoo.train import pad_batch
 
 # --------------------------------------------------------------------------- sampling
 
@@ -144,14 +145,9 @@ class TextStream:
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts -> input_ids (n, T) and attention_mask (n, T), left padded."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    return ids.to(device), mask.to(device)
+    """Prompts -> input_ids (n, T) and attention_mask (n, T), left padded (the one pad_batch)."""
+    batch = pad_batch([(p, []) for p in prompts], pad_id, device, left=True)
+    return batch["input_ids"], batch["attention_mask"]
 
 
 def positions_of(mask: torch.Tensor) -> torch.Tensor:
