@@ -28,8 +28,6 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -244,10 +242,3 @@ def _train(settings: PretrainSettings, progress: bool) -> tuple[LlamaForCausalLM
                       on_step=lambda step, loss: {"loss": f"{loss:.3f}"} if step % 10 == 0 else None)
     loss_value = losses[-1]
     return model, tokenizer, loss_value
-
-
-def load_base(model_dir: str | Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """Model (eval mode) and tokenizer from a saved directory, offline."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    return model, tokenizer

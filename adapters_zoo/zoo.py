@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from adapters_zoo.basis import Basis, basis_from_model, load_basis, save_basis
-from adapters_zoo.demo_model import load_base, pretrain_base
+from adapters_zoo.demo_model import pretrain_base
 from adapters_zoo.errors import AdapterNotFound
 from adapters_zoo.format import adapter_to_bytes, save_adapter
 from adapters_zoo.inject import attach, detach
@@ -219,7 +219,7 @@ def _base_and_basis(settings: ZooSettings, progress: bool):
     from adapters_zoo.basis import fingerprint_model
 
     model_dir = base_model_dir(settings, progress)
-    model, tokenizer = load_model_dir(model_dir, "cpu") if settings.chat else load_base(model_dir)
+    model, tokenizer = load_model_dir(model_dir, "cpu")
     cached = settings.out / "basis.safetensors"
     basis = load_basis(cached) if settings.chat and cached.is_file() else None
     if basis is None or basis.rank != settings.rank or \

@@ -162,7 +162,7 @@ def source_record(source: Source, alone: dict, zoo: Zoo) -> dict[str, Any]:
 
 def run(settings: Settings) -> dict[str, Any]:
     """The whole benchmark; returns the result dict (also written as JSON, Markdown and PNG)."""
-    from adapters_zoo.demo_model import load_base
+    from adapters_zoo.train import load_model_dir
 
     set_threads(settings.threads)
     started = time.perf_counter()
@@ -170,13 +170,13 @@ def run(settings: Settings) -> dict[str, Any]:
     suites = [s for s in zoo.suites if settings.suites is None or s in settings.suites]
     if not suites:
         raise SystemExit(f"none of the suites {settings.suites} is in the zoo (it has {zoo.suites})")
-    model, tokenizer = load_base(zoo.base_dir)
+    model, tokenizer = load_model_dir(zoo.base_dir, "cpu")
     splits = load_splits(zoo, suites, settings.validation_examples)
     cache = ResultCache(settings.cache / f"scores-{zoo.basis.fingerprint[:12]}.json" if settings.cache else None)
     evaluator = Evaluator(tokenizer, splits, cache)
     spectral = SpectralFuser(model, tokenizer, zoo.basis, lambda suite, task: zoo.split(suite, task, "train"),
                              DistillConfig(steps=settings.distill_steps, lr=settings.distill_lr))
-    peft_fuser = PeftFuser(load_base(zoo.base_dir)[0], tokenizer) if settings.peft else None
+    peft_fuser = PeftFuser(load_model_dir(zoo.base_dir, "cpu")[0], tokenizer) if settings.peft else None
     server = None
 
     result: dict[str, Any] = {"sources": [], "runs": [], "interference": {}, "per_request": {}, "base_accuracy": {}}

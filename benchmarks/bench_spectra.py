@@ -36,9 +36,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from adapters_zoo.analysis_report import analyze, markdown_table, write_report  # noqa: E402
-from adapters_zoo.demo_model import QUICK_STEPS, load_base, pretrain_base, save_model  # noqa: E402
+from adapters_zoo.demo_model import QUICK_STEPS, pretrain_base, save_model  # noqa: E402
 from adapters_zoo.tasks import evaluate, make_split, suite_tasks, write_jsonl  # noqa: E402
-from adapters_zoo.train import encode_example, load_examples, pad_batch  # noqa: E402
+from adapters_zoo.train import encode_example, load_examples, load_model_dir, pad_batch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Conflicting suite: one input kind (lowercase strings), three unrelated skills.
@@ -55,7 +55,7 @@ def _batch(tokenizer, examples: list[dict[str, str]]) -> dict[str, torch.Tensor]
 
 def full_finetune(base_dir: Path, data: Path, out_dir: Path, lr: float, args) -> dict:
     """Every parameter trained with AdamW on ``data`` (JSONL); saves the tuned model in ``out_dir``."""
-    model, tokenizer = load_base(base_dir)
+    model, tokenizer = load_model_dir(base_dir, "cpu")
     model.train()
     torch.manual_seed(args.seed)
     examples = load_examples(data)
@@ -80,7 +80,7 @@ def full_finetune(base_dir: Path, data: Path, out_dir: Path, lr: float, args) ->
 
 
 def exact_match(model_dir: Path, examples: list[dict[str, str]]) -> float:
-    model, tokenizer = load_base(model_dir)
+    model, tokenizer = load_model_dir(model_dir, "cpu")
     return evaluate(model, tokenizer, examples)
 
 

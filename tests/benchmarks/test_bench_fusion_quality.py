@@ -18,8 +18,8 @@ from fusion_quality.protocol import Grid, subsets  # noqa: E402
 from fusion_quality.scoring import generation_hits, merged_weights, teacher_forced_hits  # noqa: E402
 from fusion_quality.sources import open_zoo, peft_source, slice_of, zoo_source  # noqa: E402
 
-from adapters_zoo.demo_model import load_base  # noqa: E402
 from adapters_zoo.errors import InvalidConfig  # noqa: E402
+from adapters_zoo.train import load_model_dir  # noqa: E402
 from adapters_zoo.zoo import ZooSettings, build_zoo  # noqa: E402
 
 torch.set_num_threads(1)
@@ -44,7 +44,7 @@ def zoo(zoo_dir):
 
 @pytest.fixture(scope="module")
 def base(zoo):
-    return load_base(zoo.base_dir)
+    return load_model_dir(zoo.base_dir, "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def test_teacher_forced_scoring_agrees_with_generation(zoo, base):
 def test_peft_cat_equals_dense_task_arithmetic(zoo, base):
     model, tokenizer = base
     source = peft_source(zoo, SUITE)
-    peft_fuser = PeftFuser(load_base(zoo.base_dir)[0], tokenizer)
+    peft_fuser = PeftFuser(load_model_dir(zoo.base_dir, "cpu")[0], tokenizer)
     spectral = SpectralFuser(model, tokenizer, zoo.basis)
     batch = tokenizer([ex["prompt"] for ex in zoo.split(SUITE, "sort_digits", "test")], return_tensors="pt",
                       padding=True)
