@@ -80,6 +80,7 @@ def prepare_demo(home: Path, progress: bool = True, shipped: Path = SHIPPED) -> 
             adapters = _train_here(home, progress)
         for adapter in adapters:
             _register(registry, adapter)
+    _say(f"{len(adapters)} task adapters registered: {', '.join(a.name for a in adapters)}")
     return base.path
 
 
