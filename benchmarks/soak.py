@@ -107,10 +107,10 @@ def free_port() -> int:
 class Server:
     """``specfuse serve`` in a child process on 127.0.0.1."""
 
-    def __init__(self, model_dir: Path, home: Path, extra: list[str]):
+    def __init__(self, model_dir: Path, home: Path, extra: list[str], env: dict[str, str]):
         self.cmd = [sys.executable, "-c", "import sys; from serving.cli import main; sys.exit(main())", "serve",
                     str(model_dir), "--home", str(home), "--host", "127.0.0.1", "--device", "cpu", *extra]
-        self.env = os.environ | {"SPECFUSE_API_KEY": KEY, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        self.env = os.environ | {"SPECFUSE_API_KEY": KEY, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"} | env
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
@@ -456,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", type=Path, default=None, help="soak this served base (with --home)")
     p.add_argument("--home", type=Path, default=None)
     p.add_argument("--server-args", default="--max-queue 256", help="extra `specfuse serve` flags")
+    p.add_argument("--server-env", default="", help="extra environment for the server, NAME=VALUE,...")
+    p.add_argument("--steady-only", action="store_true", help="only the steady phase (memory experiments)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -473,12 +475,17 @@ def main(argv: list[str] | None = None) -> int:
                 names = sorted({r.name for r in registry.list()})
                 basis = registry.basis(registry.bases()[0]["fingerprint"])
             setup = f"Base: {model_dir}; {len(names)} adapters from {home}."
-        server = Server(model_dir, home, args.server_args.split()).start()
+        env = dict(item.split("=", 1) for item in args.server_env.split(",") if item)
+        server = Server(model_dir, home, args.server_args.split(), env).start()
         try:
             rss_before = server.rss
             hostile = hostile_requests(names, basis)
             result = {"steady": asyncio.run(steady(server, names, hostile, args.clients, args.duration, args.seed))}
             result["steady"]["caches_after"] = cache_bytes(server)
+            if args.steady_only:
+                print(json.dumps({k: v for k, v in result["steady"].items() if k != "rss_samples_mb"}, indent=1))
+                print(result["steady"]["rss_samples_mb"][::10])
+                return 0
             result["burst"] = asyncio.run(burst(server, names, args.burst, args.seed + 1))
             result["vanish"] = asyncio.run(vanish(server, names, args.vanish, args.seed + 2))
             result["end"] = settled(server)
