@@ -7,7 +7,8 @@ with :func:`adapters_zoo.inject.attach`; the base is frozen, so gradients reach 
 the adapter parameters. The loss is the mean cross-entropy over completion tokens only
 (labels −100 on the prompt and on padding), optionally plus ``kl_weight · KL(base ‖
 adapted)`` on *preserve* prompts the adapter must leave alone. AdamW, linear warmup then
-cosine decay to 0, gradient clipping at 1, seeded batches.
+cosine decay to 0, gradient clipping at 1, seeded batches: :func:`optimize`, the one training
+loop (distillation, the zoo's PEFT baseline and the demo base's pretraining use it too).
 
 The base runs in eval mode (dropout off) during training: the adapter has few
 parameters, and the KL term then compares the base and adapted models like for like.
