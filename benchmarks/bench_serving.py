@@ -555,9 +555,11 @@ def goals(rows: list[Row]) -> dict:
         out[cores] = {"goal": GOALS[cores], "step_ratio": step[kind].ratio if kind in step else None,
                       "step_cpu_ratio": step[kind].cpu_ratio if kind in step else None,
                       "served_ratio_median": round(statistics.median(served), 3) if served else None}
-        cached = [r for r in rows if r.kind == kind and r.config == "cached"]
-        out[f"{cores}_cached_spread"] = spread([r.tokens_per_s for r in cached])
-        out[f"{cores}_cached_cpu_spread"] = spread([r.cpu_ms_per_token for r in cached])
+        cached = [r for r in rows if r.kind == kind and r.config == "cached"]  # ratios: the base drifts with the load
+        out[f"{cores}_cached_spread"] = spread([r.ratio for r in cached])
+        out[f"{cores}_cached_cpu_spread"] = spread([r.cpu_ratio for r in cached])
+    out["noise"] = {"base_runs_spread": spread([r.ratio for r in rows if r.config == "base"]),  # no adapter at all
+                    "base_runs_cpu_spread": spread([r.cpu_ratio for r in rows if r.config == "base"])}
     fuse = [r.fuse_ms_per_mixture for r in rows if r.fuse_ms_per_mixture is not None]
     out["fuse_ms_per_mixture"] = {"min": min(fuse), "max": max(fuse)} if fuse else None
     return out
@@ -609,10 +611,14 @@ def markdown(result: dict) -> str:
         d = g[cores]
         lines.append(f"- {cores} cores (≤ {d['goal']}×): decode step {_fmt(d['step_ratio'], '.3f')}× "
                      f"(cpu {_fmt(d['step_cpu_ratio'], '.3f')}×); served (one + cached rows, median) "
-                     f"{_fmt(d['served_ratio_median'], '.3f')}×; cached rows' spread over N and m "
-                     f"{_fmt(g[f'{cores}_cached_spread'], '.1%')} in tokens/s, "
-                     f"{_fmt(g.get(f'{cores}_cached_cpu_spread'), '.1%')} in CPU ms/token "
-                     f"(goal ≤ {GOALS['flat']:.0%}).")
+                     f"{_fmt(d['served_ratio_median'], '.3f')}×; spread of the cached rows' ratios over N and m "
+                     f"{_fmt(g[f'{cores}_cached_spread'], '.1%')} (wall), "
+                     f"{_fmt(g.get(f'{cores}_cached_cpu_spread'), '.1%')} (CPU) (goal ≤ {GOALS['flat']:.0%}).")
+    if g.get("noise"):
+        lines.append(f"- Noise floor: the base runs against the base runs beside them spread "
+                     f"{_fmt(g['noise']['base_runs_spread'], '.1%')} (wall), "
+                     f"{_fmt(g['noise']['base_runs_cpu_spread'], '.1%')} (CPU) with no adapter at all; a spread of "
+                     "the cached rows below that is flat within what this machine can resolve.")
     if g["fuse_ms_per_mixture"]:
         lines.append(f"- A new mixture's resolve + fuse, off the decode thread: {g['fuse_ms_per_mixture']['min']}–"
                      f"{g['fuse_ms_per_mixture']['max']} ms per mixture (by N and m: the `new` rows).")
