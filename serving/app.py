@@ -119,7 +119,7 @@ def error_response(exc: Exception) -> JSONResponse:
 
 
 class Edge:
-    """ASGI middleware: body size bounds (before anything parses), request metrics."""
+    """ASGI middleware: body bounds (size, framing, JSON depth / digits / Unicode) before anything parses; metrics."""
 
     def __init__(self, app, service: Service):
         self.app = app
@@ -164,8 +164,8 @@ class Edge:
         declared = headers.get(b"content-length")
         if declared is not None and b"transfer-encoding" in headers:  # request smuggling's raw material
             raise InvalidRequest("a request may carry Content-Length or Transfer-Encoding, not both")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"the body is {int(declared)} bytes, at most {limit} are accepted")
+        if declared is not None and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
+            raise PayloadTooLarge(f"the body is {declared[:20].decode()} bytes, at most {limit} are accepted")
         chunks, size = [], 0
         while True:
             message = await receive()
