@@ -79,8 +79,11 @@ def _phone(rng: random.Random) -> str:
     return f"+1 {area}-{exchange}-{line:04d}"
 
 
+_LEVELS = ("", "", "Senior ", "Junior ", "Lead ", "Principal ", "Assistant ")  # Faker knows ~640 jobs: too few
+
+
 def _job(rng: random.Random) -> str:
-    return _faker(rng).job()
+    return rng.choice(_LEVELS) + _faker(rng).job()
 
 
 def _items(rng: random.Random) -> list[str]:

@@ -96,3 +96,10 @@ def test_unknown_names_are_errors():
         chat_task("nope")
     with pytest.raises(ValueError, match="split must be"):
         make_chat_split(TASKS[0], "dev", 1)
+
+
+@pytest.mark.parametrize("task", TASKS, ids=lambda t: t.name)
+def test_every_task_has_enough_distinct_inputs_for_the_zoo(task):
+    """The zoo draws up to 400 train and 100 validation / test examples per task (a real-base full build)."""
+    for split, n in (("train", 400), ("validation", 100), ("test", 100)):
+        assert len(make_chat_split(task, split, n)) == n
