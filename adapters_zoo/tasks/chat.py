@@ -25,6 +25,7 @@ seed gives the same examples (for one Faker version; ``pyproject.toml`` pins its
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import random
 from collections.abc import Callable
@@ -36,10 +37,16 @@ Messages = list[dict[str, str]]
 _MAX_MISSES = 5000  # draws in a row that add no new input: the split is exhausted
 
 
-def _faker(rng: random.Random):
+@functools.cache
+def _shared_faker():
     from faker import Faker
 
-    fake = Faker("en_US")
+    return Faker("en_US")  # building one takes milliseconds: build once, reseed per draw
+
+
+def _faker(rng: random.Random):
+    """A Faker whose draws follow ``rng``: reseeded from it, so every draw is reproducible on its own."""
+    fake = _shared_faker()
     fake.seed_instance(rng.getrandbits(64))
     return fake
 
