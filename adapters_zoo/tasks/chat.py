@@ -31,7 +31,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from adapters_zoo.tasks.suites import split_of
+from adapters_zoo.tasks.suites import draw_distinct
 
 Messages = list[dict[str, str]]
 _MAX_MISSES = 5000  # draws in a row that add no new input: the split is exhausted
@@ -185,25 +185,9 @@ def chat_task(name: str) -> ChatTask:
 
 def make_chat_split(task: ChatTask, split: str, n: int, seed: int = 0) -> list[dict[str, Messages]]:
     """``n`` examples of ``task`` with distinct inputs, all from ``split``."""
-    if split not in ("train", "validation", "test"):
-        raise ValueError(f"split must be train, validation or test, got {split!r}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
     source = task.suite if task.shared_inputs else task.name
     rng = random.Random(f"{seed}:{source}:{split}")  # str seeds hash with sha512: stable
-    inputs: dict[str, object] = {}
-    misses = 0
-    while len(inputs) < n and misses < _MAX_MISSES:
-        x = task.draw(rng)
-        key = task.key(x)
-        if key in inputs or split_of(key) != split:
-            misses += 1
-        else:
-            inputs[key] = x
-            misses = 0
-    if len(inputs) < n:
-        raise ValueError(f"task {task.name!r} has only {len(inputs)} distinct {split} inputs, asked {n}")
-    return [task.example(x) for x in inputs.values()]
+    return [task.example(x) for x in draw_distinct(task.draw, task.key, split, n, rng, task.name, _MAX_MISSES)]
 
 
 def reference_answer(example: dict[str, Messages]) -> str:

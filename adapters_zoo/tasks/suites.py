@@ -103,24 +103,30 @@ def sample_input(domain: Domain, split: str, rng: random.Random) -> str:
     raise RuntimeError(f"domain {domain.name!r} yields no {split} inputs")
 
 
-def make_split(task: Task, split: str, n: int, seed: int = 0, eos: str = EOS) -> list[dict[str, str]]:
-    """``n`` distinct examples ``{"prompt", "completion"}`` of ``task`` from ``split``."""
+def draw_distinct(draw, key, split: str, n: int, rng: random.Random, name: str, max_misses: int = _MAX_MISSES) -> list:
+    """``n`` inputs from ``draw(rng)`` with distinct ``key(x)``, all in ``split`` (rejection sampling)."""
     _check_split(split)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    rng = random.Random(f"{seed}:{task.name}:{split}")  # str seeds hash with sha512: stable
-    inputs: dict[str, None] = {}  # ordered set
+    inputs: dict[str, object] = {}  # key -> input, in draw order
     misses = 0
-    while len(inputs) < n and misses < _MAX_MISSES:
-        x = task.domain.sample(rng)
-        if x in inputs or split_of(x) != split:
+    while len(inputs) < n and misses < max_misses:
+        x = draw(rng)
+        k = key(x)
+        if k in inputs or split_of(k) != split:
             misses += 1
         else:
-            inputs[x] = None
+            inputs[k] = x
             misses = 0
     if len(inputs) < n:
-        raise ValueError(f"task {task.name!r} has only {len(inputs)} distinct {split} inputs, asked {n}")
-    return [task.example(x, eos) for x in inputs]
+        raise ValueError(f"task {name!r} has only {len(inputs)} distinct {split} inputs, asked {n}")
+    return list(inputs.values())
+
+
+def make_split(task: Task, split: str, n: int, seed: int = 0, eos: str = EOS) -> list[dict[str, str]]:
+    """``n`` distinct examples ``{"prompt", "completion"}`` of ``task`` from ``split``."""
+    rng = random.Random(f"{seed}:{task.name}:{split}")  # str seeds hash with sha512: stable
+    return [task.example(x, eos) for x in draw_distinct(task.domain.sample, str, split, n, rng, task.name)]
 
 
 # The base must read the key, not guess the op from the input: a base that met stars only

@@ -11,18 +11,13 @@ import json
 import os
 import random
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 import torch
 from safetensors import safe_open
+from server_process import cli_server
 
 from adapters_zoo.bases import BASES, fetch_base
 from adapters_zoo.basis import load_basis
@@ -123,38 +118,10 @@ def test_a_held_out_task_trained_through_the_cli_answers_and_stops(tmp_path, dem
 # --------------------------------------------------------------------------- the demo server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def demo_server(demo_home):
-    port = _free_port()
-    env = {**os.environ, "SPECFUSE_HOME": str(demo_home)}
-    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "demo", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
-        else:
-            pytest.fail("the demo server did not start within 300 s")
+    with cli_server(["demo"], {"SPECFUSE_HOME": str(demo_home)}, timeout=300) as url:
         yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def readme_demo_block() -> str:

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import openai
+from server_process import cli_server
 
 from adapters_zoo.demo_model import save_model
 from adapters_zoo.zoo import ZooSettings, build_zoo
@@ -33,12 +29,6 @@ def test_serve_refuses_a_model_without_a_declared_basis(tmp_path, model, tokeniz
     assert last.startswith("specfuse serve: error:") and "no basis" in last and "specfuse basis" in last
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_runs_a_zoo_over_http(tmp_path):
     """A miniature zoo (the real builder, the char base, tiny sizes), then ``specfuse serve`` in its own process."""
     tiny = ZooSettings(out=tmp_path / "zoo", base="char", suites=("compatible",), kinds=("scale", "rotation"),
@@ -48,21 +38,8 @@ def test_serve_runs_a_zoo_over_http(tmp_path):
                                             num_attention_heads=4, num_key_value_heads=2))
     build_zoo(tiny, home=tmp_path / "home", progress=False)
     model_dir = tmp_path / "zoo" / "base"
-    port = _free_port()
-    env = {**os.environ, "SPECFUSE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", str(model_dir), "--port", str(port)],
-                            env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    env = {"SPECFUSE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    with cli_server(["serve", str(model_dir)], env) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         ids = [m.id for m in client.models.list().data]
         assert ids[0] == "base" and {"reverse_upper-scale", "reverse_upper-rotation"} <= set(ids)
@@ -72,10 +49,3 @@ def test_serve_runs_a_zoo_over_http(tmp_path):
         chat = client.chat.completions.create(model="reverse_upper-scale", max_tokens=4, temperature=0,
                                               messages=[{"role": "user", "content": "abc="}])
         assert chat.choices[0].message.role == "assistant"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
