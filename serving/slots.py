@@ -60,10 +60,6 @@ class MixtureCores:
         tensors = [c for c in self.cores.values() if c is not None] + [t for r in self.residuals.values() for t in r]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    @property
-    def is_identity(self) -> bool:
-        return not self.residuals and all(c is None or not bool(c.any()) for c in self.cores.values())
-
 
 class NoFreeSlot(Exception):
     """Every eligible slot is pinned by a running request (the scheduler waits, never the client)."""
@@ -97,9 +93,6 @@ class SlotTable:
         if mixture.residual_rank and self.residual_slots == 0:
             raise InvalidMixture("the mixture has a residual outside the basis and this server has no residual slots")
 
-    def lookup(self, key: Hashable) -> int | None:
-        return self._lru.get(key)
-
     def acquire(self, mixture: MixtureCores) -> int:
         """Pin the slot holding ``mixture``, writing it into a free slot on a miss."""
         slot = self._lru.get(mixture.key)
@@ -130,15 +123,6 @@ class SlotTable:
         if self.pins[slot] <= 0:
             raise RuntimeError(f"slot {slot} released more often than acquired")
         self.pins[slot] -= 1
-
-    def can_acquire(self, key: Hashable, needs_residual: bool) -> bool:
-        if key in self._lru:
-            return True
-        try:
-            self._victim(needs_residual)
-        except NoFreeSlot:
-            return False
-        return True
 
     def _victim(self, needs_residual: bool) -> int:
         allowed = range(self.residual_slots) if needs_residual else range(self.num_slots)
