@@ -98,18 +98,18 @@ class ServerSettings:
 
 def build_service(settings: ServerSettings):
     """Registry, basis (found by fingerprint), engine, scheduler (started) and service."""
-    from adapters_zoo.registry import Registry
+    from adapters_zoo.registry import Registry, basis_for_model
     from serving.engine import Engine, EngineConfig, load_model_dir
     from serving.metrics import Metrics
     from serving.scheduler import Scheduler, SchedulerConfig
-    from serving.services import Limits, Service, find_basis
+    from serving.services import Limits, Service
 
     registry = Registry(settings.home)
     engine_config = EngineConfig(device=settings.device, dtype=settings.dtype, slots=settings.slots,
                                  residual_slots=min(settings.residual_slots, settings.slots),
                                  mixture_cache_bytes=max(1, int(settings.mixture_cache_mb * (1 << 20))))
     model, tokenizer = load_model_dir(settings.model_dir)
-    engine = Engine(model, tokenizer, find_basis(registry, model), engine_config)
+    engine = Engine(model, tokenizer, basis_for_model(registry, model), engine_config)
     metrics = Metrics()
     scheduler = Scheduler(engine, SchedulerConfig(max_batch=settings.max_batch, max_queue=settings.max_queue),
                           metrics).start()

@@ -30,7 +30,7 @@ from adapters_zoo.errors import (
     PayloadTooLarge,
 )
 from adapters_zoo.format import Adapter, adapter_from_bytes
-from adapters_zoo.registry import Registry, basis_for_model, mixture_pairs
+from adapters_zoo.registry import Registry, mixture_pairs
 from serving.engine import Engine, MixtureSpec
 from serving.generation import SamplingParams
 from serving.metrics import Metrics
@@ -71,7 +71,6 @@ class Job:
     fusion_params: dict[str, Any] | None
 
 
-find_basis = basis_for_model  # the declared basis of a loaded model (BaseNotDeclared if none)
 
 
 class Service:
