@@ -52,9 +52,9 @@ from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from common import RESULTS, SCRATCH, environment, environment_line, set_threads, write_results  # noqa: E402
+from common import RESULTS, SCRATCH, environment, set_threads, write_results  # noqa: E402
+from serving_report import FETCHED, KIND_CORES, goals, markdown, plot  # noqa: E402
 
-FETCHED = {"smollm2": "smollm2-135m-instruct"}  # --base name -> `specfuse base fetch` name
 SHAPES = {  # random-weight Llama shapes (speed does not depend on the weight values)
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=256),
@@ -63,8 +63,6 @@ SHAPES = {  # random-weight Llama shapes (speed does not depend on the weight va
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),  # TinyLlama-1.1B shape
 }
-GOALS = {"diagonal": 1.15, "dense": 1.25, "flat": 0.05}  # issue 16: time per token vs base; spread of cached rows
-KIND_CORES = {"scale": "diagonal", "rotation": "dense"}
 
 
 @dataclass
@@ -546,136 +544,9 @@ def flop_ratio(basis, model) -> dict[str, float]:
             "ratio_to_model": round(extra / (target + head), 4)}
 
 
-def goals(rows: list[Row]) -> dict:
-    """Issue 16's goals, read off the rows (None where the run has no such row)."""
-    step = {r.kind: r for r in rows if r.config.startswith("step:")}
-    out = {}
-    for kind, cores in KIND_CORES.items():
-        served = [r.ratio for r in rows if r.kind == kind and r.config in ("one", "cached")]
-        out[cores] = {"goal": GOALS[cores], "step_ratio": step[kind].ratio if kind in step else None,
-                      "step_cpu_ratio": step[kind].cpu_ratio if kind in step else None,
-                      "served_ratio_median": round(statistics.median(served), 3) if served else None}
-        cached = [r for r in rows if r.kind == kind and r.config == "cached"]  # ratios: the base drifts with the load
-        out[f"{cores}_cached_spread"] = spread([r.ratio for r in cached])
-        out[f"{cores}_cached_cpu_spread"] = spread([r.cpu_ratio for r in cached])
-    out["noise"] = {"base_runs_spread": spread([r.ratio for r in rows if r.config == "base"]),  # no adapter at all
-                    "base_runs_cpu_spread": spread([r.cpu_ratio for r in rows if r.config == "base"])}
-    fuse = [r.fuse_ms_per_mixture for r in rows if r.fuse_ms_per_mixture is not None]
-    out["fuse_ms_per_mixture"] = {"min": min(fuse), "max": max(fuse)} if fuse else None
-    return out
-
-
-def spread(values: list[float]) -> float | None:
-    """max / min - 1 over the rows that should be equal (None for fewer than two)."""
-    return round(max(values) / min(values) - 1, 3) if len(values) > 1 else None
-
-
 def line(row: Row) -> str:
     return (f"{row.config:13s} {row.kind:8s} N={row.n_adapters:<4d} m={row.m:<2d} {row.tokens_per_s:8.1f} tok/s "
             f"{row.cpu_ms_per_token:7.1f} CPU ms/token  p50 {row.p50_s:6.2f}s  load {row.load_average}")
-
-
-def _fmt(x, spec: str) -> str:
-    return "–" if x is None else format(x, spec)
-
-
-def markdown(result: dict) -> str:
-    s, model, machine, g = result["settings"], result["model"], result["machine"], result["goals"]
-    name = "SmolLM2-135M-Instruct (fetched)" if s["base"] in FETCHED else f"random-weight Llama ({s['base']} shape)"
-    lines = [
-        f"# Serving speed: {name}, {s['device']}",
-        "",
-        f"Command: `{result['command']}`  ",
-        f"Machine: {environment_line(result['environment'])}; {machine['threads']} torch thread(s), "
-        f"OMP_WAIT_POLICY={machine['omp_wait_policy']}; load average {machine['load_average_at_start']} at the start,"
-        f" {machine['load_average_at_end']} at the end ({machine['logical_cpus']} logical CPUs: other jobs shared "
-        "the machine when the load exceeds the threads used).",
-        "",
-        f"Model: {model['parameters'] / 1e6:.1f}M parameters, hidden {model['hidden_size']}, {model['layers']} layers, "
-        f"{model['target_layers']} target layers, basis k={s['k']}. {s['requests']} concurrent requests of "
-        f"{s['prompt_tokens']} prompt tokens, {s['max_tokens']} generated tokens each (greedy, eos ignored), all at "
-        f"t=0, through the server's Service + Scheduler + Engine with its default configuration. The adapter math "
-        f"is {result['adapter_flops']['ratio_to_model']:.1%} of the model's matmul FLOPs "
-        f"({result['adapter_flops']['ratio_to_target_layers']:.1%} of the target layers').",
-        "",
-        "Ratio = time per token over the base model's (1.00 = free): `step:` rows, the median of per-step ratios "
-        "(each step beside a base step); engine rows, against the base runs just before and after (listed); the "
-        "others, against the mean of every engine base run. `cpu` = the same on the CPU time of the thread that "
-        "runs the model (the scheduler's, which excludes fusing new mixtures), which other jobs on the machine "
-        "disturb less than wall time.",
-        "",
-        "## Goals (issue 16)",
-        "",
-    ]
-    for cores in ("diagonal", "dense"):
-        d = g[cores]
-        lines.append(f"- {cores} cores (≤ {d['goal']}×): decode step {_fmt(d['step_ratio'], '.3f')}× "
-                     f"(cpu {_fmt(d['step_cpu_ratio'], '.3f')}×); served (one + cached rows, median) "
-                     f"{_fmt(d['served_ratio_median'], '.3f')}×; spread of the cached rows' ratios over N and m "
-                     f"{_fmt(g[f'{cores}_cached_spread'], '.1%')} (wall), "
-                     f"{_fmt(g.get(f'{cores}_cached_cpu_spread'), '.1%')} (CPU) (goal ≤ {GOALS['flat']:.0%}).")
-    if g.get("noise"):
-        lines.append(f"- Noise floor: the base runs against the base runs beside them spread "
-                     f"{_fmt(g['noise']['base_runs_spread'], '.1%')} (wall), "
-                     f"{_fmt(g['noise']['base_runs_cpu_spread'], '.1%')} (CPU) with no adapter at all; a spread of "
-                     "the cached rows below that is flat within what this machine can resolve.")
-    if g["fuse_ms_per_mixture"]:
-        lines.append(f"- A new mixture's resolve + fuse, off the decode thread: {g['fuse_ms_per_mixture']['min']}–"
-                     f"{g['fuse_ms_per_mixture']['max']} ms per mixture (by N and m: the `new` rows).")
-    lines += [
-        "",
-        "| # | config | kind | N | m | tokens/s | ratio | cpu ratio | p50 s | p99 s | TTFT p50 s | TTFT p99 s | "
-        "CPU ms/token | load | fuse ms/mixture | vs base rows | note |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
-    ]
-    for i, r in enumerate(result["rows"]):
-        lines.append(
-            f"| {i} | {r['config']} | {r['kind'] or '–'} | {r['n_adapters']} | {r['m']} | {r['tokens_per_s']:.1f} | "
-            f"{r['ratio']:.2f} | {r['cpu_ratio']:.2f} | {r['p50_s']:.3f} | {r['p99_s']:.3f} | "
-            f"{_fmt(r['ttft_p50_s'], '.3f')} | {_fmt(r['ttft_p99_s'], '.3f')} | {r['cpu_ms_per_token']:.1f} | "
-            f"{r['load_average']} | {_fmt(r['fuse_ms_per_mixture'], '.1f')} | "
-            f"{','.join(str(i) for i in r['base_runs']) or '–'} | {r['note']} |")
-    lines += [
-        "",
-        "- **step:** one decode step of every request's row together; `scale` rows each on their own diagonal "
-        "mixture (the elementwise path), `rotation` rows on dense k×k cores (the gathered path).",
-        "- **base / one / new / cached**: whole runs through the scheduler (prefill, decode, sampling, text): "
-        "`vs base rows` are the rows (#) of the base runs each is compared to.",
-        "- **hf:base / peft / merge**: transformers `generate`; PEFT holds the N LoRA adapters and routes each row "
-        "to one (`adapter_names=`); merge folds each request's mixture into the dense weights and generates alone.",
-        f"- Setup: basis {result['setup_seconds']['basis']} s, registering adapters "
-        f"{result['setup_seconds']['register_adapters']} s; whole run {result['total_seconds']} s.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def plot(result: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["rows"]
-    labels = [f"{r['config']} {r['kind']} N={r['n_adapters']} m={r['m']}".replace("  ", " ") for r in rows]
-    fig, ax = plt.subplots(figsize=(9, 0.28 * len(rows) + 1.5))
-    colors = ["#999" if r["config"] in ("base", "step:base", "hf:base") else
-              "#4c72b0" if r["kind"] == "scale" and r["config"] not in ("peft", "merge") else
-              "#dd8452" if r["kind"] == "rotation" else "#c44e52" for r in rows]
-    ax.barh(range(len(rows)), [r["ratio"] for r in rows], color=colors)
-    ax.set_yticks(range(len(rows)), labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    for goal, style in ((GOALS["diagonal"], "--"), (GOALS["dense"], ":")):
-        ax.axvline(goal, color="k", linestyle=style, linewidth=0.8)
-    ax.axvline(1.0, color="k", linewidth=0.8)
-    ax.set_xlabel("time per token / base model's (log; dashed 1.15 diagonal goal, dotted 1.25 dense goal)")
-    ax.set_title(f"Serving overhead vs base, {result['model']['base']} on {result['settings']['device']}, "
-                 f"{result['machine']['threads']} thread(s)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def settings_for(base: str, device: str, quick: bool, threads: int) -> Settings:
