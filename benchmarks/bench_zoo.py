@@ -35,7 +35,8 @@ def plot(report: dict, path: Path) -> None:
     base = [next(e["base_accuracy"] for e in entries if e["task"] == t) for t in tasks]
     ax.bar([i - 0.4 + width / 2 for i in range(len(tasks))], base, width, label="base", color="0.6")
     for j, kind in enumerate(kinds):
-        acc = [next((e["accuracy"] for e in entries if e["task"] == t and e["kind"] == kind), 0.0) for t in tasks]
+        acc = [next((e["accuracy"] for e in entries if e["task"] == t and e["kind"] == kind), float("nan"))
+               for t in tasks]  # nan: not trained yet, no bar
         ax.bar([i - 0.4 + width * (j + 1.5) for i in range(len(tasks))], acc, width, label=kind)
     ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
