@@ -101,7 +101,7 @@ class ZooSettings:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
-        chat = self.base != CHAR_BASE
+        chat = self.chat
         if self.suites is None:
             self.suites = tuple(CHAT_SUITES) if chat else ("conflicting", "compatible")
         self.suites = tuple(self.suites)
@@ -248,6 +248,8 @@ def score(settings: ZooSettings, model, tokenizer, task, examples: list[dict]) -
 
 def _row_key(settings: ZooSettings, kind: str, data: str) -> dict[str, Any]:
     """What a finished row depends on: a resumed build reuses a row only when all of it matches."""
+    if kind == "base":  # the base model's accuracy: no training settings
+        return {"base": settings.base, "seed": settings.seed, "n_eval": settings.n_eval, "data": data}
     kind_config, lr = KIND_SETTINGS.get(kind, ({"rank": PEFT_RANK, "alpha": PEFT_ALPHA}, PEFT_LR))
     return {"base": settings.base, "seed": settings.seed, "rank": settings.rank, "steps": settings.steps,
             "batch_size": settings.batch_size, "n_train": settings.n_train, "n_eval": settings.n_eval,
@@ -350,7 +352,8 @@ def _base_accuracy(settings: ZooSettings, suite: str, task, model, tokenizer, te
     return accuracy
 
 
-def _register(registry, path: Path, name: str, suite: str, task: str, kind: str, accuracy: float) -> None:
+def register_once(registry, path: Path, name: str, **fields) -> None:
+    """``registry.add(path, name, **fields)`` unless ``name``'s latest version already has these bytes (a rerun)."""
     from adapters_zoo.registry.store import sha256_file
 
     try:
@@ -358,9 +361,13 @@ def _register(registry, path: Path, name: str, suite: str, task: str, kind: str,
     except AdapterNotFound:
         current = None
     if current is not None and current.sha256 == sha256_file(path)[0]:
-        return  # a resumed build: already registered
-    registry.add(path, name, tags=("zoo", suite, task, kind), metrics={"test_exact_match": accuracy},
-                 description=f"{kind} adapter for the {suite} task {task}")
+        return
+    registry.add(path, name, **fields)
+
+
+def _register(registry, path: Path, name: str, suite: str, task: str, kind: str, accuracy: float) -> None:
+    register_once(registry, path, name, tags=("zoo", suite, task, kind), metrics={"test_exact_match": accuracy},
+                  description=f"{kind} adapter for the {suite} task {task}")
 
 
 def _build_peft(settings: ZooSettings, suite: str, task, model, tokenizer, train, test, base_accuracy) -> ZooEntry:

@@ -99,17 +99,10 @@ def _zoo_adapters(zoo: Path) -> list[DemoAdapter]:
 
 
 def _register(registry, adapter: DemoAdapter) -> None:
-    from adapters_zoo.errors import AdapterNotFound
-    from adapters_zoo.registry.store import sha256_file
+    from adapters_zoo.zoo import register_once
 
-    try:
-        current = registry.get(adapter.name)
-    except AdapterNotFound:
-        current = None
-    if current is not None and current.sha256 == sha256_file(adapter.path)[0]:
-        return
-    registry.add(adapter.path, adapter.name, tags=("demo", adapter.suite, DEMO_KIND),
-                 description=f"demo {DEMO_KIND} adapter for the {adapter.suite} task {adapter.name}")
+    register_once(registry, adapter.path, adapter.name, tags=("demo", adapter.suite, DEMO_KIND),
+                  description=f"demo {DEMO_KIND} adapter for the {adapter.suite} task {adapter.name}")
 
 
 def write_shipped(zoo: Path, out: Path = SHIPPED) -> dict:
