@@ -2,113 +2,271 @@
 
 The paper (https://arxiv.org/abs/2505.23099) finds that full fine-tuning mostly amplifies
 the top singular values of each weight, reorients the top singular vectors and leaves the
-rest of the spectrum stable. This script checks that on the demo base:
+rest of the spectrum stable. This script checks that on a real fine-tune:
 
-1. pretrain the demo base (``adapters_zoo.demo_model.pretrain_base``, cached);
-2. for each task, write its train split as JSON Lines, fully fine-tune a copy of the base
-   on it (AdamW, every parameter, loss on the completion), save it;
-3. ``adapters_zoo.analysis.analyze(base, tuned)`` on every linear layer; exact match on the
-   test split before and after, so we know the fine-tune learned the task.
+1. the base: SmolLM2-135M-Instruct (``specfuse base fetch``; default), or the toy char base
+   (``--base char``: the demo base, pretrained here and cached);
+2. for each task (chat tasks of :mod:`adapters_zoo.tasks.chat` on the real base, string ops
+   on the char base) and learning rate, fully fine-tune a copy of the base on its train split
+   (AdamW on every parameter, the loss on the answer only: the assistant turn, or the
+   completion), with :func:`adapters_zoo.train.optimize`, and save it;
+3. test accuracy before and after (the task's checker, greedy decoding), so we know the
+   fine-tune learned the task; ``adapters_zoo.analysis_report.analyze(base, tuned)`` on every
+   linear layer (q, k, v, o, gate, up, down of every block).
 
-Writes benchmarks/results/spectra.md, spectra.json, spectra.png, and one full analysis
-report per run (task × learning rate) under benchmarks/results/spectra/<run>/. Checkpoints
-go to benchmarks/results/tmp/ (ignored by git). 9 fine-tunes take about 5 minutes on 2 busy
-CPU cores, plus 2.5 minutes to pretrain the base the first time (cached after):
+Writes ``benchmarks/results/smollm2/spectra.{md,json,png}`` (the char base:
+``benchmarks/results/spectra.*``) and each run's report (Markdown and plots) under
+``spectra/<run>/`` beside them. Checkpoints, the full per-layer reports and the per-run cache
+live in ``benchmarks/results/tmp/`` (ignored by git); a rerun reuses every finished fine-tune.
 
-    python benchmarks/bench_spectra.py
+    python benchmarks/bench_spectra.py            # real base, 3 tasks
+    python benchmarks/bench_spectra.py --quick    # one task, 6 steps, two blocks analysed: minutes
+    python benchmarks/bench_spectra.py --base char
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
-import random
+import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 # On a busy machine, spinning OpenMP threads make a 2-thread run up to 10x slower (measured);
 # must be set before torch starts its thread pool.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from common import RESULTS, SCRATCH, environment, environment_line, set_threads  # noqa: E402
 
 from adapters_zoo.analysis_report import analyze, markdown_table, write_report  # noqa: E402
-from adapters_zoo.demo_model import QUICK_STEPS, pretrain_base, save_model  # noqa: E402
-from adapters_zoo.tasks import evaluate, make_split, suite_tasks, write_jsonl  # noqa: E402
-from adapters_zoo.train import encode_example, load_examples, load_model_dir, pad_batch  # noqa: E402
+from adapters_zoo.train import (  # noqa: E402
+    Batches,
+    Schedule,
+    completion_logits,
+    completion_loss_sum,
+    encode_examples,
+    load_model_dir,
+    optimize,
+    pad_batch,
+    pad_id_of,
+)
 
-RESULTS = Path(__file__).resolve().parent / "results"
-# Conflicting suite: one input kind (lowercase strings), three unrelated skills.
-DEFAULT_TASKS = ("reverse", "cipher", "sort")
+REAL_BASE = "smollm2-135m-instruct"
+CHAR_BASE = "char"
+MAX_LENGTH = 256  # chat examples are < 160 tokens, string-op examples < 40
 SHARE_KS = (1, 4, 8, 16, 32, 64)  # where the md table reads the share curves
-MAX_LENGTH = 256  # task sequences are < 40 tokens
+PROFILE_MID = (4, 6)  # profile bins averaged as "the middle of the spectrum"
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _batch(tokenizer, examples: list[dict[str, str]]) -> dict[str, torch.Tensor]:
-    """Prompt+completion, right padded; labels only on the completion (eos included), as `specfuse train`."""
-    rows = [encode_example(tokenizer, ex, MAX_LENGTH)[:2] for ex in examples]
-    return pad_batch(rows, tokenizer.pad_token_id, "cpu")
+@dataclass
+class Settings:
+    base: str = REAL_BASE
+    tasks: tuple[str, ...] = ("order_date_iso", "phone_digits", "job_upper")
+    lrs: tuple[float, ...] = (1e-5,)
+    steps: int = 30
+    batch_size: int = 8
+    n_train: int = 240  # steps × batch: each example seen once
+    n_test: int = 50
+    top: int = 32  # top-k directions: the zoo's basis k
+    seed: int = 0
+    threads: int = 2
+    blocks: tuple[int, ...] | None = None  # blocks analysed (None: every block); quick: the first and last
+    max_new_tokens: int = 48
+    model_dir: Path | None = None  # a model directory instead of fetching ``base`` (tests: a tiny model)
+    bases_home: Path | None = None
+    work: Path | None = None  # checkpoints and cache; None: benchmarks/results/tmp/spectra-{base}
+    out: Path | None = None  # None: benchmarks/results/smollm2 (char: benchmarks/results)
+    stem: str = "spectra"
+
+    @classmethod
+    def for_base(cls, base: str, quick: bool, **overrides) -> Settings:
+        """Defaults per base; ``quick``: one task, a few steps, the first and last block analysed."""
+        s = cls(base=base)
+        if base == CHAR_BASE:
+            s.tasks, s.lrs, s.steps, s.batch_size, s.n_train, s.n_test, s.top = (
+                ("reverse", "cipher", "sort"), (1e-4, 3e-4, 1e-3), 300, 32, 2000, 100, 16)
+        if quick:
+            s.tasks, s.lrs, s.steps, s.batch_size, s.n_train, s.n_test = s.tasks[:1], s.lrs[:1], 6, 4, 24, 8
+            s.top, s.blocks, s.stem = min(s.top, 16), (0, -1), "spectra_quick"
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(s, key, value)
+        s.work = Path(s.work) if s.work else SCRATCH / f"spectra-{base}"
+        s.out = Path(s.out) if s.out else (RESULTS if base == CHAR_BASE else RESULTS / "smollm2")
+        return s
 
 
-def full_finetune(base_dir: Path, data: Path, out_dir: Path, lr: float, args) -> dict:
-    """Every parameter trained with AdamW on ``data`` (JSONL); saves the tuned model in ``out_dir``."""
-    model, tokenizer = load_model_dir(base_dir, "cpu")
-    model.train()
-    torch.manual_seed(args.seed)
-    examples = load_examples(data)
-    rng = random.Random(args.seed)
-    # weight_decay 0: decay shrinks every σ alike and would blur "which σ moved"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    losses = []
-    start = time.perf_counter()
-    for step in range(args.steps):
-        for group in optimizer.param_groups:  # linear warmup over the first 10%, then constant
-            group["lr"] = lr * min(1.0, (step + 1) / max(1, args.steps // 10))
-        loss = model(**_batch(tokenizer, rng.sample(examples, args.batch_size))).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-    seconds = time.perf_counter() - start
-    save_model(model.eval(), tokenizer, out_dir)
-    return {"first_loss": statistics.fmean(losses[:10]), "last_loss": statistics.fmean(losses[-10:]),
-            "seconds": round(seconds, 1)}  # fmt: skip
+# ---------------------------------------------------------------- the base and its tasks
 
 
-def exact_match(model_dir: Path, examples: list[dict[str, str]]) -> float:
+@dataclass
+class TaskFamily:
+    """What differs between the two bases' tasks: how a task is found, split and scored."""
+
+    task: Callable[[str], Any]
+    split: Callable[[Any, str, int, int], list[dict]]
+    score: Callable[[Any, Any, Any, list[dict]], float]  # (model, tokenizer, task, examples) -> accuracy
+
+
+def task_family(settings: Settings) -> TaskFamily:
+    if settings.base == CHAR_BASE:
+        from adapters_zoo.tasks import evaluate, make_split, suite_tasks
+
+        tasks = {t.name: t for t in suite_tasks("conflicting")}
+        return TaskFamily(tasks.__getitem__, make_split, lambda model, tok, task, ex: evaluate(model, tok, ex))
+    from adapters_zoo.tasks.chat import chat_task, evaluate_chat, make_chat_split
+
+    return TaskFamily(chat_task, make_chat_split, lambda model, tok, task, ex: evaluate_chat(
+        model, tok, task, ex, settings.max_new_tokens))
+
+
+def base_dir(settings: Settings) -> Path:
+    if settings.model_dir is not None:
+        return Path(settings.model_dir)
+    if settings.base == CHAR_BASE:
+        from adapters_zoo.demo_model import QUICK_STEPS, pretrain_base
+
+        return pretrain_base(settings.work / "base", seed=settings.seed, steps=QUICK_STEPS)
+    from adapters_zoo.bases import fetch_base
+
+    return fetch_base(settings.base, settings.bases_home, progress=False).path
+
+
+def analysed_targets(model_dir: Path, blocks: tuple[int, ...] | None) -> list[str] | None:
+    """Layer names of ``blocks`` (negative: from the end); None = every linear layer."""
+    if blocks is None:
+        return None
+    n = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    return [f"layers.{b % n}.{m}" for b in dict.fromkeys(b % n for b in blocks) for m in MODULES]
+
+
+# ---------------------------------------------------------------- fine-tune, score, analyse
+
+
+def full_finetune(model_dir: Path, examples: list[dict], out_dir: Path, lr: float, settings: Settings) -> dict:
+    """Every parameter trained with AdamW on ``examples`` (loss on the answer); saves the model in ``out_dir``."""
     model, tokenizer = load_model_dir(model_dir, "cpu")
-    return evaluate(model, tokenizer, examples)
+    model.train()  # SmolLM2 and the char base have no dropout: train mode changes nothing but intent
+    model.requires_grad_(True)
+    torch.manual_seed(settings.seed)
+    rows = [row[:2] for row in encode_examples(tokenizer, examples, MAX_LENGTH)]
+    batches = Batches(rows, settings.batch_size, torch.Generator().manual_seed(settings.seed))
+    pad_id = pad_id_of(tokenizer)
+    step_seconds: list[float] = []
+    clock = [time.perf_counter()]
+
+    def loss_fn(step: int) -> torch.Tensor:
+        batch = pad_batch(batches.next(), pad_id, "cpu")
+        loss_sum, count = completion_loss_sum(completion_logits(model, batch), batch["labels"])
+        return loss_sum / max(count, 1)
+
+    def on_step(step: int, loss: float) -> None:
+        now = time.perf_counter()
+        step_seconds.append(now - clock[0])
+        clock[0] = now
+
+    # weight decay 0: decay shrinks every σ alike and would blur "which σ moved"
+    losses = optimize(model.parameters(), loss_fn, Schedule.with_warmup_ratio(settings.steps, lr, 0.1),
+                      on_step=on_step)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval().save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    window = max(1, min(10, len(losses) // 3))
+    return {"first_loss": statistics.fmean(losses[:window]), "last_loss": statistics.fmean(losses[-window:]),
+            "seconds": round(sum(step_seconds), 1), "seconds_per_step": round(statistics.median(step_seconds), 2)}
 
 
-def run_one(task, lr: float, base_dir: Path, before: float, args) -> dict:
-    """Fine-tune ``task`` at ``lr``, score it, analyse base vs tuned; writes the run's full report."""
-    name = f"{task.name}-lr{lr:g}"
-    data = args.work / "data" / f"{task.name}.train.jsonl"
-    if not data.is_file():
-        write_jsonl(data, make_split(task, "train", args.n_train, args.seed))
-    tuned_dir = args.work / f"tuned-{name}"
-    print(f"[{name}] full fine-tune: {args.steps} steps", file=sys.stderr)
-    train = full_finetune(base_dir, data, tuned_dir, lr, args)
-    after = exact_match(tuned_dir, make_split(task, "test", args.n_test, args.seed))
-    result = analyze(base_dir, tuned_dir, top_k=args.top, progress=False)
-    write_report(result, RESULTS / "spectra" / name)
+def accuracy(model_dir: Path, family: TaskFamily, task, examples: list[dict]) -> float:
+    model, tokenizer = load_model_dir(model_dir, "cpu")
+    return family.score(model, tokenizer, task, examples)
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cached(path: Path, key: dict) -> dict | None:
+    """The record at ``path`` if it was made with ``key``, else None (a changed setting reruns)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record["value"] if record.get("key") == key else None
+
+
+def _store(path: Path, key: dict, value: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "value": value}, indent=1))
+    tmp.replace(path)
+
+
+def before_accuracy(model_dir: Path, family: TaskFamily, name: str, test: list[dict], settings: Settings) -> float:
+    key = {"model": str(model_dir), "test": _digest(test), "max_new_tokens": settings.max_new_tokens}
+    path = settings.work / "cache" / f"before-{name}.json"
+    done = _cached(path, key)
+    if done is None:
+        done = {"accuracy": accuracy(model_dir, family, family.task(name), test)}
+        _store(path, key, done)
+    return done["accuracy"]
+
+
+def run_one(name: str, lr: float, model_dir: Path, family: TaskFamily, settings: Settings) -> dict:
+    """Fine-tune task ``name`` at ``lr``, score it, analyse base vs tuned (cached per run)."""
+    run = f"{name}-lr{lr:g}"
+    task = family.task(name)
+    train = family.split(task, "train", settings.n_train, settings.seed)
+    test = family.split(task, "test", settings.n_test, settings.seed)
+    targets = analysed_targets(model_dir, settings.blocks)
+    key = {"model": str(model_dir), "lr": lr, "steps": settings.steps, "batch_size": settings.batch_size,
+           "seed": settings.seed, "train": _digest(train), "test": _digest(test), "top": settings.top,
+           "targets": targets, "max_new_tokens": settings.max_new_tokens}
+    cache = settings.work / "cache" / f"run-{run}.json"
+    done = _cached(cache, key)
+    if done is not None:
+        return done
+    before = before_accuracy(model_dir, family, name, test, settings)
+    tuned_dir = settings.work / f"tuned-{run}"
+    train_key = {k: key[k] for k in ("model", "lr", "steps", "batch_size", "seed", "train")}
+    stats = _cached(tuned_dir / "train.json", train_key)
+    if stats is None:
+        print(f"[{run}] full fine-tune: {settings.steps} steps of batch {settings.batch_size}", file=sys.stderr)
+        stats = full_finetune(model_dir, train, tuned_dir, lr, settings)
+        _store(tuned_dir / "train.json", train_key, stats)
+    after = accuracy(tuned_dir, family, task, test)
+    print(f"[{run}] accuracy {before:.2f} -> {after:.2f}; analysing", file=sys.stderr)
+    result = analyze(model_dir, tuned_dir, top_k=settings.top, targets=targets, progress=False)
+    report_dir = settings.work / "reports" / run
+    written = write_report(result, report_dir)
+    shown = settings.out / settings.stem / run  # the report and plots; the per-layer JSON stays in work
+    shown.mkdir(parents=True, exist_ok=True)
+    for path in written.values():
+        if path.suffix in (".md", ".png"):
+            shutil.copyfile(path, shown / path.name)
     layers = list(result["layers"].values())
-    return {
-        "run": name, "task": task.name, "lr": lr, "prompt": task.prompt("abc"), "train": train,
-        "exact_match": {"before": before, "after": after}, "summary": result["summary"],
-        "share_curve": _mean_share_curve(layers),
+    record = {
+        "run": run, "task": name, "lr": lr, "train": stats, "accuracy": {"before": before, "after": after},
+        "n_layers": len(layers), "shapes": sorted({tuple(lay["shape"]) for lay in layers}),
+        "summary": result["summary"], "share_curve": _mean_share_curve(layers),
         "ratio_profile": _mean_rows([lay["sigma_ratio_profile"] for lay in layers]),
         "angles_left_deg": _mean_rows([lay["angles_left_deg"] for lay in layers]),
         "angles_right_deg": _mean_rows([lay["angles_right_deg"] for lay in layers]),
     }  # fmt: skip
+    _store(cache, key, record)
+    return json.loads(json.dumps(record))  # as a cached record reads back (tuples become lists)
 
 
 def _mean_rows(rows: list[list]) -> list[float]:
-    """Column means over layers (None skipped); layers here all have the same length."""
+    """Column means over layers (None skipped), over the columns every layer has."""
     return [statistics.fmean(v for v in col if v is not None) for col in zip(*rows)]
 
 
@@ -128,8 +286,8 @@ def _mean_share_curve(layers: list[dict]) -> dict[str, dict[int, float]]:
 # ---------------------------------------------------------------- report
 
 
-def _m(run: dict, metric: str, stat: str = "mean"):
-    s = run["summary"]["all"].get(metric)
+def _m(run: dict, metric: str, stat: str = "mean", group: str | None = None):
+    s = (run["summary"]["by_type"][group] if group else run["summary"]["all"]).get(metric)
     return s[stat] if s else None
 
 
@@ -139,9 +297,63 @@ def _f(v, digits: int = 3) -> str:
     return str(int(v)) if isinstance(v, int) or float(v).is_integer() and abs(v) >= 1 else f"{v:.{digits}g}"
 
 
-def markdown(runs: list[dict], args, seconds: float) -> str:
-    k = args.top
-    lrs = ", ".join(f"{lr:g}" for lr in args.lrs)
+def _span(values: list[float], digits: int = 3) -> str:
+    lo, hi = min(values), max(values)
+    return _f(lo, digits) if _f(lo, digits) == _f(hi, digits) else f"{_f(lo, digits)}–{_f(hi, digits)}"
+
+
+def _curve(run: dict, name: str, k: int):
+    return run["share_curve"][name].get(str(k), run["share_curve"][name].get(k))
+
+
+def verdict(runs: list[dict], k: int) -> list[str]:
+    """Numbers, not adjectives: each claim's measurement over all runs (min–max)."""
+
+    def over(metric: str, stat: str = "mean") -> list[float]:
+        return [_m(r, metric, stat) for r in runs]
+
+    first = [r["ratio_profile"][0] for r in runs]
+    middle = [statistics.fmean(r["ratio_profile"][PROFILE_MID[0] : PROFILE_MID[1]]) for r in runs]
+    last = [r["ratio_profile"][-1] for r in runs]
+    concentration = [_m(r, "share.two_sided") / _m(r, "share_random.two_sided") for r in runs]
+    k90, own90 = over("k_for_share.0.9", "median"), over("delta_rank_for_share.0.9", "median")
+    top_rel, tail_rel = over("sigma.top_rel_change"), over("sigma.tail_rel_change")
+    gaps = [a - b for a, b in zip(over("sigma.top_ratio_mean"), over("sigma.tail_ratio_mean"))]
+    amplified = min(gaps) > 0 and min(over("sigma.top_amplified_frac")) > 0.5
+    left, right = over("angles.left_mean"), over("angles.right_mean")
+    return [
+        f"Amplification ({'holds' if amplified else 'does not hold'}): the top-{k} singular values change by a "
+        f"mean factor {_span(over('sigma.top_ratio_mean'), 4)}, the rest by {_span(over('sigma.tail_ratio_mean'), 4)}; "
+        f"{_span(over('sigma.top_amplified_frac'), 2)} of the top-{k} grow. By tenth of the spectrum: first "
+        f"{_span(first, 4)}, middle {_span(middle, 4)}, last {_span(last, 4)}. Relative change of σ: top-{k} "
+        f"{_span(top_rel, 2)}, rest {_span(tail_rel, 2)}.",
+        f"Where ΔW lives: the top-{k} × top-{k} block holds {_span(over('share.two_sided'), 2)} of ‖ΔW‖² "
+        f"({_span(concentration, 2)}× a random ΔW); one-sided {_span(over('share.left'), 2)} (left) and "
+        f"{_span(over('share.right'), 2)} (right). 90% of ‖ΔW‖² needs k ≈ {_span(k90)} base directions "
+        f"(two-sided, median over layers), while ΔW itself has 90% of its energy in rank {_span(own90)}.",
+        f"Reorientation: mean principal angle between the base and tuned top-{k} subspaces {_span(left, 2)}° "
+        f"(left), {_span(right, 2)}° (right), largest {_span(over('angles.left_max', 'max'), 2)}°; the first "
+        f"singular vectors turn by {_span(over('angles.left_vec_first'), 2)}° (u_1) and "
+        f"{_span(over('angles.right_vec_first'), 2)}° (v_1); ‖ΔW‖₂ / (σ_k − σ_k+1) "
+        f"{_span(over('gap.delta_over_gap', 'median'), 2)} (median over layers).",
+    ]
+
+
+def _setup_line(record: dict) -> str:
+    s, runs = record["settings"], record["runs"]
+    shapes = ", ".join("×".join(map(str, sh)) for sh in runs[0]["shapes"])
+    base = ("the toy char base (Llama, hidden 128, 4 layers, pretrained here)" if s["base"] == CHAR_BASE
+            else f"`{s['base']}`")
+    return (f"Setup: {base} fully fine-tuned on one task at a time: AdamW on every parameter (lr "
+            f"{', '.join(f'{x:g}' for x in s['lrs'])}; 10% linear warmup, then cosine to 0; no weight decay; "
+            f"gradient clip 1), {s['steps']} steps of batch {s['batch_size']} from {s['n_train']} train examples "
+            f"(each seen about once), loss on the answer only. Accuracy on {s['n_test']} test examples (greedy, "
+            f"the task's checker). {runs[0]['n_layers']} linear layers analysed (shapes {shapes}) with "
+            f"`adapters_zoo.analysis_report.analyze`, top_k = {s['top']}. Total {record['seconds'] / 60:.1f} min.")
+
+
+def markdown(record: dict) -> str:
+    runs, k = record["runs"], record["settings"]["top"]
     mid = PROFILE_MID
     lines = [
         "# Spectra of full fine-tuning (SpecLoRA's claim, arXiv 2505.23099)",
@@ -149,24 +361,11 @@ def markdown(runs: list[dict], args, seconds: float) -> str:
         "Claim tested (https://arxiv.org/abs/2505.23099): full fine-tuning mostly amplifies the top singular "
         "values, reorients the top singular vectors, and leaves the rest of the spectrum stable.",
         "",
-        f"Setup: the demo base (Llama, hidden 128, 4 layers, {args.pretrain_steps} pretraining steps on every op "
-        f"under its own key) fully fine-tuned on one task at a time (a new prefix for a known op): AdamW "
-        f"(lr {lrs}; 10% warmup, then constant; no weight decay; grad clip 1), {args.steps} steps of batch "
-        f"{args.batch_size} from {args.n_train} train examples. All 28 linear layers (q,k,v,o,gate,up,down × 4; "
-        f"rank 128) analysed with `adapters_zoo.analysis.analyze`, top_k = {k}. "
-        f"Total {seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads.",
+        _setup_line(record),
         "",
-        "Reproduce: `python benchmarks/bench_spectra.py` (defaults: "
-        + " ".join(
-            f"--{a} {v}"
-            for a, v in (
-                ("steps", args.steps),
-                ("lrs", ",".join(f"{x:g}" for x in args.lrs)),
-                ("top", k),
-                ("seed", args.seed),
-            )
-        )  # fmt: skip
-        + ")",
+        f"Hardware: {environment_line(record['environment'])}. Seed {record['settings']['seed']}.",
+        "",
+        f"Reproduce: `{record['command']}`",
         "",
         "## Verdict",
         "",
@@ -176,17 +375,17 @@ def markdown(runs: list[dict], args, seconds: float) -> str:
         "",
     ]
     lines += markdown_table(
-        ["run", "prompt", "exact match before → after", "loss first → last", "‖ΔW‖/‖W‖ (mean)"],
-        [[r["run"], f"`{r['prompt']}`", f"{r['exact_match']['before']:.2f} → {r['exact_match']['after']:.2f}",
-          f"{r['train']['first_loss']:.3f} → {r['train']['last_loss']:.4f}", _f(_m(r, "rel_delta"))]
-         for r in runs],
+        ["run", "accuracy before → after", "loss first → last", "s / step", "‖ΔW‖/‖W‖ (mean)"],
+        [[r["run"], f"{r['accuracy']['before']:.2f} → {r['accuracy']['after']:.2f}",
+          f"{r['train']['first_loss']:.3f} → {r['train']['last_loss']:.4f}", _f(r["train"]["seconds_per_step"]),
+          _f(_m(r, "rel_delta"))] for r in runs],
     )  # fmt: skip
     lines += [
         "",
         "## Singular values: amplified at the top, stable in the rest?",
         "",
         f"σ_tuned[i]/σ_base[i] by index, mean over layers: top-{k}, the rest, and the mean ratio in the first, "
-        f"middle ({mid[0] * 10}–{(mid[1]) * 10}%) and last tenth of the spectrum; relative change "
+        f"middle ({mid[0] * 10}–{mid[1] * 10}%) and last tenth of the spectrum; relative change "
         f"‖σ'−σ‖/‖σ‖ of the top-{k} and of the rest.",
         "",
     ]
@@ -198,29 +397,37 @@ def markdown(runs: list[dict], args, seconds: float) -> str:
           _f(statistics.fmean(r["ratio_profile"][mid[0]:mid[1]]), 4), _f(r["ratio_profile"][-1], 4),
           _f(_m(r, "sigma.top_rel_change")), _f(_m(r, "sigma.tail_rel_change"))] for r in runs],
     )  # fmt: skip
+    types = list(runs[0]["summary"]["by_type"])
+    lines += ["", f"By module type (mean over runs and blocks): top-{k} σ ratio / rest σ ratio / relative "
+              f"change top-{k} / rest / mean principal angle (left, °).", ""]
+    lines += markdown_table(
+        ["module", f"top-{k} ratio", "rest ratio", f"rel. change top-{k}", "rel. change rest", "angle left"],
+        [[t] + [_f(statistics.fmean(_m(r, metric, group=t) for r in runs), 4)
+                for metric in ("sigma.top_ratio_mean", "sigma.tail_ratio_mean", "sigma.top_rel_change",
+                               "sigma.tail_rel_change", "angles.left_mean")] for t in types],
+    )  # fmt: skip
     lines += [
         "",
         "## Where does ΔW live in the base's singular basis?",
         "",
         "Share of ‖ΔW‖_F² in the base's top-k directions, two-sided ‖U_kᵀΔWV_k‖², mean over layers; in "
-        "brackets the share a random ΔW would have there (k²/(out·in)). At k = 128 the share is < 1 for the "
-        "rectangular MLP layers, whose 128 directions do not span the 256-wide side.",
+        "brackets the share a random ΔW would have there (k²/(out·in)).",
         "",
     ]
-    c0 = runs[0]["share_curve"]["random_two_sided"]
+    ks = [kk for kk in SHARE_KS if _curve(runs[0], "random_two_sided", kk) is not None]
     lines += markdown_table(
-        ["run"] + [f"k={kk} ({_f(c0.get(kk), 2)})" for kk in SHARE_KS],
-        [[r["run"]] + [_f(r["share_curve"]["two_sided"].get(kk)) for kk in SHARE_KS] for r in runs],
+        ["run"] + [f"k={kk} ({_f(_curve(runs[0], 'random_two_sided', kk), 2)})" for kk in ks],
+        [[r["run"]] + [_f(_curve(r, "two_sided", kk)) for kk in ks] for r in runs],
     )
     lines += [
         "",
-        f"One-sided shares at k = {k} (random: {_f(k / 128, 2)} on a 128-wide side), and the k, median over "
-        "layers, at which the share reaches 50/80/90%, against the rank ΔW itself needs for 90% of its energy:",
+        f"One-sided shares at k = {k}, and the k, median over layers, at which the two-sided share reaches "
+        "50/80/90%, against the rank ΔW itself needs for 90% of its energy:",
         "",
     ]
     lines += markdown_table(
-        ["run", "left ‖U_kᵀΔW‖²", "right ‖ΔWV_k‖²", "k for 50% (two-sided)", "80%", "90%",
-         "90% left / right", "rank(ΔW) for 90%"],
+        ["run", "left ‖U_kᵀΔW‖²", "right ‖ΔWV_k‖²", "k for 50%", "80%", "90%", "90% left / right",
+         "rank(ΔW) for 90%"],
         [[r["run"], _f(_m(r, "share.left")), _f(_m(r, "share.right"))]
          + [_f(_m(r, f"k_for_share.{t}", "median")) for t in ("0.5", "0.8", "0.9")]
          + [f"{_f(_m(r, 'k_for_share_left.0.9', 'median'))} / {_f(_m(r, 'k_for_share_right.0.9', 'median'))}",
@@ -244,58 +451,11 @@ def markdown(runs: list[dict], args, seconds: float) -> str:
           _f(_m(r, "angles.left_vec_first")), _f(_m(r, "angles.right_vec_first")),
           _f(_m(r, "gap.delta_over_gap", "median"))] for r in runs],
     )  # fmt: skip
-    lines += [
-        "",
-        "![spectra](spectra.png)",
-        "",
-        "Per-run reports (every layer, more plots): "
-        + ", ".join(f"[{r['run']}](spectra/{r['run']}/report.md)" for r in runs),
-        "",
-    ]
+    stem = record["settings"]["stem"]
+    lines += ["", f"![spectra]({stem}.png)", "",
+              "Per-run reports (every layer, more plots): "
+              + ", ".join(f"[{r['run']}]({stem}/{r['run']}/report.md)" for r in runs), ""]
     return "\n".join(lines)
-
-
-PROFILE_MID = (4, 6)  # profile bins averaged as "the middle of the spectrum"
-
-
-def verdict(runs: list[dict], k: int) -> list[str]:
-    """Numbers, not adjectives: each claim's measurement over all runs (min–max)."""
-
-    def span(values: list[float], digits: int = 3) -> str:
-        lo, hi = min(values), max(values)
-        return _f(lo, digits) if _f(lo, digits) == _f(hi, digits) else f"{_f(lo, digits)}–{_f(hi, digits)}"
-
-    def over(metric: str, stat: str = "mean") -> list[float]:
-        return [_m(r, metric, stat) for r in runs]
-
-    first = [r["ratio_profile"][0] for r in runs]
-    middle = [statistics.fmean(r["ratio_profile"][PROFILE_MID[0] : PROFILE_MID[1]]) for r in runs]
-    last = [r["ratio_profile"][-1] for r in runs]
-    concentration = [_m(r, "share.two_sided") / _m(r, "share_random.two_sided") for r in runs]
-    k90, own90 = over("k_for_share.0.9", "median"), over("delta_rank_for_share.0.9", "median")
-    spread = (
-        "so ΔW is low-rank but mostly outside the base's top directions"
-        if min(k90) > 64 and max(own90) < 32
-        else "see the table below"
-    )
-    gaps = [a - b for a, b in zip(over("sigma.top_ratio_mean"), over("sigma.tail_ratio_mean"))]
-    top_vs_rest = "more" if min(gaps) > 0 else "not always more"
-    return [
-        f"Amplification: the top-{k} singular values grow by a mean factor "
-        f"{span(over('sigma.top_ratio_mean'), 4)}, {top_vs_rest} than the rest "
-        f"({span(over('sigma.tail_ratio_mean'), 4)}); by tenth of the spectrum: first {span(first, 4)}, "
-        f"middle {span(middle, 4)}, last {span(last, 4)}; {span(over('sigma.top_amplified_frac'), 2)} of the "
-        f"top-{k} grow. Relative change of σ: top-{k} {span(over('sigma.top_rel_change'), 2)}, rest "
-        f"{span(over('sigma.tail_rel_change'), 2)}.",
-        f"Where ΔW lives: the top-{k} × top-{k} block holds {span(over('share.two_sided'), 2)} of ‖ΔW‖² "
-        f"({span(concentration, 2)}× a random ΔW); one-sided {span(over('share.left'), 2)} (left) and "
-        f"{span(over('share.right'), 2)} (right). Half of ‖ΔW‖² needs k ≈ "
-        f"{span(over('k_for_share.0.5', 'median'))} of 128 (two-sided), 90% needs {span(k90)}, while ΔW "
-        f"itself has 90% of its energy in rank {span(own90)}: {spread}.",
-        f"Reorientation: mean principal angle of the top-{k} subspaces {span(over('angles.left_mean'), 2)}° "
-        f"(left), {span(over('angles.right_mean'), 2)}° (right); the first singular vectors turn by "
-        f"{span(over('angles.left_vec_first'), 2)}° (u_1) and {span(over('angles.right_vec_first'), 2)}° (v_1).",
-    ]
 
 
 def figure(runs: list[dict], k: int, path: Path) -> None:
@@ -313,13 +473,13 @@ def figure(runs: list[dict], k: int, path: Path) -> None:
         bins = len(r["ratio_profile"])
         axes[0].plot([(b + 0.5) / bins for b in range(bins)], r["ratio_profile"], ls, marker="o", ms=3,
                      color=color, label=r["run"])  # fmt: skip
-        ks = sorted(r["share_curve"]["two_sided"])
-        axes[1].plot(ks, [r["share_curve"]["two_sided"][kk] for kk in ks], ls, marker="o", ms=3, color=color,
+        ks = sorted(int(kk) for kk in r["share_curve"]["two_sided"])
+        axes[1].plot(ks, [_curve(r, "two_sided", kk) for kk in ks], ls, marker="o", ms=3, color=color,
                      label=r["run"])  # fmt: skip
         axes[2].plot(range(1, len(r["angles_left_deg"]) + 1), r["angles_left_deg"], ls, color=color, label=r["run"])
-    c0 = runs[0]["share_curve"]["random_two_sided"]
-    ks = sorted(c0)
-    axes[1].plot(ks, [c0[kk] for kk in ks], color="grey", lw=2, alpha=0.6, label="random ΔW")
+    ks = sorted(int(kk) for kk in runs[0]["share_curve"]["random_two_sided"])
+    axes[1].plot(ks, [_curve(runs[0], "random_two_sided", kk) for kk in ks], color="grey", lw=2, alpha=0.6,
+                 label="random ΔW")  # fmt: skip
     axes[0].axhline(1.0, color="grey", lw=0.8, ls="--")
     axes[0].set(xlabel="position in spectrum (i / rank)", ylabel="mean σ_tuned / σ_base (over layers)",
                 title="singular value ratio across the spectrum")  # fmt: skip
@@ -335,42 +495,44 @@ def figure(runs: list[dict], k: int, path: Path) -> None:
     plt.close(fig)
 
 
+def run(settings: Settings, command: str) -> dict:
+    """Every task × learning rate (finished runs reused); writes the JSON, Markdown and plot; returns the record."""
+    set_threads(settings.threads)
+    start = time.perf_counter()
+    family = task_family(settings)
+    model_dir = base_dir(settings)
+    runs = [run_one(name, lr, model_dir, family, settings) for name in settings.tasks for lr in settings.lrs]
+    record = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+              "command": command, "environment": environment(), "seconds": round(time.perf_counter() - start, 1),
+              "paper": "https://arxiv.org/abs/2505.23099", "runs": runs}  # fmt: skip
+    settings.out.mkdir(parents=True, exist_ok=True)
+    figure(runs, settings.top, settings.out / f"{settings.stem}.png")
+    (settings.out / f"{settings.stem}.json").write_text(json.dumps(record, indent=1) + "\n")
+    (settings.out / f"{settings.stem}.md").write_text(markdown(record))
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="task names of the conflicting suite")
-    p.add_argument("--lrs", default="1e-4,3e-4,1e-3", help="AdamW learning rates, one fine-tune each")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--n-test", type=int, default=100)
-    p.add_argument("--top", type=int, default=16, help="top-k directions (of rank 128)")
-    p.add_argument("--pretrain-steps", type=int, default=QUICK_STEPS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--work", type=Path, default=RESULTS / "tmp" / "spectra", help="checkpoints (git-ignored)")
+    p.add_argument("--base", default=REAL_BASE, choices=(REAL_BASE, CHAR_BASE))
+    p.add_argument("--quick", action="store_true", help="one task, 6 steps, two blocks analysed: minutes")
+    p.add_argument("--tasks", help="comma-separated task names (default: per base)")
+    p.add_argument("--lrs", help="comma-separated AdamW learning rates, one fine-tune each")
+    for name in ("steps", "batch-size", "n-train", "n-test", "top", "seed", "threads"):
+        p.add_argument(f"--{name}", type=int)
+    p.add_argument("--model-dir", type=Path, help="a model directory to fine-tune instead of the named base")
+    p.add_argument("--bases-home", type=Path, help="where fetched bases live (default: $SPECFUSE_HOME)")
+    p.add_argument("--work", type=Path, help="checkpoints and cache (default under benchmarks/results/tmp)")
+    p.add_argument("--out", type=Path, help="results folder")
     args = p.parse_args(argv)
-    args.lrs = [float(x) for x in args.lrs.split(",")]
-    torch.set_num_threads(2)
-
-    start = time.perf_counter()
-    tasks = {t.name: t for t in suite_tasks("conflicting")}
-    unknown = [n for n in args.tasks.split(",") if n not in tasks]
-    if unknown:
-        p.error(f"unknown task {unknown[0]!r}; known: {', '.join(tasks)}")
-    base_dir = pretrain_base(args.work / "base", seed=args.seed, steps=args.pretrain_steps)
-    runs = []
-    for name in args.tasks.split(","):
-        before = exact_match(base_dir, make_split(tasks[name], "test", args.n_test, args.seed))
-        runs += [run_one(tasks[name], lr, base_dir, before, args) for lr in args.lrs]
-    seconds = time.perf_counter() - start
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    figure(runs, args.top, RESULTS / "spectra.png")
-    settings = {k: str(v) for k, v in vars(args).items() if k != "work"}
-    record = {"args": settings, "seconds": round(seconds, 1), "runs": runs}
-    (RESULTS / "spectra.json").write_text(json.dumps(record, indent=1))
-    md = markdown(runs, args, seconds)
-    (RESULTS / "spectra.md").write_text(md)
-    print(md)
+    settings = Settings.for_base(
+        args.base, args.quick, tasks=tuple(args.tasks.split(",")) if args.tasks else None,
+        lrs=tuple(float(x) for x in args.lrs.split(",")) if args.lrs else None, steps=args.steps,
+        batch_size=args.batch_size, n_train=args.n_train, n_test=args.n_test, top=args.top, seed=args.seed,
+        threads=args.threads, model_dir=args.model_dir, bases_home=args.bases_home, work=args.work, out=args.out)
+    command = "python " + " ".join(["benchmarks/bench_spectra.py", *(argv if argv is not None else sys.argv[1:])])
+    record = run(settings, command)
+    print(markdown(record))
     return 0
 
 
