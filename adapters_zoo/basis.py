@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 
 from adapters_zoo.checkpoint import Checkpoint, LayerSpec, linear_layers
 from adapters_zoo.errors import AdapterFormatError, BasisMismatch, InvalidConfig
+from adapters_zoo.files import canonical_safetensors, write_atomic
 
 BASIS_FORMAT = "specfuse-basis"
 BASIS_FORMAT_VERSION = "1"
@@ -254,25 +254,7 @@ def save_basis(basis: Basis, path: str | Path) -> Path:
         "energy": json.dumps(basis.energy),
         "transposed": json.dumps(basis.transposed),
     }
-    data = canonical_safetensors(save_bytes(tensors, metadata=meta))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:  # atomic: temp file, fsync, rename
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    return path
-
-
-def canonical_safetensors(data: bytes) -> bytes:
-    """The same file with its JSON header re-emitted with sorted keys: equal contents, equal bytes.
-
-    safetensors writes its header in hash-map order, which varies between processes (and
-    between saves); the tensor data (its order fixed by the offsets) is left as it is."""
-    n = int.from_bytes(data[:8], "little")
-    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # data must stay 8-byte aligned
-    return len(header).to_bytes(8, "little") + header + data[8 + n :]
+    return write_atomic(path, canonical_safetensors(save_bytes(tensors, metadata=meta)))
 
 
 def load_basis(path: str | Path) -> Basis:

@@ -33,6 +33,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from adapters_zoo.files import canonicalize_file
 from adapters_zoo.tasks import EOS, Task, pretraining_example, pretraining_tasks
 from adapters_zoo.train import IGNORE_INDEX, Schedule, optimize, pad_batch
 
@@ -111,10 +112,6 @@ def tiny_config(**overrides) -> LlamaConfig:
     return _config(build_tokenizer(), TINY_DEFAULTS, overrides)
 
 
-def demo_config(**overrides) -> LlamaConfig:
-    return _config(build_tokenizer(), DEMO_DEFAULTS, overrides)
-
-
 def _model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
@@ -133,6 +130,8 @@ def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out_
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
+    for weights in out_dir.glob("*.safetensors"):
+        canonicalize_file(weights)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

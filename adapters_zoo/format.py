@@ -20,7 +20,6 @@ surfaces as a traceback from inside torch.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -32,8 +31,9 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from adapters_zoo import jsonsafe
-from adapters_zoo.basis import Basis, LayerBasis, canonical_safetensors, parse_rank
+from adapters_zoo.basis import Basis, LayerBasis, parse_rank
 from adapters_zoo.errors import AdapterFormatError, DeltaOutOfBounds, IncompatibleAdapter, InvalidConfig
+from adapters_zoo.files import canonical_safetensors, write_atomic
 from adapters_zoo.kinds import get_kind
 from adapters_zoo.kinds.base import Kind, config_to_dict
 
@@ -175,16 +175,7 @@ def adapter_to_bytes(adapter: Adapter) -> bytes:
 
 def save_adapter(adapter: Adapter, path: str | Path) -> Path:
     """Write atomically (temp file, fsync, rename): a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = adapter_to_bytes(adapter)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    return path
+    return write_atomic(path, adapter_to_bytes(adapter))
 
 
 def _from_parts(meta: dict[str, str] | None, tensors: dict[str, torch.Tensor], origin: str) -> Adapter:

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from adapters_zoo.basis import Basis, basis_from_model, load_basis, save_basis
 from adapters_zoo.demo_model import pretrain_base
 from adapters_zoo.errors import AdapterNotFound
+from adapters_zoo.files import canonicalize_file, write_atomic
 from adapters_zoo.format import adapter_to_bytes, save_adapter
 from adapters_zoo.inject import attach, detach
 from adapters_zoo.tasks import evaluate, make_split, suite_tasks, write_jsonl
@@ -198,8 +199,8 @@ def build_zoo(settings: ZooSettings, home: str | Path | None = None, progress: b
         torch.set_num_threads(previous[0])
         torch.use_deterministic_algorithms(previous[1])
     report = _report(settings, basis, entries, time.perf_counter() - started)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(report_markdown(report))
+    write_atomic(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    write_atomic(out / "report.md", report_markdown(report).encode())
     return report
 
 
@@ -278,11 +279,8 @@ def _finished(settings: ZooSettings, suite: str, kind: str, task: str, data: str
 
 def _save_row(settings: ZooSettings, entry: ZooEntry, data: str) -> None:
     row = settings.out / "entries" / entry.suite / entry.kind / f"{entry.task}.json"
-    row.parent.mkdir(parents=True, exist_ok=True)
-    tmp = row.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": _row_key(settings, entry.kind, data), "entry": asdict(entry)}, indent=1)
-                   + "\n")
-    tmp.replace(row)
+    record = {"key": _row_key(settings, entry.kind, data), "entry": asdict(entry)}
+    write_atomic(row, (json.dumps(record, indent=1) + "\n").encode())
 
 
 def _build_task(settings: ZooSettings, suite: str, task, model, tokenizer, basis: Basis, registry,
@@ -381,6 +379,7 @@ def _build_peft(settings: ZooSettings, suite: str, task, model, tokenizer, train
         if out_dir.exists():
             shutil.rmtree(out_dir)
         peft_model.save_pretrained(out_dir, safe_serialization=True)
+        canonicalize_file(out_dir / "adapter_model.safetensors")
     finally:
         peft_model.unload()  # the base modules back, weights untouched
     size = (out_dir / "adapter_model.safetensors").stat().st_size

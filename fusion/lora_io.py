@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from adapters_zoo.basis import Basis, LayerBasis
 from adapters_zoo.errors import AdapterFormatError, IncompatibleAdapter, InvalidConfig
+from adapters_zoo.files import save_safetensors
 from adapters_zoo.format import FLOAT_DTYPES, Adapter
 from fusion.cores import adapter_cores, project_residual
 
@@ -140,7 +140,7 @@ def export_peft_lora(
         base_model_name_or_path=base_model_name_or_path, inference_mode=True,
     )
     config.save_pretrained(str(out_dir))
-    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_safetensors(tensors, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
     used = {layer: int(factors[layer][0].shape[1]) for layer in adapter.layers}
     return LoraExport(out_dir, r, used, leaves, fan_in_fan_out, pattern)
 

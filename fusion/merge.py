@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from adapters_zoo.basis import Basis, check_basis_matches_model, model_dir_fingerprint
 from adapters_zoo.checkpoint import Checkpoint
 from adapters_zoo.errors import BasisMismatch, IncompatibleAdapter, ModelDirError
+from adapters_zoo.files import save_safetensors, write_atomic
 from adapters_zoo.format import Adapter
 
 PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # base weights specfuse never copies (nor reads)
@@ -150,9 +149,7 @@ def merge_model_dir(
                     tensors[key] = _add_delta(tensors[key], adapter.delta(layer, basis), spec.transposed)
                 merged += 1
                 bar.update(1)
-        tmp = out_dir / f".{shard.name}.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "pt", **shard_meta})
-        os.replace(tmp, out_dir / shard.name)
+        save_safetensors(tensors, out_dir / shard.name, metadata={"format": "pt", **shard_meta})
         del tensors
     bar.close()
     if merged != len(key_to_layer):
@@ -167,5 +164,5 @@ def merge_model_dir(
         "shards": [s.name for s in shards],
         "copied": copied,
     }
-    (out_dir / MERGE_RECORD).write_text(json.dumps(record, indent=2, default=str))
+    write_atomic(out_dir / MERGE_RECORD, (json.dumps(record, indent=2, sort_keys=True, default=str) + "\n").encode())
     return out_dir

@@ -189,3 +189,14 @@ def test_bad_tensors_are_refused(peft_dir, llama_basis, other_basis):
             import_peft_lora(peft_dir, llama_basis)
     with pytest.raises(AdapterFormatError, match="no adapter_config.json"):
         import_peft_lora(peft_dir.parent, llama_basis)
+
+
+def test_two_exports_of_one_adapter_are_byte_identical(llama_basis, tmp_path):
+    scale = moved("scale", {"rank": 3}, llama_basis, 1)
+    first = export_peft_lora(scale, llama_basis, tmp_path / "a").path
+    second = export_peft_lora(scale, llama_basis, tmp_path / "b").path
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (first / name).read_bytes() == (second / name).read_bytes()
+    data = (first / "adapter_model.safetensors").read_bytes()
+    header = data[8 : 8 + int.from_bytes(data[:8], "little")].rstrip(b" ")
+    assert header == json.dumps(json.loads(header), sort_keys=True, separators=(",", ":")).encode()

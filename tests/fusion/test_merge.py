@@ -54,6 +54,9 @@ def test_merged_sharded_dir_loads_with_transformers_and_gives_the_same_logits(
     src, dst = Checkpoint(tiny_llama_sharded_dir), Checkpoint(out)
     for key in ("model.embed_tokens.weight", "model.layers.1.input_layernorm.weight", "lm_head.weight"):
         assert torch.equal(src.get(key), dst.get(key))
+    again = merge_model_dir(tiny_llama_sharded_dir, fused, llama_basis, tmp_path / "again", progress=False)
+    for name in [*src_shards, MERGE_RECORD]:  # canonical bytes: a second merge writes the same files
+        assert (again / name).read_bytes() == (out / name).read_bytes()
 
 
 def test_gpt2_conv1d_weights_take_the_transposed_update(gpt2_basis, tiny_gpt2_dir, tmp_path, ids):
