@@ -81,12 +81,12 @@ def build_home(home: Path) -> tuple[Path, list[str], object]:
     from transformers import LlamaForCausalLM
 
     from adapters_zoo.basis import basis_from_model
-    from adapters_zoo.demo_model import build_tokenizer, demo_config, save_model
+    from adapters_zoo.demo_model import DEMO_DEFAULTS, build_tokenizer, save_model, tiny_config
     from adapters_zoo.registry import Registry
 
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
-    model = LlamaForCausalLM(demo_config()).eval()
+    model = LlamaForCausalLM(tiny_config(**DEMO_DEFAULTS)).eval()  # the demo-trained base's shape
     model_dir = save_model(model, tokenizer, home / "base")
     basis = basis_from_model(model, rank=16)
     names = []

@@ -120,16 +120,9 @@ def _registry(args):
 
 def fused_mixture(reg, args):
     """(fused adapter, its basis, [(ref, weight)]) of args.mixture under args' method."""
-    from fusion.fuse import fuse
+    from fusion.mixture import fuse_mixture
 
-    resolved = reg.resolve_mixture(args.mixture)
-    basis = reg.basis(resolved[0][1].base_fingerprint)
-    fused = fuse([a for _, a, _ in resolved], [w for _, _, w in resolved], basis, method=args.method,
-                 project=args.project, **method_params(args))
-    for source, (ref, _, _) in zip(fused.meta["fusion"]["sources"], resolved):
-        source["name"] = ref
-    fused.meta["fusion"]["mixture"] = args.mixture
-    return fused, basis, [(ref, w) for ref, _, w in resolved]
+    return fuse_mixture(reg, args.mixture, args.method, method_params(args), args.project)
 
 
 def _summary(adapter, mixture: list[tuple[str, float]]) -> dict[str, Any]:
@@ -148,6 +141,7 @@ DISTILL_ONLY = ("base", "steps", "lr", "batch_size", "max_new_tokens", "device")
 def distilled_mixture(reg, args):
     """(fused adapter, basis, [(ref, weight)]) of args.mixture by ``fusion.distill`` on args.data."""
     from adapters_zoo.errors import InvalidConfig
+    from adapters_zoo.registry.mixture import resolve
     from adapters_zoo.train import load_examples, load_model_dir
     from fusion.distill import DistillConfig, distill_fuse
 
@@ -155,7 +149,7 @@ def distilled_mixture(reg, args):
         raise InvalidConfig("--method distill needs --base MODEL_DIR and one --data JSONL per source")
     if args.density is not None or args.param or args.project:
         raise InvalidConfig("--method distill takes no --density, --param or --project (see the distill options)")
-    resolved = reg.resolve_mixture(args.mixture)
+    resolved = resolve(reg, args.mixture)
     if len(args.data) != len(resolved):
         raise InvalidConfig(f"the mixture has {len(resolved)} sources but {len(args.data)} --data files "
                             "were given: one per source, in mixture order")
@@ -163,14 +157,15 @@ def distilled_mixture(reg, args):
     cfg = DistillConfig(**{k: getattr(args, k) for k in ("steps", "lr", "batch_size", "max_new_tokens", "device")
                            if getattr(args, k) is not None}, **({"seed": args.seed} if args.seed is not None else {}))
     cfg.validate()
-    basis = reg.basis(resolved[0][1].base_fingerprint)
+    basis = reg.basis(resolved[0][0].base_fingerprint)
+    adapters = [reg.load_record(rec) for rec, _ in resolved]
     model, tokenizer = load_model_dir(args.base, cfg.device)
-    fused, _ = distill_fuse(model, tokenizer, basis.to(next(model.parameters()).device), [a for _, a, _ in resolved],
-                            [w for _, _, w in resolved], data, cfg, progress=not args.json)
-    for source, (ref, _, _), path in zip(fused.meta["fusion"]["sources"], resolved, args.data):
-        source["name"], source["data"] = ref, str(path)
+    fused, _ = distill_fuse(model, tokenizer, basis.to(next(model.parameters()).device), adapters,
+                            [w for _, w in resolved], data, cfg, progress=not args.json)
+    for source, (rec, _), path in zip(fused.meta["fusion"]["sources"], resolved, args.data):
+        source["name"], source["data"] = rec.ref, str(path)
     fused.meta["fusion"]["mixture"] = args.mixture
-    return fused, basis, [(ref, w) for ref, _, w in resolved]
+    return fused, basis, [(rec.ref, w) for rec, w in resolved]
 
 
 def cmd_fuse(args) -> int:

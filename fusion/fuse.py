@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -100,10 +101,49 @@ def fuse(
     ``meta["projection"]`` holds the share of residual energy lost. Tensors are on the
     basis's device.
     """
-    impl = get_method(method)
-    p = impl.params(params)
     weights = check_weights(adapters, weights)
     check_same_basis(adapters, basis)
+    return fuse_cores(adapters, weights, basis, method, project, params).to_adapter(basis)
+
+
+@dataclass
+class FusedCores:
+    """A fused mixture before it is packed as an adapter: per layer a core and the residual kept outside."""
+
+    layers: list[str]  # the layers some source touches, in the basis's order
+    cores: dict[str, torch.Tensor]  # layer -> C (k, k), or its diagonal (k,) when ``diagonal``
+    residuals: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (B (out, Q), A (Q, in)); none with project
+    diagonal: bool
+    meta: dict[str, Any]  # "fusion": sources, weights, method, params, notes; "projection" with project
+
+    def to_adapter(self, basis: Basis) -> Adapter:
+        params: dict[str, dict[str, torch.Tensor]] = {}
+        for layer in self.layers:
+            layer_params = {}
+            if layer in self.cores:
+                layer_params["c" if self.diagonal else "C"] = self.cores[layer]
+            if layer in self.residuals:
+                layer_params["B"], layer_params["A"] = self.residuals[layer]
+            if layer_params:
+                params[layer] = layer_params
+        return Adapter("core", {"diagonal": self.diagonal}, basis.fingerprint, basis.rank, params, self.meta)
+
+
+def fuse_cores(
+    adapters: list[Adapter],
+    weights: list[float],
+    basis: Basis,
+    method: str = "linear",
+    project: bool = False,
+    params: dict[str, Any] | None = None,
+) -> FusedCores:
+    """``fuse`` without its input checks, for weights checked where the mixture was parsed.
+
+    Each adapter is checked against ``basis`` once, when its cores are first evaluated
+    (``fusion.cores.adapter_cores``); the method's ``params`` are validated by name here.
+    """
+    impl = get_method(method)
+    p = impl.params(params or {})
     entries = [adapter_cores(a, basis) for a in adapters]
 
     touched = set().union(*(a.params for a in adapters))
@@ -133,24 +173,19 @@ def fuse(
         fused.update((layer, out[i].clone()) for i, layer in enumerate(group))  # own storage, not views
 
     has_residual = any(e.has_residual for e in entries)
-    out_params: dict[str, dict[str, torch.Tensor]] = {}
-    for layer in layers:
-        layer_params = {}
-        if layer in fused:
-            layer_params["c" if diagonal else "C"] = fused[layer]
-        if not project and has_residual:
+    residuals = {}
+    if not project and has_residual:
+        for layer in layers:
             res = _concat_residual(entries, weights, layer)
             if res is not None:
-                layer_params["B"], layer_params["A"] = res[0].contiguous(), res[1].contiguous()
-        if layer_params:
-            out_params[layer] = layer_params
+                residuals[layer] = (res[0].contiguous(), res[1].contiguous())
 
     meta: dict[str, Any] = {
         "fusion": {
             "method": impl.name,
             "paper": impl.paper,
             "params": impl.params_dict(p),
-            "weights": weights,
+            "weights": list(weights),
             "sources": [
                 {"name": a.meta.get("name"), "kind": a.kind, "layers": len(a.params)} for a in adapters
             ],
@@ -160,4 +195,4 @@ def fuse(
     }
     if project and has_residual:
         meta["projection"] = _projection_report(entries, weights, layers, basis)
-    return Adapter("core", {"diagonal": diagonal}, basis.fingerprint, basis.rank, out_params, meta)
+    return FusedCores(layers, fused, residuals, diagonal, meta)

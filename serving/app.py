@@ -233,33 +233,33 @@ def create_app(service: Service, api_key: str | None = None, public_reads: bool 
 
     @app.get("/v1/models", dependencies=read, responses=errors())
     async def models():
-        return {"object": "list", "data": await run_in_threadpool(service.models)}
+        return {"object": "list", "data": await run_in_threadpool(service.admin.models)}
 
     @app.get("/v1/models/{model_id}", dependencies=read, responses=errors(404))
     async def model(model_id: str):
-        return await run_in_threadpool(service.model, model_id)
+        return await run_in_threadpool(service.admin.model, model_id)
 
     @app.get("/v1/adapters", dependencies=read, responses=errors())
     async def list_adapters(kind: str | None = None, tag: str | None = None):
-        return {"object": "list", "data": await run_in_threadpool(service.adapters, kind, tag)}
+        return {"object": "list", "data": await run_in_threadpool(service.admin.adapters, kind, tag)}
 
     @app.get("/v1/adapters/{ref}", dependencies=read, responses=errors(404))
     async def show_adapter(ref: str):
-        return await run_in_threadpool(service.adapter, ref)
+        return await run_in_threadpool(service.admin.adapter, ref)
 
     @app.post("/v1/adapters", dependencies=guarded, status_code=201, responses=errors(404, 409))
     async def upload_adapter(request: Request, name: str, version: str | None = None,
                              tag: list[str] = Query(default=[]), description: str = ""):
         data = await request.body()
-        return await run_in_threadpool(service.upload, data, name, version, tag, description)
+        return await run_in_threadpool(service.admin.upload, data, name, version, tag, description)
 
     @app.delete("/v1/adapters/{ref}", dependencies=guarded, responses=errors(404))
     async def delete_adapter(ref: str):
-        return {"deleted": await run_in_threadpool(service.remove, ref)}
+        return {"deleted": await run_in_threadpool(service.admin.remove, ref)}
 
     @app.post("/v1/fuse", dependencies=guarded, status_code=201, responses=errors(404, 409))
     async def fuse(body: FuseRequest):
-        return await run_in_threadpool(service.fuse, body.mixture, body.method, body.params, body.project,
+        return await run_in_threadpool(service.admin.fuse, body.mixture, body.method, body.params, body.project,
                                        body.name, body.version, body.tags, body.description)
 
     @app.get("/health", responses={503: {"description": "the engine is stopped"}})

@@ -7,29 +7,29 @@
 
 Every target layer of the basis is wrapped by a :class:`serving.backend.RoutedLinear`
 reading the slot tables; ``forward`` sets the step's routing once for all of them. A
-mixture is reduced once with the fusion API (any registered method) to k×k cores (+
-residuals), cached on the host (:class:`serving.slots.MixtureCache`) and copied into a
-device slot on demand (:class:`serving.slots.SlotTable`). Nothing here imports the HTTP
-stack: the engine runs where fastapi / pydantic are not installed.
+mixture (its key: :class:`adapters_zoo.registry.mixture.MixtureSpec`) is reduced once by
+:func:`fusion.mixture.reduce` to k×k cores (+ residuals), cached on the host
+(:class:`serving.slots.MixtureCache`) and copied into a device slot on demand
+(:class:`serving.slots.SlotTable`). Nothing here imports the HTTP stack: the engine runs
+where fastapi / pydantic are not installed.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import DynamicCache
 
 from adapters_zoo import train
 from adapters_zoo.basis import Basis, check_basis_matches_model
-from adapters_zoo.errors import IncompatibleAdapter, InvalidConfig, InvalidMixture, ModelDirError
-from adapters_zoo.format import Adapter, check_delta
+from adapters_zoo.errors import IncompatibleAdapter, ModelDirError
+from adapters_zoo.format import Adapter
+from adapters_zoo.registry.mixture import MixtureSpec
+from fusion.mixture import MixtureCores, reduce
 from serving.backend import (
     Backend,
     LayerSlots,
@@ -40,74 +40,15 @@ from serving.backend import (
     TorchBackend,
     shared_input_groups,
 )
+from serving.config import EngineConfig
 from serving.generation import BatchKV, left_pad, positions_of
-from serving.slots import MixtureCache, MixtureCores, SlotTable
+from serving.slots import MixtureCache, SlotTable
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config.DTYPE_NAMES
 ROUTING_ROWS = 64  # rows the routing buffers hold before they grow (the scheduler's max_batch is 32)
 
 
-@dataclass(frozen=True)
-class MixtureSpec:
-    """A mixture as the caches key it: sorted (name@version, weight), method, params (canonical JSON), digests."""
-
-    components: tuple[tuple[str, float], ...] = ()
-    method: str = "linear"
-    params: str = "{}"
-    digests: tuple[str, ...] = ()  # content hashes of the components: a re-added name@version is a new key
-
-    @classmethod
-    def of(cls, components: list[tuple[str, float]] | tuple = (), method: str = "linear",
-           params: dict[str, Any] | None = None, digests: dict[str, str] | None = None) -> MixtureSpec:
-        comps = tuple(sorted((str(ref), float(w)) for ref, w in components))
-        if any(not math.isfinite(w) for _, w in comps):
-            raise InvalidMixture("mixture weights must be finite numbers")
-        try:
-            params_json = json.dumps(params or {}, sort_keys=True, separators=(",", ":"), allow_nan=False)
-        except (TypeError, ValueError) as err:
-            raise InvalidMixture(f"fusion params must be plain JSON values ({err})") from err
-        return cls(comps, method, params_json, tuple((digests or {}).get(ref, "") for ref, _ in comps))
-
-    @property
-    def is_base(self) -> bool:
-        return not self.components
-
-    @property
-    def fusion_params(self) -> dict[str, Any]:
-        return json.loads(self.params)
-
-    @property
-    def label(self) -> str:
-        if self.is_base:
-            return "base"
-        text = ",".join(f"{ref}:{w:g}" for ref, w in self.components)
-        return text if self.method == "linear" and self.params == "{}" else f"{text} ({self.method})"
-
-
 AdapterLoader = Callable[[], list[tuple[Adapter, float]]]  # called only when the mixture is not cached
-
-
-@dataclass
-class EngineConfig:
-    device: str | None = None  # None: cuda when present, else cpu
-    dtype: str | None = None  # None: bfloat16 (float16 without bf16 support) on GPU, float32 on CPU
-    slots: int = 32  # mixtures resident on the device at once
-    residual_slots: int = 8  # of which this many also hold a residual outside the basis
-    max_residual_rank: int = 64  # q of the largest residual a slot holds (concatenated LoRAs grow it)
-    mixture_cache: int = 1024  # reduced mixtures kept on the host
-    mixture_cache_bytes: int = 256 << 20  # ... and the host memory they may take (cores + residuals)
-
-    def validate(self) -> None:
-        if self.slots < 1:
-            raise InvalidConfig(f"slots must be ≥ 1, got {self.slots}")
-        if not 0 <= self.residual_slots <= self.slots:
-            raise InvalidConfig(f"residual_slots must be in [0, slots={self.slots}], got {self.residual_slots}")
-        if self.max_residual_rank < 0 or self.mixture_cache < 1 or self.mixture_cache_bytes < 1:
-            raise InvalidConfig("max_residual_rank must be ≥ 0, mixture_cache and mixture_cache_bytes ≥ 1")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise InvalidConfig(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
-            raise InvalidConfig(f"device must be cpu or cuda, got {self.device!r}")
 
 
 def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
@@ -182,26 +123,9 @@ class Engine:
         """The mixture reduced to cores (None for the base model), fused at most once while cached."""
         if spec.is_base:
             return None
-        mixture = self.mixtures.get_or_build(spec, lambda: self._reduce(spec, load))
+        mixture = self.mixtures.get_or_build(
+            spec, lambda: reduce(load(), self.basis, spec.method, spec.fusion_params, key=spec))
         self.slots.check_fits(mixture)
-        return mixture
-
-    def _reduce(self, spec: MixtureSpec, load: AdapterLoader) -> MixtureCores:
-        pairs = load()
-        if not pairs:
-            raise InvalidMixture("the mixture names no adapter")
-        for adapter, _ in pairs:
-            adapter.check_against(self.basis)
-        params = spec.fusion_params
-        if len(pairs) == 1 and pairs[0][1] == 1.0 and spec.method == "linear" and not params:
-            fused = pairs[0][0]  # one adapter at weight 1: it is its own mixture, exactly
-        else:
-            from fusion import fuse
-
-            fused = fuse([a for a, _ in pairs], [w for _, w in pairs], self.basis, method=spec.method, **params)
-        mixture = MixtureCores.from_adapter(spec, fused, self.basis)
-        for layer, core in mixture.cores.items():  # a mixture that would blow the numbers up is a 400, not NaN
-            check_delta(layer, core, mixture.residuals.get(layer), self.basis[layer])
         return mixture
 
     # ------------------------------------------------------------------ forward

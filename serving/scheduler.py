@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapters_zoo.errors import InvalidConfig, NumericalFailure, ServerBusy, ServiceUnavailable
+from adapters_zoo.errors import NumericalFailure, ServerBusy, ServiceUnavailable
+from serving.config import SchedulerConfig
 from serving.engine import Engine
 from serving.generation import BatchKV, SamplingParams, TextStream, choose_tokens, make_generator
 from serving.slots import MixtureCores, NoFreeSlot
@@ -78,18 +79,6 @@ class RequestHandle:
             self._on_event(event)
         except Exception:  # a consumer that cannot take events any more has gone away
             self.cancelled = True
-
-
-@dataclass
-class SchedulerConfig:
-    max_batch: int = 32  # rows decoded together
-    max_queue: int = 256  # requests waiting for a row
-    max_prefill_tokens: int = 8192  # prompt tokens prefilled in one iteration (at least one request)
-
-    def validate(self) -> None:
-        for name in ("max_batch", "max_queue", "max_prefill_tokens"):
-            if getattr(self, name) < 1:
-                raise InvalidConfig(f"{name} must be ≥ 1, got {getattr(self, name)}")
 
 
 class SchedulerObserver:

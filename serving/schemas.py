@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from adapters_zoo.errors import InvalidRequest
 from serving.generation import SamplingParams
-from serving.services import Job
+from serving.preparation import Job
 
 MAX_PROMPTS = 32  # prompts in one completion request
 MAX_N = 8  # choices per prompt

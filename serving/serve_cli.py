@@ -1,11 +1,12 @@
 """``specfuse serve`` and ``specfuse demo``, and running the server in-process (tests, benchmarks).
 
-    specfuse serve MODEL_DIR [--home DIR --host 127.0.0.1 --port 8000 --device cpu|cuda
-                              --api-key KEY --protect-all]
+    specfuse serve MODEL_DIR [--home DIR --host 127.0.0.1 --port 8000 --api-key-file FILE
+                              --device cpu|cuda --slots 32 --max-batch 32 ...]
     specfuse demo [--host 127.0.0.1 --port 8000]
 
 ``serve`` loads the model, finds its basis among the registry's declared bases (by the
-fingerprint of its weights) and serves the registry's adapters of that base. ``demo``
+fingerprint of its weights) and serves the registry's adapters of that base. Every
+engine, scheduler and limit setting is a flag generated from :mod:`serving.config`. ``demo``
 prepares the real base and the demo's task adapters (:mod:`serving.demo`) in
 ``$SPECFUSE_HOME``, else ``~/.specfuse-demo``, then serves them the same way.
 """
@@ -17,8 +18,12 @@ import os
 import socket
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
+
+from serving.config import EngineConfig, ServerSettings
+
+MIXTURE_CACHE_MB = EngineConfig.mixture_cache_bytes / (1 << 20)  # the default of --mixture-cache-mb
 
 
 def register_cli(subparsers) -> None:
@@ -42,15 +47,11 @@ def register_cli(subparsers) -> None:
     demo.set_defaults(func=cmd_demo)
 
 
-MIXTURE_CACHE_MB = 256  # host memory for fused mixtures (engine.EngineConfig.mixture_cache_bytes)
-
-
 def _server_options(p: argparse.ArgumentParser) -> None:
+    from serving.config import add_flags
+
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when present")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="bearer token every /v1 route and /metrics need (default: $SPECFUSE_API_KEY; prefer it or "
                         "--api-key-file: a key on the command line is visible to anyone running ps)")
@@ -59,63 +60,25 @@ def _server_options(p: argparse.ArgumentParser) -> None:
                    help="with a key: let anyone GET /v1/models, /v1/adapters and /metrics (generation and writes "
                         "still need the key)")
     p.add_argument("--protect-all", action="store_true", help=argparse.SUPPRESS)  # the default now; old scripts
-    p.add_argument("--mixture-cache-mb", type=float, default=MIXTURE_CACHE_MB,
-                   help=f"host memory for fused mixtures, LRU (default {MIXTURE_CACHE_MB:g} MiB; the device slot "
-                        "table is fixed by --slots)")
     p.add_argument("--name", default=None, help="model name in responses (default: the model directory's name)")
-    p.add_argument("--slots", type=int, default=32,
-                   help="mixtures resident on the device (preallocated: device memory for mixtures never grows)")
-    p.add_argument("--residual-slots", type=int, default=8, help="of which this many hold a residual (LoRA) part")
-    p.add_argument("--max-batch", type=int, default=32, help="rows decoded together")
-    p.add_argument("--max-queue", type=int, default=256, help="requests waiting before 429")
-    p.add_argument("--max-prompt-tokens", type=int, default=2048)
-    p.add_argument("--max-tokens", type=int, default=1024, help="bound on a request's max_tokens")
-    p.add_argument("--max-mixture", type=int, default=16, help="adapters in one mixture")
-
-
-@dataclass
-class ServerSettings:
-    model_dir: Path
-    home: Path | None = None
-    device: str | None = None
-    dtype: str | None = None
-    name: str | None = None
-    slots: int = 32
-    residual_slots: int = 8
-    max_batch: int = 32
-    max_queue: int = 256
-    max_prompt_tokens: int = 2048
-    max_tokens: int = 1024
-    max_mixture: int = 16
-    mixture_cache_mb: float = MIXTURE_CACHE_MB
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, model_dir: Path, home: Path | None) -> ServerSettings:
-        return cls(model_dir, home, args.device, args.dtype, args.name, args.slots, args.residual_slots,
-                   args.max_batch, args.max_queue, args.max_prompt_tokens, args.max_tokens, args.max_mixture,
-                   args.mixture_cache_mb)
+    add_flags(p)
 
 
 def build_service(settings: ServerSettings):
     """Registry, basis (found by fingerprint), engine, scheduler (started) and service."""
     from adapters_zoo.registry import Registry, basis_for_model
-    from serving.engine import Engine, EngineConfig, load_model_dir
+    from serving.engine import Engine, load_model_dir
     from serving.metrics import Metrics
-    from serving.scheduler import Scheduler, SchedulerConfig
-    from serving.services import Limits, Service
+    from serving.scheduler import Scheduler
+    from serving.services import Service
 
     registry = Registry(settings.home)
-    engine_config = EngineConfig(device=settings.device, dtype=settings.dtype, slots=settings.slots,
-                                 residual_slots=min(settings.residual_slots, settings.slots),
-                                 mixture_cache_bytes=max(1, int(settings.mixture_cache_mb * (1 << 20))))
+    engine_config = replace(settings.engine, residual_slots=min(settings.engine.residual_slots, settings.engine.slots))
     model, tokenizer = load_model_dir(settings.model_dir)
     engine = Engine(model, tokenizer, basis_for_model(registry, model), engine_config)
     metrics = Metrics()
-    scheduler = Scheduler(engine, SchedulerConfig(max_batch=settings.max_batch, max_queue=settings.max_queue),
-                          metrics).start()
-    limits = Limits(max_prompt_tokens=settings.max_prompt_tokens, max_tokens=settings.max_tokens,
-                    max_mixture=settings.max_mixture)
-    return Service(engine, scheduler, registry, limits, metrics, settings.name or settings.model_dir.name)
+    scheduler = Scheduler(engine, settings.scheduler, metrics).start()
+    return Service(engine, scheduler, registry, settings.limits, metrics, settings.name or settings.model_dir.name)
 
 
 class ServerThread:

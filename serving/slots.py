@@ -1,11 +1,12 @@
 """Mixtures on the device: a fixed table of slots, kept as an LRU over mixture keys.
 
-A mixture is reduced once (on the host) to :class:`MixtureCores`: per target layer its
-k×k core and optional residual ``(B, A)``. :class:`SlotTable` copies it into a free slot
-of every layer's tables the first time a batch needs it, and keeps it there until the
-slot is the least recently used one that no running request holds (a *pin*). Slots
-``0 .. R-1`` also have residual storage; mixtures without a residual prefer the others,
-so residual-capable slots stay free for the mixtures that need them.
+A mixture is reduced once (on the host, :func:`fusion.mixture.reduce`) to
+:class:`MixtureCores`: per target layer its k×k core and optional residual ``(B, A)``.
+:class:`SlotTable` copies it into a free slot of every layer's tables the first time a
+batch needs it, and keeps it there until the slot is the least recently used one that no
+running request holds (a *pin*). Slots ``0 .. R-1`` also have residual storage; mixtures
+without a residual prefer the others, so residual-capable slots stay free for the
+mixtures that need them.
 
 :class:`MixtureCache` is the host-side LRU of reduced mixtures (bigger than the slot
 table), so a mixture evicted from the device is copied back, not fused again.
@@ -16,49 +17,12 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
 
-import torch
-
-from adapters_zoo.basis import Basis
 from adapters_zoo.errors import InvalidMixture
-from adapters_zoo.format import Adapter
+from fusion.mixture import MixtureCores
 from serving.backend import LayerSlots
 
-
-@dataclass
-class MixtureCores:
-    """One mixture as the slot tables hold it (host, float32)."""
-
-    key: Hashable
-    cores: dict[str, torch.Tensor | None]  # layer -> C (k, k), None where the mixture has no core
-    residuals: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (B (out, q), A (q, in))
-    diagonal: bool  # every core is diagonal: the elementwise path serves it
-    residual_rank: int  # the largest q over layers; 0 = no residual anywhere
-
-    @classmethod
-    def from_adapter(cls, key: Hashable, adapter: Adapter, basis: Basis) -> MixtureCores:
-        """Reduce a (fused) adapter; layers it does not touch get no core."""
-        cores: dict[str, torch.Tensor | None] = {}
-        residuals = {}
-        for layer in basis.layer_names():
-            if layer not in adapter.params:
-                cores[layer] = None
-                continue
-            core = adapter.core(layer, basis)
-            cores[layer] = None if core is None else core.detach().to("cpu", torch.float32)
-            res = adapter.residual(layer, basis)
-            if res is not None:
-                residuals[layer] = (res[0].detach().to("cpu", torch.float32), res[1].detach().to("cpu", torch.float32))
-        diagonal = all(c is None or bool((c == torch.diag(torch.diagonal(c))).all()) for c in cores.values())
-        rank = max((B.shape[1] for B, _ in residuals.values()), default=0)
-        return cls(key, cores, residuals, diagonal, rank)
-
-    @property
-    def nbytes(self) -> int:
-        """Host memory of the cores and residuals."""
-        tensors = [c for c in self.cores.values() if c is not None] + [t for r in self.residuals.values() for t in r]
-        return sum(t.numel() * t.element_size() for t in tensors)
+__all__ = ["MixtureCache", "MixtureCores", "NoFreeSlot", "SlotTable"]
 
 
 class NoFreeSlot(Exception):

@@ -34,8 +34,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from adapters_zoo.errors import IncompatibleAdapter, SpecfuseError
-from serving.engine import MixtureSpec
+from adapters_zoo.errors import SpecfuseError
+from adapters_zoo.registry.mixture import MixtureSpec, resolve
 
 EXPORT_FORMAT = 1  # bump when the export layout changes: old exports are not reused
 
@@ -54,31 +54,26 @@ def export_mixture(registry, mixture: str | Mapping[str, float], out_root: str |
     The export is reused while the mixture resolves to the same blobs; it is written to a
     temporary directory and renamed, so a crash or a concurrent export never leaves half of one.
     """
-    from fusion import fuse
     from fusion.lora_io import export_peft_lora
+    from fusion.mixture import reduce
 
-    resolved = registry.resolve_mixture(mixture, max_entries=max_entries)
-    fingerprint = resolved[0][1].base_fingerprint
-    if base_fingerprint is not None and fingerprint != base_fingerprint:
-        raise IncompatibleAdapter(f"the mixture belongs to base {fingerprint}, not to the served {base_fingerprint}")
-    digests = {ref: registry.get(ref).sha256 for ref, _, _ in resolved}
-    spec = MixtureSpec.of([(ref, w) for ref, _, w in resolved], method, params, digests)
+    resolved = resolve(registry, mixture, fingerprint=base_fingerprint, max_entries=max_entries)
+    spec = MixtureSpec.resolved(resolved, method, params)
     out_root = Path(out_root)
     target = out_root / mixture_key(spec)
     if (target / "adapter_config.json").is_file():
         return target
+    fingerprint = resolved[0][0].base_fingerprint
     basis = registry.basis(fingerprint)
-    adapters, weights = [a for _, a, _ in resolved], [w for _, _, w in resolved]
-    if len(adapters) == 1 and weights[0] == 1.0 and method == "linear" and not params:
-        fused = adapters[0]
-    else:
-        fused = fuse(adapters, weights, basis, method=method, **(params or {}))
+    records = {rec.ref: rec for rec, _ in resolved}
+    pairs = [(registry.load_record(records[ref]), w) for ref, w in spec.components]  # the key's order
+    fused = reduce(pairs, basis, spec.method, spec.fusion_params, key=spec).to_adapter(basis)
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = out_root / f".tmp-{uuid.uuid4().hex}"
     try:
         export_peft_lora(fused, basis, tmp, base_model_name_or_path=base_model_name_or_path)
         (tmp / "specfuse_mixture.json").write_text(json.dumps(
-            {"mixture": spec.label, "components": spec.components, "method": method, "params": spec.fusion_params,
+            {"mixture": spec.label, "components": spec.components, "method": spec.method, "params": spec.fusion_params,
              "base_fingerprint": fingerprint}, indent=2) + "\n")
         try:
             tmp.rename(target)

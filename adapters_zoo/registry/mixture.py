@@ -1,23 +1,34 @@
-"""Mixtures of adapters as users write them: ``math``, ``math@2``, ``math:0.7,code:0.3``.
+"""A mixture of adapters, parsed and resolved: ``math``, ``math@2``, ``math:0.7,code:0.3``.
 
     mixture  entry ("," entry)*        at most MAX_MIXTURE entries
     entry    ref [":" weight]          weight defaults to 1
     weight   decimal number            finite, |weight| ≤ MAX_WEIGHT, ≥ 0 unless allow_negative
 
-A mixture is a list of (ref, weight) pairs in the order given; refs are checked as
-names (``names.parse_ref``) but not looked up here: ``Registry.resolve_mixture`` does
-that. Duplicated refs, NaN/inf, negative weights (unless allowed, for task-vector
-subtraction) and all-zero mixtures are refused with InvalidMixture.
+    pairs    = mixture_pairs("a:0.7,b@2:0.3")          # [("a", 0.7), ("b@2", 0.3)], weights validated here
+    resolved = resolve(registry, "a:0.7,b@2:0.3")      # [(AdapterRecord, weight)]: one Registry.get per ref
+    spec     = MixtureSpec.resolved(resolved, method)  # name@version, sha256, weight: the cache key
+
+Parsing refuses duplicated refs, NaN/inf, negative weights (unless allowed, for
+task-vector subtraction) and all-zero mixtures with InvalidMixture; this is the one place
+a mixture's weights are checked. Resolving looks every ref up once and refuses two refs
+of one version and adapters of two bases. Reducing a resolved mixture to cores needs the
+fusion layer: :mod:`fusion.mixture`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from adapters_zoo.errors import InvalidMixture, InvalidName
+from adapters_zoo.errors import IncompatibleAdapter, InvalidMixture, InvalidName
 from adapters_zoo.registry.names import MAX_NAME_LEN, parse_ref
+
+if TYPE_CHECKING:
+    from adapters_zoo.registry.catalog import AdapterRecord
 
 MAX_MIXTURE = 64
 # Task arithmetic uses weights around 1; a weight past 10 turns an adapter into something its
@@ -112,3 +123,82 @@ def mixture_pairs(
         if not isinstance(ref, str):
             raise InvalidMixture(f"adapter names in a mixture must be strings, got {ref!r}")
     return check_mixture(mixture.items(), allow_negative=allow_negative, max_entries=max_entries)
+
+
+def resolve(
+    registry,
+    mixture: str | Mapping[str, float],
+    *,
+    fingerprint: str | None = None,
+    allow_negative: bool = False,
+    max_entries: int = MAX_MIXTURE,
+) -> list[tuple[AdapterRecord, float]]:
+    """Parse ``mixture`` and look every ref up once: [(record of name@version, weight)] in the order given.
+
+    Two refs of one version are refused (InvalidMixture), so are adapters of two bases or
+    basis ranks, and, when ``fingerprint`` is given, adapters of another base (IncompatibleAdapter).
+    """
+    out: list[tuple[AdapterRecord, float]] = []
+    seen: dict[str, str] = {}
+    for ref, weight in mixture_pairs(mixture, allow_negative=allow_negative, max_entries=max_entries):
+        rec = registry.get(ref)
+        if fingerprint is not None and rec.base_fingerprint != fingerprint:
+            raise IncompatibleAdapter(f"adapter {rec.ref} belongs to base {rec.base_fingerprint}, not to the "
+                                      f"served base {fingerprint}")
+        if rec.ref in seen:
+            raise InvalidMixture(f"{ref!r} and {seen[rec.ref]!r} are the same adapter ({rec.ref})")
+        seen[rec.ref] = ref
+        first = out[0][0] if out else rec
+        if (rec.base_fingerprint, str(rec.basis_k)) != (first.base_fingerprint, str(first.basis_k)):
+            raise IncompatibleAdapter(
+                f"{rec.ref} is of base {rec.base_fingerprint} (k={rec.basis_k}) but {first.ref} is of "
+                f"base {first.base_fingerprint} (k={first.basis_k}): a mixture lives in one basis"
+            )
+        out.append((rec, weight))
+    return out
+
+
+@dataclass(frozen=True)
+class MixtureSpec:
+    """A resolved mixture as the caches key it: (name@version, weight) sorted by ref, the fusion
+    method, its params (canonical JSON) and the components' sha256, so a re-added name@version
+    is a new key. The empty mixture is the base model."""
+
+    components: tuple[tuple[str, float], ...] = ()
+    method: str = "linear"
+    params: str = "{}"
+    digests: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, components: Iterable[tuple[str, float]] = (), method: str = "linear",
+           params: Mapping[str, Any] | None = None, digests: Mapping[str, str] | None = None) -> MixtureSpec:
+        """The key of already validated (ref, weight) pairs; ``digests`` maps ref -> sha256."""
+        comps = tuple(sorted((str(ref), float(w)) for ref, w in components))
+        try:
+            params_json = json.dumps(dict(params or {}), sort_keys=True, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise InvalidMixture(f"fusion params must be plain JSON values ({err})") from err
+        return cls(comps, method, params_json, tuple((digests or {}).get(ref, "") for ref, _ in comps))
+
+    @classmethod
+    def resolved(cls, resolved: Iterable[tuple[AdapterRecord, float]], method: str = "linear",
+                 params: Mapping[str, Any] | None = None) -> MixtureSpec:
+        """The key of ``resolve``'s output."""
+        resolved = list(resolved)
+        digests = {rec.ref: rec.sha256 for rec, _ in resolved}
+        return cls.of([(rec.ref, w) for rec, w in resolved], method, params, digests)
+
+    @property
+    def is_base(self) -> bool:
+        return not self.components
+
+    @property
+    def fusion_params(self) -> dict[str, Any]:
+        return json.loads(self.params)
+
+    @property
+    def label(self) -> str:
+        if self.is_base:
+            return "base"
+        text = ",".join(f"{ref}:{w:g}" for ref, w in self.components)
+        return text if self.method == "linear" and self.params == "{}" else f"{text} ({self.method})"

@@ -27,15 +27,13 @@ from adapters_zoo.errors import (
     AdapterFormatError,
     AdapterNotFound,
     BaseNotDeclared,
-    IncompatibleAdapter,
     IntegrityError,
     InvalidConfig,
-    InvalidMixture,
     RegistryError,
 )
 from adapters_zoo.format import Adapter, adapter_from_bytes, adapter_to_bytes
 from adapters_zoo.registry.catalog import AdapterRecord, Catalog, Tx, now_iso
-from adapters_zoo.registry.mixture import MAX_MIXTURE, mixture_pairs
+from adapters_zoo.registry.mixture import MAX_MIXTURE, resolve
 from adapters_zoo.registry.names import close_matches, parse_ref, validate_name, validate_tag, validate_version
 from adapters_zoo.registry.store import BlobStore, sha256_file
 
@@ -202,13 +200,14 @@ class Registry:
 
     def load(self, ref: str) -> Adapter:
         """The adapter, read from a hash-verified blob and validated against its basis."""
-        return self._load_record(self.get(ref))
+        return self.load_record(self.get(ref))
 
     def resolve(self, ref: str) -> tuple[AdapterRecord, Adapter]:
         rec = self.get(ref)
-        return rec, self._load_record(rec)
+        return rec, self.load_record(rec)
 
-    def _load_record(self, rec: AdapterRecord) -> Adapter:
+    def load_record(self, rec: AdapterRecord) -> Adapter:
+        """The adapter of a record ``get`` returned (its blob, not whatever the name means now)."""
         data = self.store.read_bytes(rec.sha256, what=rec.ref)
         if len(data) != rec.size:  # same hash, other size cannot happen; a catalog edited by hand can
             raise IntegrityError(f"{rec.ref}: blob is {len(data)} bytes, the catalog says {rec.size}")
@@ -242,22 +241,8 @@ class Registry:
         Every adapter must share one base and basis k (IncompatibleAdapter otherwise), and
         two refs that resolve to the same version are refused as a duplicate.
         """
-        pairs = mixture_pairs(mixture, allow_negative=allow_negative, max_entries=max_entries)
-        out: list[tuple[str, Adapter, float]] = []
-        seen: dict[str, str] = {}
-        for ref, weight in pairs:
-            rec, adapter = self.resolve(ref)
-            if rec.ref in seen:
-                raise InvalidMixture(f"{ref!r} and {seen[rec.ref]!r} are the same adapter ({rec.ref})")
-            seen[rec.ref] = ref
-            first = out[0][1] if out else adapter
-            if (adapter.base_fingerprint, str(adapter.basis_k)) != (first.base_fingerprint, str(first.basis_k)):
-                raise IncompatibleAdapter(
-                    f"{rec.ref} is of base {adapter.base_fingerprint} (k={adapter.basis_k}) but {out[0][0]} is of "
-                    f"base {first.base_fingerprint} (k={first.basis_k}): a mixture lives in one basis"
-                )
-            out.append((rec.ref, adapter, weight))
-        return out
+        resolved = resolve(self, mixture, allow_negative=allow_negative, max_entries=max_entries)
+        return [(rec.ref, self.load_record(rec), weight) for rec, weight in resolved]
 
     # ---------------------------------------------------------------- bases
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fusion.mixture import MixtureCores, reduce
 from serving.backend import (
     LayerSlots,
     LoopBackend,
@@ -14,7 +15,7 @@ from serving.backend import (
     TorchBackend,
     shared_input_groups,
 )
-from serving.slots import MixtureCores, NoFreeSlot, SlotTable
+from serving.slots import NoFreeSlot, SlotTable
 
 LAYER = "model.layers.0.mlp.down_proj"
 
@@ -26,7 +27,7 @@ def table_with(basis, adapters, names, slots=6, residual_slots=3):
     table = SlotTable({LAYER: layer}, residual_slots, 16)
     placed = {}
     for name in names:
-        cores = MixtureCores.from_adapter(name, adapters[name], basis)
+        cores = reduce([(adapters[name], 1.0)], basis, key=name)
         cores = MixtureCores(name, {LAYER: cores.cores[LAYER]},
                              {k: v for k, v in cores.residuals.items() if k == LAYER}, cores.diagonal,
                              cores.residual_rank)
@@ -68,7 +69,7 @@ def test_diagonal_fast_path_equals_general_path(basis, adapters):
 
 def test_slot_lru_evicts_least_recent_unpinned_and_keeps_residual_slots(basis, adapters):
     table, _, placed = table_with(basis, adapters, [], slots=3, residual_slots=1)
-    mix = {n: MixtureCores.from_adapter(n, adapters[n], basis) for n in ("scale", "svft", "rotation", "lora")}
+    mix = {n: reduce([(adapters[n], 1.0)], basis, key=n) for n in ("scale", "svft", "rotation", "lora")}
     a = table.acquire(mix["scale"])
     b = table.acquire(mix["svft"])
     assert a != 0 and b != 0, "mixtures without a residual leave the residual slot free"
@@ -96,7 +97,7 @@ def qkv_group(basis, adapters, names, slots=6, residual_slots=3):
     group = SlotGroup.allocate([(basis[n].U, basis[n].V) for n in QKV], slots, residual_slots, 16, torch.float32,
                                torch.device("cpu"))
     table = SlotTable(dict(zip(QKV, group.layers)), residual_slots, 16)
-    placed = {name: table.acquire(MixtureCores.from_adapter(name, adapters[name], basis)) for name in names}
+    placed = {name: table.acquire(reduce([(adapters[name], 1.0)], basis, key=name)) for name in names}
     return group, table, placed
 
 
@@ -125,7 +126,7 @@ def test_group_shrink_expand_matches_loop_and_dense_per_layer(basis, adapters, n
 def test_group_members_are_views_of_the_group_tables(basis, adapters):
     group, table, placed = qkv_group(basis, adapters, ["rotation"])
     s = placed["rotation"]
-    core = MixtureCores.from_adapter("r", adapters["rotation"], basis).cores[QKV[1]]
+    core = reduce([(adapters["rotation"], 1.0)], basis, key="r").cores[QKV[1]]
     torch.testing.assert_close(group.cores[s, 1], core)
     torch.testing.assert_close(group.diag[s, group.layers[1].offset : group.layers[1].offset + 8], torch.diagonal(core))
     torch.testing.assert_close(group.layers[1].V, basis[QKV[1]].V)

@@ -284,6 +284,23 @@ def test_auto_serves_the_adapter_it_chose_and_equals_the_reference(client, servi
     assert complete(client, "auto", prompt) == complete(client, "sort_digits", prompt)
 
 
+def test_the_routed_mixture_reaches_the_engine_without_another_registry_read(service, tokenizer, monkeypatch):
+    from serving.generation import SamplingParams
+    from serving.preparation import Job
+
+    prompt = task_prompts("count_stars", "test", 1)[0]
+    routed = Job("completion", "base", [prompt], None, SamplingParams(max_tokens=2), 1, False, False, ROUTED,
+                 None, None)
+    _, [first] = service.prepare(routed)  # candidates parsed and cached by content hash
+    assert first.key.components == (("count_stars@1", 1.0),)
+    assert first.key.digests == (service.registry.get("count_stars@1").sha256,)
+    calls: list[str] = []
+    get = service.registry.get
+    monkeypatch.setattr(service.registry, "get", lambda ref: (calls.append(ref), get(ref))[1])
+    _, [again] = service.prepare(routed)
+    assert again is first and calls == [], "the router's choice is resolved already: no registry read"
+
+
 def test_each_prompt_of_a_request_is_routed_on_its_own(client):
     prompts = [task_prompts(name, "test", 2)[1] for name in TASKS]
     got = complete(client, "auto", prompts, n=1)

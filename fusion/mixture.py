@@ -1,0 +1,109 @@
+"""A resolved mixture reduced to what serves it, or fused into a new adapter.
+
+    resolved = resolve(registry, "math:0.7,code@2:0.3")               # adapters_zoo.registry.mixture
+    spec     = MixtureSpec.resolved(resolved, "ties", {"density": 0.5})  # the cache key
+    cores    = reduce(pairs, basis, spec.method, spec.fusion_params, key=spec)   # MixtureCores
+    fused    = fuse_mixture(registry, "math:0.7,code@2:0.3", "ties")     # a new ``core`` adapter
+
+``reduce`` is the one reduction the server and the vLLM bridge use: a single adapter at
+weight 1 (linear, no params) is its own mixture, exactly; any other mixture is combined
+by its fusion method on k×k cores (:func:`fusion.fuse.fuse_cores`). The result holds,
+per layer of the basis, a k×k core (None where the mixture leaves the layer alone) and
+an optional residual ``(B, A)`` outside the basis, on the host in float32; a mixture
+whose change to a layer would blow the model's numbers up is refused here
+(DeltaOutOfBounds, a 400), before it reaches a device.
+
+``fuse_mixture`` is the offline path (``specfuse fuse``, ``POST /v1/fuse``): the mixture
+resolved once and fused into a ``core`` adapter whose ``meta["fusion"]`` names its
+sources by name@version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from adapters_zoo.basis import Basis
+from adapters_zoo.errors import InvalidMixture
+from adapters_zoo.format import Adapter, check_delta
+from adapters_zoo.registry.mixture import MAX_MIXTURE, resolve
+from fusion.cores import adapter_cores
+from fusion.fuse import fuse_cores
+
+
+@dataclass
+class MixtureCores:
+    """One mixture as the slot tables hold it (host, float32)."""
+
+    key: Hashable
+    cores: dict[str, torch.Tensor | None]  # layer -> C (k, k), None where the mixture has no core
+    residuals: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (B (out, q), A (q, in))
+    diagonal: bool  # every core is diagonal: the elementwise path serves it
+    residual_rank: int  # the largest q over layers; 0 = no residual anywhere
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory of the cores and residuals."""
+        tensors = [c for c in self.cores.values() if c is not None] + [t for r in self.residuals.values() for t in r]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def to_adapter(self, basis: Basis) -> Adapter:
+        """The mixture as a ``core`` adapter (for writers that take adapters, e.g. the PEFT export)."""
+        params: dict[str, dict[str, torch.Tensor]] = {}
+        for layer, core in self.cores.items():
+            layer_params = {} if core is None else {"C": core}
+            if layer in self.residuals:
+                layer_params["B"], layer_params["A"] = self.residuals[layer]
+            if layer_params:
+                params[layer] = layer_params
+        return Adapter("core", {"diagonal": False}, basis.fingerprint, basis.rank, params, {})
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", torch.float32)
+
+
+def reduce(pairs: Sequence[tuple[Adapter, float]], basis: Basis, method: str = "linear",
+           params: Mapping[str, Any] | None = None, key: Hashable = None) -> MixtureCores:
+    """The mixture Σ wₙ adapterₙ (combined by ``method``) as per-layer cores and residuals.
+
+    Weights are taken as given (checked where the mixture was parsed); every adapter is
+    checked against ``basis`` when its cores are first evaluated.
+    """
+    if not pairs:
+        raise InvalidMixture("the mixture names no adapter")
+    params = dict(params or {})
+    if len(pairs) == 1 and pairs[0][1] == 1.0 and method == "linear" and not params:
+        entry = adapter_cores(pairs[0][0], basis)  # one adapter at weight 1: it is its own mixture, exactly
+        cores, residuals = entry.cores, entry.residuals
+    else:
+        fused = fuse_cores([a for a, _ in pairs], [w for _, w in pairs], basis, method, params=params)
+        cores = {layer: torch.diag(c) if fused.diagonal else c for layer, c in fused.cores.items()}
+        residuals = fused.residuals
+    host_cores = {layer: None if cores.get(layer) is None else _host(cores[layer]) for layer in basis.layer_names()}
+    host_residuals = {layer: (_host(r[0]), _host(r[1])) for layer, r in residuals.items() if r is not None}
+    for layer, core in host_cores.items():  # a mixture that would blow the numbers up is a 400, not NaN
+        check_delta(layer, core, host_residuals.get(layer), basis[layer])
+    diagonal = all(c is None or not bool((c - torch.diag(c.diagonal())).any()) for c in host_cores.values())
+    rank = max((B.shape[1] for B, _ in host_residuals.values()), default=0)
+    return MixtureCores(key, host_cores, host_residuals, diagonal, rank)
+
+
+def fuse_mixture(registry, mixture: str | Mapping[str, float], method: str = "linear",
+                 params: Mapping[str, Any] | None = None, project: bool = False, *, fingerprint: str | None = None,
+                 max_entries: int = MAX_MIXTURE) -> tuple[Adapter, Basis, list[tuple[str, float]]]:
+    """(fused ``core`` adapter, its basis, [(name@version, weight)]) of a registry mixture, in the order given."""
+    resolved = resolve(registry, mixture, fingerprint=fingerprint, max_entries=max_entries)
+    basis = registry.basis(resolved[0][0].base_fingerprint)
+    adapters = [registry.load_record(rec) for rec, _ in resolved]
+    fused = fuse_cores(adapters, [w for _, w in resolved], basis, method, project, dict(params or {}))
+    refs = [rec.ref for rec, _ in resolved]
+    for source, ref in zip(fused.meta["fusion"]["sources"], refs):
+        source["name"] = ref
+    fused.meta["fusion"]["refs"] = refs
+    fused.meta["fusion"]["mixture"] = mixture if isinstance(mixture, str) else ",".join(
+        f"{ref}:{w:g}" for ref, w in mixture.items())
+    return fused.to_adapter(basis), basis, [(rec.ref, w) for rec, w in resolved]

@@ -1,0 +1,198 @@
+"""A generation request made ready to queue: its prompts encoded and its mixture reduced.
+
+A request's mixture is named in ``model`` (``base``, ``math``, ``math@2``,
+``math:0.7,code:0.3``) or given as ``adapters: {"math": 0.7}`` (then ``model`` is ``base``
+or the served model's name). It is resolved in the registry once (one read per ref: a
+new version is a new mixture, :func:`adapters_zoo.registry.mixture.resolve`) and reduced
+by the engine (fused at most once while cached). ``model: "auto"`` (or ``adapters:
+"auto"`` / ``{"auto": {...}}``) lets :mod:`serving.routing` pick each prompt's mixture
+from a base-model probe of the prompt; the router's choice is already resolved (its
+candidates are registry records), so it reaches the engine without another registry
+read. Every bound a request can push (prompt tokens, max_tokens, mixture length) is
+checked here with a typed error. Blocking: run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from adapters_zoo.errors import InvalidMixture, InvalidRequest, PayloadTooLarge
+from adapters_zoo.format import Adapter
+from adapters_zoo.registry import Registry
+from adapters_zoo.registry.mixture import MixtureSpec, resolve
+from fusion.mixture import MixtureCores
+from serving.config import Limits
+from serving.engine import Engine
+from serving.generation import SamplingParams
+from serving.routing import AutoRouter, AutoSpec, Candidate, RouteDecision, auto_spec, resolve_candidates
+
+BASE = "base"
+ADAPTER_CACHE = 1024  # parsed registry adapters kept in memory (they are small: k-sized tensors per layer)
+ADAPTER_CACHE_BYTES = 64 << 20  # ... and the memory they may take
+
+Mixtures = MixtureCores | None | list[MixtureCores | None]  # one for every prompt, or one per prompt (auto)
+
+
+@dataclass
+class Job:
+    """A generation request as the services see it."""
+
+    endpoint: str  # "completion" | "chat"
+    model: str
+    prompts: list[str | list[int]]  # completion: text or token ids per prompt
+    messages: list[dict[str, str]] | None  # chat
+    params: SamplingParams
+    n: int
+    stream: bool
+    include_usage: bool
+    adapters: dict[str, Any] | str | None  # a weight map, or "auto" / {"auto": {...}} (serving.routing)
+    fusion_method: str | None
+    fusion_params: dict[str, Any] | None
+
+
+class AdapterCache:
+    """Parsed registry adapters by content hash (blobs are content-addressed: never stale), bounded in bytes."""
+
+    def __init__(self, capacity: int = ADAPTER_CACHE, max_bytes: int = ADAPTER_CACHE_BYTES):
+        self.capacity, self.max_bytes = capacity, max_bytes
+        self._items: OrderedDict[str, tuple[Adapter, int]] = OrderedDict()  # sha256 -> (adapter, bytes)
+        self.nbytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, sha256: str, load: Callable[[], Adapter]) -> Adapter:
+        with self._lock:
+            if sha256 in self._items:
+                self._items.move_to_end(sha256)
+                return self._items[sha256][0]
+        adapter = load()  # outside the lock: a duplicate load is harmless
+        size = sum(t.numel() * t.element_size() for p in adapter.params.values() for t in p.values())
+        with self._lock:
+            if sha256 not in self._items:
+                self._items[sha256] = (adapter, size)
+                self.nbytes += size
+            while len(self._items) > 1 and (len(self._items) > self.capacity or self.nbytes > self.max_bytes):
+                self.nbytes -= self._items.popitem(last=False)[1][1]
+        return adapter
+
+
+class RequestPreparer:
+    def __init__(self, engine: Engine, registry: Registry, limits: Limits, model_name: str = BASE):
+        self.engine = engine
+        self.registry = registry
+        self.limits = limits
+        self.served_names = (BASE, model_name)
+        self.fingerprint = engine.basis.fingerprint
+        self.adapters = AdapterCache()
+        self.router = AutoRouter(engine)
+
+    def prepare(self, job: Job) -> tuple[list[list[int]], Mixtures]:
+        """Everything a generation needs before it is queued: token ids, and the mixture (one per prompt
+        for ``auto``, chosen from the prompt)."""
+        prompts = self.encode(job)
+        spec = auto_spec(job.model, job.adapters, self.served_names)
+        if spec is None:
+            return prompts, self.prepare_mixture(job.model, job.adapters, job.fusion_method, job.fusion_params)
+        decisions, candidates = self._route(prompts, spec)
+        by_ref = {c.ref: c for c in candidates}
+        return prompts, [self._decided(d, by_ref, job.fusion_method, job.fusion_params) for d in decisions]
+
+    # ------------------------------------------------------------------ mixtures
+
+    def mixture_spec(self, model: str, adapters: dict[str, Any] | None = None, method: str | None = None,
+                     params: dict[str, Any] | None = None) -> tuple[MixtureSpec, Callable[[], list]]:
+        """-> (the cache key, a loader of (Adapter, weight) pairs called only on a cache miss)."""
+        if adapters is not None:
+            if model not in self.served_names:
+                raise InvalidMixture(f"give the mixture either in model or in adapters, not both (model={model!r})")
+            if not adapters:
+                raise InvalidMixture("adapters is empty: name at least one adapter, or use model 'base'")
+            source: str | dict[str, Any] = adapters
+        elif model in self.served_names:
+            if method is not None or params:
+                raise InvalidMixture("fusion_method / fusion_params need a mixture of adapters")
+            return MixtureSpec(), list
+        else:
+            source = model
+        resolved = resolve(self.registry, source, fingerprint=self.fingerprint, max_entries=self.limits.max_mixture)
+        spec = MixtureSpec.resolved(resolved, "linear" if method is None else method, params)
+        records = {rec.ref: rec for rec, _ in resolved}
+
+        def load() -> list[tuple[Adapter, float]]:
+            return [(self.adapters.get(records[ref].sha256, lambda ref=ref: self.registry.load_record(records[ref])),
+                     weight) for ref, weight in spec.components]
+
+        return spec, load
+
+    def prepare_mixture(self, model: str, adapters=None, method=None, params=None) -> MixtureCores | None:
+        """Resolve and reduce a mixture (blocking: registry reads, maybe fusion). None: the base model."""
+        spec, load = self.mixture_spec(model, adapters, method, params)
+        return self.engine.prepare(spec, load)
+
+    def _decided(self, decision: RouteDecision, by_ref: dict[str, Candidate], method: str | None,
+                 params: dict[str, Any] | None) -> MixtureCores | None:
+        """The mixture routing chose, from its candidates (resolved and loaded already)."""
+        if not decision.pairs:
+            return None
+        spec = MixtureSpec.of(decision.pairs, "linear" if method is None else method, params,
+                              {ref: by_ref[ref].sha256 for ref, _ in decision.pairs})
+        return self.engine.prepare(spec, lambda: [(by_ref[ref].adapter, w) for ref, w in spec.components])
+
+    def route(self, prompts: list[list[int]], spec: AutoSpec) -> list[RouteDecision]:
+        """The mixture ``spec`` picks for each prompt (token ids): base-model probe, then a router."""
+        return self._route(prompts, spec)[0]
+
+    def _route(self, prompts: list[list[int]], spec: AutoSpec) -> tuple[list[RouteDecision], list[Candidate]]:
+        if spec.top_m > self.limits.max_mixture:
+            raise InvalidRequest(f"adapters.auto.top_m is {spec.top_m}, this server mixes at most "
+                                 f"{self.limits.max_mixture} adapters", param="adapters.auto.top_m")
+        candidates = resolve_candidates(self.registry, self.fingerprint, spec, self._candidate)
+        return self.router.route(prompts, spec, candidates), candidates
+
+    def _candidate(self, ref: str, sha256: str) -> Adapter:
+        return self.adapters.get(sha256, lambda: self.registry.load(ref))
+
+    # ------------------------------------------------------------------ prompts
+
+    def encode(self, job: Job) -> list[list[int]]:
+        """Token ids of every prompt (the chat template for chat), bounds checked."""
+        tok = self.engine.tokenizer
+        if job.endpoint == "chat":
+            if not getattr(tok, "chat_template", None):
+                raise InvalidRequest("this model's tokenizer has no chat template: use /v1/completions", "messages")
+            try:
+                text = tok.apply_chat_template(job.messages, tokenize=False, add_generation_prompt=True)
+            except Exception as err:  # the model's own Jinja template refusing these messages (e.g. a system role)
+                raise InvalidRequest(f"the model's chat template refused these messages: {err}", "messages") from err
+            prompts = [tok(text, add_special_tokens=False)["input_ids"]]
+        else:
+            prompts = []
+            for p in job.prompts:
+                if isinstance(p, str):
+                    if len(p) > 16 * self.limits.max_prompt_tokens:  # don't tokenize megabytes to refuse them
+                        raise PayloadTooLarge(f"the prompt is {len(p)} characters long, too long", param="prompt")
+                    prompts.append(tok(p)["input_ids"])
+                else:
+                    vocab = len(tok)
+                    bad = [t for t in p if not 0 <= t < vocab]
+                    if bad:
+                        raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
+                    prompts.append(list(p))
+        for ids in prompts:
+            self.check_prompt(ids, job.params)
+        return prompts
+
+    def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        params.validate(self.limits.max_tokens)
+        if not ids:
+            raise InvalidRequest("the prompt has no tokens", param="prompt")
+        limit = min(self.limits.max_prompt_tokens, self.engine.max_positions - 1)
+        if len(ids) > limit:
+            raise PayloadTooLarge(f"the prompt has {len(ids)} tokens, at most {limit} are allowed", param="prompt")
+        if len(ids) + params.max_tokens > self.engine.max_positions:
+            raise InvalidRequest(
+                f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the model's "
+                f"context of {self.engine.max_positions} tokens", param="max_tokens")

@@ -1,0 +1,126 @@
+"""A mixture from text to cores: parse, resolve (one registry read per ref), reduce, fuse into an adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fusion_helpers import moved
+
+from adapters_zoo.errors import DeltaOutOfBounds, IncompatibleAdapter, InvalidMixture
+from adapters_zoo.registry import Registry
+from adapters_zoo.registry.mixture import MixtureSpec, resolve
+from fusion import fuse
+from fusion.mixture import fuse_mixture, reduce
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, llama_basis, other_basis, mixed):
+    reg = Registry(tmp_path_factory.mktemp("mixture-home"))
+    reg.add_basis(llama_basis)
+    reg.add_basis(other_basis)
+    adapters, _ = mixed
+    for name, adapter in zip(("scale", "svft", "rotation", "additive", "lora"), adapters):
+        reg.add(adapter, name)
+    reg.add(adapters[0], "scale")  # scale@2: the same blob again
+    reg.add(moved("scale", {"rank": 4}, other_basis, 9), "foreign")
+    yield reg
+    reg.close()
+
+
+def counting_gets(registry, monkeypatch) -> list[str]:
+    calls: list[str] = []
+    get = registry.get
+
+    def counted(ref: str):
+        calls.append(ref)
+        return get(ref)
+
+    monkeypatch.setattr(registry, "get", counted)
+    return calls
+
+
+def test_resolve_reads_each_ref_once_in_the_order_given(registry, monkeypatch):
+    calls = counting_gets(registry, monkeypatch)
+    resolved = resolve(registry, "svft:0.4, scale@1:0.7,rotation")
+    assert calls == ["svft", "scale@1", "rotation"]
+    assert [(rec.ref, w) for rec, w in resolved] == [("svft@1", 0.4), ("scale@1", 0.7), ("rotation@1", 1.0)]
+    assert [(rec.ref, w) for rec, w in resolve(registry, {"scale": 0.5})] == [("scale@2", 0.5)]  # the latest
+
+
+def test_resolve_refuses_one_version_twice_and_other_bases(registry, llama_basis):
+    with pytest.raises(InvalidMixture, match="same adapter"):
+        resolve(registry, "scale,scale@2")
+    with pytest.raises(InvalidMixture, match="appears twice"):  # caught by the parser, before any read
+        resolve(registry, "scale:0.5,scale:0.5")
+    with pytest.raises(IncompatibleAdapter, match="a mixture lives in one basis"):
+        resolve(registry, "scale,foreign")
+    with pytest.raises(IncompatibleAdapter, match="not to the served base"):
+        resolve(registry, "foreign", fingerprint=llama_basis.fingerprint)
+    with pytest.raises(InvalidMixture, match="negative"):
+        resolve(registry, "scale:-0.5")
+
+
+def test_the_key_is_the_resolved_mixture_not_its_spelling(registry):
+    a = MixtureSpec.resolved(resolve(registry, "scale@2:0.7,svft:0.3"))
+    b = MixtureSpec.resolved(resolve(registry, {"svft@1": 0.3, "scale": 0.7}))
+    assert a == b and hash(a) == hash(b)
+    assert a.components == (("scale@2", 0.7), ("svft@1", 0.3))
+    assert a.digests == (registry.get("scale@2").sha256, registry.get("svft").sha256)
+    assert a != MixtureSpec.resolved(resolve(registry, "scale@1:0.7,svft:0.3")), "another version, another key"
+    assert a != MixtureSpec.resolved(resolve(registry, "scale@2:0.7,svft:0.3"), "ties", {"density": 0.5})
+    assert MixtureSpec().is_base and MixtureSpec().label == "base"
+
+
+def test_one_adapter_at_weight_one_is_its_own_cores(llama_basis, mixed):
+    for adapter in mixed[0]:
+        cores = reduce([(adapter, 1.0)], llama_basis, key="k")
+        for layer in llama_basis.layer_names():
+            own = adapter.core(layer, llama_basis) if layer in adapter.params else None
+            if own is None:
+                assert cores.cores[layer] is None
+            else:
+                assert torch.equal(cores.cores[layer], own.float())
+            res = adapter.residual(layer, llama_basis) if layer in adapter.params else None
+            if res is None:
+                assert layer not in cores.residuals
+            else:
+                assert all(torch.equal(got, want) for got, want in zip(cores.residuals[layer], res))
+        if adapter.kind in ("scale", "rotation"):
+            assert cores.diagonal == (adapter.kind == "scale"), "scale: the elementwise path; rotation: not"
+
+
+def test_a_fused_mixture_applies_the_weighted_sum_of_its_sources(llama_basis, mixed):
+    adapters, weights = mixed
+    cores = reduce(list(zip(adapters, weights)), llama_basis, key="mix")
+    for layer in llama_basis.layer_names():
+        lb = llama_basis[layer]
+        want = sum(w * a.delta(layer, llama_basis) for a, w in zip(adapters, weights) if layer in a.params)
+        got = torch.zeros_like(lb.U @ lb.V.T)
+        if cores.cores[layer] is not None:
+            got = got + lb.U @ cores.cores[layer] @ lb.V.T
+        if layer in cores.residuals:
+            got = got + cores.residuals[layer][0] @ cores.residuals[layer][1]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert cores.residual_rank == max(B.shape[1] for B, _ in cores.residuals.values())
+
+
+def test_reduce_refuses_a_mixture_past_the_delta_bound(llama_basis, mixed):
+    with pytest.raises(DeltaOutOfBounds, match="max delta ratio"):
+        reduce([(mixed[0][0], 1e6)], llama_basis, key="huge")
+    with pytest.raises(InvalidMixture, match="names no adapter"):
+        reduce([], llama_basis)
+
+
+def test_fuse_mixture_resolves_once_and_names_its_sources(registry, monkeypatch, llama_basis):
+    calls = counting_gets(registry, monkeypatch)
+    fused, basis, pairs = fuse_mixture(registry, "rotation:0.5,scale@1:0.7", "ties", {"density": 0.5})
+    assert calls == ["rotation", "scale@1"]
+    assert pairs == [("rotation@1", 0.5), ("scale@1", 0.7)] and basis.fingerprint == llama_basis.fingerprint
+    info = fused.meta["fusion"]
+    assert info["refs"] == ["rotation@1", "scale@1"] and info["mixture"] == "rotation:0.5,scale@1:0.7"
+    assert [s["name"] for s in info["sources"]] == ["rotation@1", "scale@1"]
+    monkeypatch.undo()
+    expected = fuse([registry.load("rotation"), registry.load("scale@1")], [0.5, 0.7], llama_basis, "ties",
+                    density=0.5)
+    for layer in expected.params:
+        torch.testing.assert_close(fused.delta(layer, basis), expected.delta(layer, llama_basis))
