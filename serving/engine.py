@@ -72,7 +72,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.backend = backend or TorchBackend()
         self.context = RoutingContext()
-        self.lock = threading.Lock()  # one forward at a time: the scheduler's steps and routing probes
+        self.lock = threading.Lock()  # one forward at a time, whichever thread calls
+        self.prober: Callable[[list[list[int]], bool], PromptProbe] | None = None  # a running scheduler's probe
         tables = {}
         shapes = {name: (lb.in_features, lb.k) for name, lb in self.basis.layers.items()}
         for names in shared_input_groups(shapes):  # q/k/v and gate/up: one shrink each
@@ -160,10 +161,19 @@ class Engine:
         logits = self.forward(ids, mask, positions_of(mask), cache, row_slots)
         return logits, cache, mask
 
-    @torch.inference_mode()
     def probe(self, prompts: list[list[int]], projections: bool = False) -> PromptProbe:
         """The base model's view of prompts (slot -1, no cache), for routing: pooled features, and
-        ``h = V_kᵀ x`` at every target layer when ``projections``. Safe to call from any thread."""
+        ``h = V_kᵀ x`` at every target layer when ``projections``. Safe to call from any thread.
+
+        While a scheduler runs (``prober`` set), the probe is a phase of its loop, run between
+        its steps on its thread; otherwise it runs here (``run_probe``)."""
+        if self.prober is not None:
+            return self.prober(prompts, projections)
+        return self.run_probe(prompts, projections)
+
+    @torch.inference_mode()
+    def run_probe(self, prompts: list[list[int]], projections: bool = False) -> PromptProbe:
+        """``probe`` on the calling thread."""
         ids, mask = left_pad(prompts, self.pad_id, self.device)
         captured: dict[str, torch.Tensor] = {}
 

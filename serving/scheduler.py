@@ -2,6 +2,10 @@
 
 One thread owns the engine. Each iteration it
 
+0. runs the base-model probes routing asked for (``model: "auto"``), up to a prompt-token
+   budget, each on its own (so a probe's result never depends on other traffic); the
+   thread that asked waits for its result. The probe is a phase of the loop, not a holder
+   of the engine's lock that a decode step would wait on at an arbitrary moment,
 1. drops rows whose client went away (their slot is unpinned at once),
 2. admits waiting requests while there is room (``max_batch`` rows, a prefill token
    budget, a free slot for the request's mixture), prefills them together and samples
@@ -33,7 +37,7 @@ import torch
 
 from adapters_zoo.errors import NumericalFailure, ServerBusy, ServiceUnavailable
 from serving.config import SchedulerConfig
-from serving.engine import Engine
+from serving.engine import Engine, PromptProbe
 from serving.generation import BatchKV, SamplingParams, TextStream, choose_tokens, make_generator
 from serving.slots import MixtureCores, NoFreeSlot
 
@@ -81,6 +85,15 @@ class RequestHandle:
             self.cancelled = True
 
 
+@dataclass
+class _Probe:
+    prompts: list[list[int]]
+    projections: bool
+    done: threading.Event = field(default_factory=threading.Event)
+    result: PromptProbe | None = None
+    error: Exception | None = None
+
+
 class SchedulerObserver:
     """Hooks for metrics; the default does nothing."""
 
@@ -115,6 +128,7 @@ class Scheduler:
         self._pending: deque[RequestHandle] = deque()
         self._rows: list[_Row] = []
         self._newcomers: list[_Row] = []  # admitted (slot pinned), not yet in the running batch
+        self._probes: deque[_Probe] = deque()
         self._kv = BatchKV()
         self._cond = threading.Condition()
         self._stopping = False
@@ -126,9 +140,12 @@ class Scheduler:
     def start(self) -> Scheduler:
         self._thread = threading.Thread(target=self._loop, name="specfuse-scheduler", daemon=True)
         self._thread.start()
+        self.engine.prober = self.probe
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
+        if self.engine.prober == self.probe:
+            self.engine.prober = None
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -158,16 +175,34 @@ class Scheduler:
             self._cond.notify_all()
         return handle
 
+    def probe(self, prompts: list[list[int]], projections: bool = False) -> PromptProbe:
+        """``Engine.run_probe`` as a phase of the loop; blocks the calling thread until it ran."""
+        if threading.current_thread() is self._thread:
+            return self.engine.run_probe(prompts, projections)
+        job = _Probe(prompts, projections)
+        with self._cond:
+            if not self.alive:
+                raise ServiceUnavailable("the generation engine is not running")
+            if len(self._probes) >= self.config.max_queue:
+                raise ServerBusy(f"{len(self._probes)} routing probes are waiting already; retry later")
+            self._probes.append(job)
+            self._cond.notify_all()
+        job.done.wait()  # every queued probe is answered: run, failed, or failed at shutdown
+        if job.error is not None:
+            raise job.error
+        return job.result
+
     # ------------------------------------------------------------------ loop
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self._rows and not self._pending:
+                while not self._stopping and not self._rows and not self._pending and not self._probes:
                     self._cond.wait()
                 if self._stopping:
                     break
             try:
+                self._run_probes()
                 self._drop_cancelled()
                 self._admit()
                 admitted = bool(self._newcomers)
@@ -181,6 +216,27 @@ class Scheduler:
             except Exception as err:  # a failed shared step fails its rows; the server keeps serving
                 self._fail_all(err)
         self._fail_all(ServiceUnavailable("the server is shutting down"), pending=True)
+
+    def _run_probes(self) -> None:
+        """Answer waiting probes, oldest first, up to max_prefill_tokens of prompts (at least one)."""
+        budget = self.config.max_prefill_tokens
+        while True:
+            with self._cond:
+                if not self._probes:
+                    return
+                tokens = sum(len(p) for p in self._probes[0].prompts)
+                if budget < self.config.max_prefill_tokens and tokens > budget:
+                    return  # the rest waits for the next iteration: decoding goes on meanwhile
+                job = self._probes.popleft()
+            budget -= tokens
+            start = time.perf_counter()
+            try:
+                job.result = self.engine.run_probe(job.prompts, job.projections)
+            except Exception as err:  # this probe's request alone fails
+                job.error = err
+            finally:
+                job.done.set()
+            self.observer.on_step("probe", len(job.prompts), time.perf_counter() - start)
 
     def _drop_cancelled(self) -> None:
         keep = [i for i, row in enumerate(self._rows) if not row.handle.cancelled]
@@ -326,8 +382,12 @@ class Scheduler:
         if pending:
             with self._cond:
                 waiting, self._pending = list(self._pending), deque()
+                probes, self._probes = list(self._probes), deque()
             for handle in waiting:
                 handle.emit(Event("error", error=err))
+            for job in probes:
+                job.error = err
+                job.done.set()
 
 
 def _non_finite(row: _Row) -> NumericalFailure:

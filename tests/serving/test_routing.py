@@ -176,6 +176,41 @@ def candidates_of(adapters: dict, explicit: bool = True) -> list[Candidate]:
     return [Candidate(f"{name}@1", f"sha-{name}", a, explicit) for name, a in sorted(adapters.items())]
 
 
+def test_the_probe_is_a_phase_of_the_scheduler_loop(engine, tokenizer, monkeypatch):
+    import threading
+
+    from adapters_zoo.errors import ServiceUnavailable
+    from serving.generation import SamplingParams
+    from serving.scheduler import GenerationRequest, Scheduler, SchedulerConfig, SchedulerObserver
+
+    prompts = [tokenizer(t)["input_ids"] for t in ("probe one", "a longer probe of two")]
+    direct = engine.probe(prompts, projections=True)  # no scheduler: on this thread
+    threads, steps, finished = [], [], threading.Event()
+    run_probe = engine.run_probe
+    monkeypatch.setattr(engine, "run_probe",
+                        lambda *args: (threads.append(threading.current_thread().name), run_probe(*args))[1])
+
+    class Steps(SchedulerObserver):
+        def on_step(self, phase: str, rows: int, seconds: float) -> None:
+            steps.append((phase, rows))
+
+    scheduler = Scheduler(engine, SchedulerConfig(max_batch=4), Steps()).start()
+    try:
+        decoding = GenerationRequest(prompts[0], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        scheduler.submit(decoding, lambda event: event.kind == "done" and finished.set())
+        via = engine.probe(prompts, projections=True)
+        assert finished.wait(60), "the generation decoding meanwhile finishes"
+    finally:
+        scheduler.stop()
+    assert threads == ["specfuse-scheduler"] and ("probe", 2) in steps and ("decode", 1) in steps
+    torch.testing.assert_close(via.features, direct.features, rtol=0, atol=0)
+    for layer, h in direct.projections.items():
+        torch.testing.assert_close(via.projections[layer], h, rtol=0, atol=0)
+    assert engine.prober is None, "a stopped scheduler runs no more probes"
+    with pytest.raises(ServiceUnavailable):
+        scheduler.probe(prompts)
+
+
 def test_probe_features_equal_the_signature_features_and_ignore_padding(engine, model, tokenizer):
     from adapters_zoo.signatures import prompt_features
 
