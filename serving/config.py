@@ -75,6 +75,11 @@ class Limits:
     default_completion_tokens: int = _opt(16, "max_tokens of a completion that names none (OpenAI's default)")
     default_chat_tokens: int = _opt(256, "max_tokens of a chat completion that names none")
 
+    def validate(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) < 1:
+                raise InvalidConfig(f"{f.name} must be ≥ 1, got {getattr(self, f.name)}")
+
 
 SECTIONS = {"engine": EngineConfig, "scheduler": SchedulerConfig, "limits": Limits}
 
@@ -115,7 +120,7 @@ def _dest(f) -> str:
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per config field: its default and help from the field."""
     for title, config in SECTIONS.items():
-        group = parser.add_argument_group(f"{title} settings")
+        group = parser.add_argument_group("request limits" if title == "limits" else f"{title} settings")
         for f in fields(config):
             default = f.default if f.default is not MISSING else None
             unit = f.metadata.get("unit")

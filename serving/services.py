@@ -38,6 +38,7 @@ class Service:
         self.scheduler = scheduler
         self.registry = registry
         self.limits = limits or Limits()
+        self.limits.validate()
         self.metrics = metrics or Metrics()
         self.model_name = model_name
         self.fingerprint = engine.basis.fingerprint
