@@ -200,7 +200,7 @@ def _cached(path: Path, key: dict) -> dict | None:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return record["value"] if record.get("key") == key else None
+    return record["value"] if record.get("key") == json.loads(json.dumps(key)) else None  # tuples read back as lists
 
 
 def _store(path: Path, key: dict, value: dict) -> None:
