@@ -121,9 +121,12 @@ class RequestPreparer:
         spec = MixtureSpec.resolved(resolved, "linear" if method is None else method, params)
         records = {rec.ref: rec for rec, _ in resolved}
 
+        def adapter(ref: str) -> Adapter:
+            rec = records[ref]
+            return self.adapters.get(rec.sha256, lambda: self.registry.load_record(rec))
+
         def load() -> list[tuple[Adapter, float]]:
-            return [(self.adapters.get(records[ref].sha256, lambda ref=ref: self.registry.load_record(records[ref])),
-                     weight) for ref, weight in spec.components]
+            return [(adapter(ref), weight) for ref, weight in spec.components]  # the key's order
 
         return spec, load
 
