@@ -1,557 +1,495 @@
-"""Automatic mixtures (``model: "auto"``) on the demo zoo: accuracy against the per-request oracle, cost.
+"""Automatic mixtures (``model: "auto"``) against the per-request oracle and static fusion, on a zoo.
 
-    python benchmarks/bench_routing.py [--zoo DIR] [--kinds scale,rotation] [--n 100] [--threads 2]
+    python benchmarks/bench_routing.py [--zoo DIR] [--kinds scale,svft] [--n 50] [--quick] [--threads 2]
 
-Zoo: ``--zoo``, else ``/work/zoo-full`` when its ``report.json`` exists, else a quick zoo
-built (once) at ``/tmp/zoo-quick-routing`` (``specfuse zoo build --quick``). The zoo's
-registry is served as ``specfuse serve`` serves it (``build_service``: engine, scheduler,
-service), float32 on CPU. For each suite and kind, candidates = that suite's adapters of
-that kind, on the test split (``n`` prompts per task), all configurations in one mixed batch:
+The zoo (``specfuse zoo build``; default: the real-base zoo of ``bench_zoo.py``) is served as
+``specfuse serve`` serves it (``build_service``: engine, scheduler, service), float32 on CPU;
+chat zoos' prompts are rendered with the model's chat template, as ``/v1/chat/completions``
+does. Per kind, the candidates of ``auto`` are every adapter of that kind (both suites: what
+``model: "auto"`` routes over); per suite, on the test split (``n`` prompts per task):
 
 - ``oracle``: every prompt with its own task's adapter (a per-request mixture named explicitly);
-- ``auto/prototype``, ``auto/spectral``: the mixture ``Service.route`` picks (default options:
-  top_m 1, the routers' default thresholds), then served exactly like an explicit mixture;
-- ``base`` and ``static/linear``: the suite's adapters fused into one static adapter (task
-  arithmetic, uniform weight λ ∈ {1/N, 1}; the better λ on the test split is reported, an
-  optimistic choice for fusion).
+- ``auto/<router> default``: the mixture the router picks with its default threshold, top_m 1;
+- ``auto/<router> τ=…``: the same with the fallback threshold re-measured on the validation split;
+- ``base`` and ``static λ=…``: the suite's adapters fused into one static adapter (linear, uniform
+  λ ∈ {1/N, 1}; the better λ on the test split is reported, an optimistic choice for fusion).
 
-Also: routing decision accuracy (the top adapter is the prompt's task's, a fallback to the
-base counts as wrong), the same over every adapter of the kind in both suites, prompts no
-adapter is for (the base's own pretraining ops: does ``auto`` leave them to the base?),
-and the cost: routing latency for one prompt, end-to-end latency of one request on an
-idle server, and wall time of a burst of requests, auto vs the same mixtures named.
-Results: ``benchmarks/results/routing.{json,md}``.
+Off-task prompts, which no adapter is for and ``auto`` should leave to the base: on a chat zoo
+the fixed list ``OFF_TASK`` (general instruct requests, written for this benchmark), on the
+toy zoo the base's own pretraining ops. Thresholds are calibrated on the validation split
+plus one half of them (even positions), and reported on the test split plus the other half:
+the threshold maximizing balanced accuracy = ½ (task prompts routed to their own adapter +
+off-task prompts left to the base).
+
+Scores come from ``Service.route`` (base-model probe, then the router) over every candidate
+of the kind, once per prompt; each configuration's decision is ``routing.select`` on them,
+which is what ``Service.route`` does with that configuration's options (checked on a sample).
+Each distinct (prompt, mixture) pair is generated once, all in one mixed batch (greedy, cut
+at the end of turn), so an auto prompt routed right reuses the oracle's generation.
+Results: ``benchmarks/results/[smollm2/]routing[_quick].{json,md,png}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from common import RESULTS, write_results  # benchmarks/ is the script folder: first on sys.path
+from common import RESULTS, SCRATCH, environment, set_threads, write_results
+from routing_report import NOTES, OFF, goal_lines, markdown, plot
 
-FULL_ZOO = Path("/work/zoo-full")
-QUICK_ZOO = Path("/tmp/zoo-quick-routing")
-MAX_NEW_TOKENS = 16  # the zoo's evaluation budget; answers are shorter
-CHUNK = 32  # prompts per routed job (MAX_PROMPTS of a completion request)
-GOAL = 0.95  # auto / oracle accuracy the benchmark tracks
 ROUTERS = ("prototype", "spectral")
+CHUNK = 32  # prompts per routed job (MAX_PROMPTS of a completion request)
+CHECKED = 32  # prompts per router and kind whose offline decisions are compared with Service.route
+
+# General instruct requests no zoo adapter is for: creative, factual, coding, arithmetic,
+# advice, and a few that read like a task's input (an email, a list, a phone call).
+OFF_TASK = (
+    "Write a haiku about autumn.", "What is the capital of Australia?",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Explain photosynthesis in two sentences.", "Give me three tips for sleeping better.",
+    'Translate "good morning, how are you?" into French.', "What is 17 times 23?",
+    "Who wrote the novel Pride and Prejudice?", "Write a short poem about the sea.",
+    "How do I reverse a list in JavaScript?", "Summarize the plot of Romeo and Juliet in one paragraph.",
+    "What causes the seasons on Earth?", "Suggest a name for a bakery that sells vegan cakes.",
+    "Write a SQL query that counts the rows of a table called orders.",
+    "What is the boiling point of water in Fahrenheit?", "Tell me a joke about cats.",
+    "Explain what a neural network is to a ten-year-old.", "List five fruits that are high in vitamin C.",
+    "Write a limerick about a programmer who loves coffee.", "How many continents are there, and what are they?",
+    "What is the difference between a virus and a bacterium?",
+    "Write a bash command that finds every .txt file under the current folder.",
+    "Give me a recipe for a simple tomato soup.", "Why is the sky blue?",
+    "Write a motivational message for someone starting a new job.",
+    "What year did the first person walk on the Moon?", "Explain recursion with a short example.",
+    "Draft a polite email declining a meeting invitation.", "What are the main causes of inflation?",
+    "Write a regular expression that matches a US ZIP code.", "Describe the water cycle.",
+    "What is the largest planet in the solar system?",
+    "Rewrite this sentence in the passive voice: The cat chased the mouse.",
+    "Give me a packing list for a weekend camping trip.", "What does HTTP stand for?",
+    "Write a two-line dialogue between a robot and a child.", "How do I convert Celsius to Fahrenheit?",
+    "Recommend three classic science fiction novels.", "What is the square root of 144?",
+    "Write a tweet announcing the launch of a new coffee shop.",
+)
 
 
 @dataclass
 class Settings:
     zoo: Path
     kinds: tuple[str, ...]
-    n: int
+    n: int  # test prompts per task
+    n_validation: int  # validation prompts per task (calibration)
     threads: int
+    quick: bool = False
     max_batch: int = 128
-    latency_requests: int = 30  # single requests timed one after another, per configuration
-    burst: int = 256  # requests submitted at once for the throughput comparison
 
 
-# --------------------------------------------------------------------------- zoo and service
-
-
-def ensure_zoo(path: Path | None) -> Path:
-    if path is not None:
-        if not (path / "report.json").is_file():
-            sys.exit(f"bench_routing: {path} has no report.json (not a finished zoo)")
-        return path
-    if (FULL_ZOO / "report.json").is_file():
-        return FULL_ZOO
-    if not (QUICK_ZOO / "report.json").is_file():
-        print(f"bench_routing: building the quick zoo in {QUICK_ZOO}", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "serving.cli", "zoo", "build", "--quick", "--out", str(QUICK_ZOO)],
-                       check=True)
-    return QUICK_ZOO
-
-
-def open_service(zoo: Path, settings: Settings):
-    from serving.serve_cli import ServerSettings, build_service
-
-    return build_service(ServerSettings(zoo / "base", zoo / "registry", device="cpu", dtype="float32", slots=64,
-                                        residual_slots=16, max_batch=settings.max_batch, max_queue=100_000,
-                                        max_prompt_tokens=256, max_tokens=MAX_NEW_TOKENS, max_mixture=16))
-
-
-def test_examples(zoo: Path, suite: str, task: str, n: int) -> list[dict[str, str]]:
-    from adapters_zoo.tasks import read_jsonl
-
-    return read_jsonl(zoo / "data" / suite / f"{task}.test.jsonl")[:n]
-
-
-def adapter_name(task: str, kind: str) -> str:
-    from adapters_zoo.zoo import registry_name
-
-    return registry_name(task, kind)
-
-
-# --------------------------------------------------------------------------- serving rows
+# --------------------------------------------------------------------------- the zoo's data
 
 
 @dataclass
-class Row:
-    config: str  # oracle | base | static/λ | auto/<router>
+class Zoo:
+    path: Path
+    base: str  # the base's name (adapters_zoo.bases), or "char"
+    chat: bool  # the real instruct base with chat suites; else the toy char base
+    base_dir: Path
+    adapters: dict[str, dict[str, list[str]]]  # kind -> suite -> tasks with a finished adapter
+    max_new_tokens: int
+
+
+def open_zoo(path: Path) -> Zoo:
+    """A built zoo's finished adapters (its per-adapter rows: a zoo still being built has some)."""
+    from adapters_zoo.tasks import suite_tasks
+    from adapters_zoo.tasks.chat import chat_suite_tasks
+
+    report = path / "report.json"
+    if not report.is_file():
+        sys.exit(f"bench_routing: {path} has no report.json (not a zoo: build one with `specfuse zoo build`)")
+    settings = json.loads(report.read_text())["settings"]
+    chat = settings.get("base", "char") != "char"
+    if chat:
+        from adapters_zoo.bases import fetch_base
+
+        base_dir = fetch_base(settings["base"], settings.get("bases_home"), progress=False).path
+    else:
+        base_dir = path / "base"
+    adapters: dict[str, dict[str, list[str]]] = {}
+    for suite in settings["suites"]:
+        order = [t.name for t in (chat_suite_tasks(suite) if chat else suite_tasks(suite))]
+        for kind in settings["kinds"]:
+            done = {p.stem for p in (path / "entries" / suite / kind).glob("*.json")}
+            if done:
+                adapters.setdefault(kind, {})[suite] = [t for t in order if t in done]
+    budget = 48 if chat else 16  # new tokens: the zoo's own evaluation budgets
+    return Zoo(path, settings.get("base", "char"), chat, base_dir, adapters, budget)
+
+
+@dataclass
+class Item:
+    """One prompt: its task (or OFF), its token ids, the reference answer (None: off-task chat)."""
+
     task: str
-    example: dict[str, str]
-    mixture: object = None  # MixtureCores | None, set before serving
-    chosen: str = ""  # auto: the decision's label ("base" when nothing matched)
-    top: str = ""  # auto: the name of the best adapter chosen, or "base"
-    top_score: float = 0.0  # auto: the best candidate's score
+    ids: list[int]
+    answer: str | None
+    text: str
 
 
-def params():
-    from serving.generation import SamplingParams
+def task_items(zoo: Zoo, tok, suite: str, task: str, split: str, n: int) -> list[Item]:
+    from adapters_zoo.tasks import read_jsonl
+    from adapters_zoo.tasks.chat import prompt_messages, reference_answer, render_prompt
 
-    return SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0)
-
-
-def tokenize(service, rows: list[Row]) -> list[list[int]]:
-    tok = service.engine.tokenizer
-    return [tok(r.example["prompt"])["input_ids"] for r in rows]
-
-
-def route_rows(service, rows: list[Row], spec) -> float:
-    """Route ``rows`` as auto jobs of CHUNK prompts (what ``Service.prepare`` does); returns seconds."""
-    from serving.services import BASE
-
-    start = time.perf_counter()
-    for i in range(0, len(rows), CHUNK):
-        chunk = rows[i : i + CHUNK]
-        for row, decision in zip(chunk, service.route(tokenize(service, chunk), spec)):
-            row.chosen = decision.label
-            row.top = decision.pairs[0][0].split("@")[0] if decision.pairs else "base"
-            row.top_score = max(decision.scores.values())
-            row.mixture = service.prepare_mixture(BASE, dict(decision.pairs)) if decision.pairs else None
-    return time.perf_counter() - start
+    examples = read_jsonl(zoo.path / "data" / suite / f"{task}.{split}.jsonl")[:n]
+    if zoo.chat:
+        texts = [render_prompt(tok, prompt_messages(ex)) for ex in examples]
+        return [Item(task, tok(t, add_special_tokens=False)["input_ids"], reference_answer(ex), t)
+                for t, ex in zip(texts, examples)]
+    return [Item(task, tok(ex["prompt"])["input_ids"], ex["completion"], ex["prompt"]) for ex in examples]
 
 
-def serve(service, rows: list[Row]) -> list[str]:
-    """Every row in one mixed batch (iteration-level scheduler), greedy, cut at eos."""
-    from serving.scheduler import GenerationRequest, generate
+def off_items(zoo: Zoo, tok, half: int, per_op: int = 3) -> list[Item]:
+    """Off-task prompts: half 0 calibrates, half 1 is held out."""
+    if zoo.chat:
+        from adapters_zoo.tasks.chat import render_prompt
 
-    requests = [GenerationRequest(ids, params(), row.mixture) for ids, row in zip(tokenize(service, rows), rows)]
-    events = generate(service.scheduler, requests, timeout=6 * 3600)
-    bad = [e for e in events if e.kind == "error"]
-    if bad:
-        raise bad[0].error
-    return [e.output for e in events]
+        texts = [render_prompt(tok, [{"role": "user", "content": p}]) for p in OFF_TASK[half::2]]
+        return [Item(OFF, tok(t, add_special_tokens=False)["input_ids"], None, t) for t in texts]
+    from adapters_zoo.tasks import make_split, pretraining_tasks
+
+    split = ("validation", "test")[half]
+    return [Item(OFF, tok(ex["prompt"])["input_ids"], ex["completion"], ex["prompt"])
+            for t in pretraining_tasks() for ex in make_split(t, split, per_op)]
 
 
-def hits(service, rows: list[Row], outputs: list[str]) -> list[bool]:
+def hit(zoo: Zoo, item: Item, output: str, eos: str) -> bool | None:
+    if item.answer is None:
+        return None
+    if zoo.chat:
+        from adapters_zoo.tasks.chat import chat_task, check
+
+        return check(chat_task(item.task), output, item.answer)
     from adapters_zoo.tasks import exact_match
 
-    eos = service.engine.tokenizer.eos_token
-    return [exact_match(out, row.example["completion"], eos) for row, out in zip(rows, outputs)]
+    return exact_match(output, item.answer, eos)
 
 
-def per_task(rows: list[Row], ok: list[bool], config: str) -> dict[str, float]:
-    out: dict[str, list[bool]] = {}
-    for row, hit in zip(rows, ok):
-        if row.config == config:
-            out.setdefault(row.task, []).append(hit)
-    return {task: sum(v) / len(v) for task, v in out.items()}
+def open_service(zoo: Zoo, settings: Settings):
+    from serving.serve_cli import ServerSettings, build_service
+
+    return build_service(ServerSettings(zoo.base_dir, zoo.path / "registry", device="cpu", dtype="float32", slots=64,
+                                        residual_slots=16, max_batch=settings.max_batch, max_queue=100_000,
+                                        max_prompt_tokens=512, max_tokens=zoo.max_new_tokens, max_mixture=16))
 
 
-# --------------------------------------------------------------------------- one suite × kind
+# --------------------------------------------------------------------------- scores and decisions
 
 
-def suite_kind(service, zoo: Path, report: dict, suite: str, kind: str, settings: Settings) -> dict:
+@dataclass
+class Scored:
+    """Every candidate's score for a list of items, from one ``Service.route`` per chunk."""
+
+    items: list[Item]
+    scores: torch.Tensor  # (B, n)
+    base: torch.Tensor | None  # (B,) the base's own signature's score (prototype router)
+    seconds: float = 0.0
+
+    def subset(self, rows: list[int]) -> Scored:
+        return Scored([self.items[i] for i in rows], self.scores[rows],
+                      None if self.base is None else self.base[rows])
+
+
+@dataclass(frozen=True)
+class Rule:
+    """When a prompt falls back to the base: best score < threshold, or < the base's score + margin."""
+
+    threshold: float
+    margin: float | None = None  # None: the base's score plays no part
+
+    @classmethod
+    def default(cls, router: str) -> Rule:
+        from serving.routing import AutoSpec
+
+        spec = AutoSpec(router)
+        return cls(spec.min_score, spec.base_margin if router == "prototype" else None)
+
+    @property
+    def label(self) -> str:
+        return f"τ={self.threshold:.4g}" if self.margin is None else f"τ={self.threshold:.4g}, m={self.margin:.4g}"
+
+
+def score(service, refs: list[str], items: list[Item], router: str) -> Scored:
     from serving.routing import AutoSpec
 
-    tasks = [e["task"] for e in report["entries"] if e["suite"] == suite and e["kind"] == kind]
-    names = [adapter_name(t, kind) for t in tasks]
-    examples = {t: test_examples(zoo, suite, t, settings.n) for t in tasks}
-    rows: list[Row] = []
-    for task, name in zip(tasks, names):
-        oracle = service.prepare_mixture(name)
-        rows += [Row("oracle", task, ex, oracle) for ex in examples[task]]
-        rows += [Row("base", task, ex, None) for ex in examples[task]]
-    lambdas = {"static/linear λ=1/N": 1.0 / len(names), "static/linear λ=1": 1.0}
-    for config, lam in lambdas.items():
-        fused = service.prepare_mixture("base", {n: lam for n in names})
-        rows += [Row(config, t, ex, fused) for t in tasks for ex in examples[t]]
-    route_seconds = {}
+    # -1 and -2 drop nothing: every score is kept
+    spec = AutoSpec(router, candidates=tuple(refs), threshold=-1.0, base_margin=-2.0)
+    rows, base, start = [], [], time.perf_counter()
+    for i in range(0, len(items), CHUNK):
+        for d in service.route([it.ids for it in items[i : i + CHUNK]], spec):
+            rows.append([d.scores[r] for r in refs])
+            base.append(d.base_score)
+    return Scored(items, torch.tensor(rows, dtype=torch.float64).reshape(len(items), len(refs)),
+                  None if router != "prototype" else torch.tensor(base, dtype=torch.float64),
+                  time.perf_counter() - start)
+
+
+def decide(scored: Scored, keep: list[int], rule: Rule) -> list[int | None]:
+    """The candidate each item is routed to among ``keep`` (indices), or None for the base."""
+    from serving.routing import select
+
+    out = []
+    for i, row in enumerate(scored.scores):
+        floor = rule.threshold if rule.margin is None else max(rule.threshold, float(scored.base[i]) + rule.margin)
+        chosen = select(row[keep].float(), 1, 0.1, floor)
+        out.append(keep[chosen[0][0]] if chosen else None)
+    return out
+
+
+def balanced(decisions: list[int | None], items: list[Item], own: dict[str, int]) -> dict[str, float]:
+    """Task prompts sent to their own adapter, off-task prompts left to the base, and their mean."""
+    task = [d == own[it.task] for d, it in zip(decisions, items) if it.task != OFF]
+    off = [d is None for d, it in zip(decisions, items) if it.task == OFF]
+    right, to_base = sum(task) / max(1, len(task)), sum(off) / max(1, len(off))
+    return {"task_right": right, "off_to_base": to_base, "balanced": (right + to_base) / 2}
+
+
+def calibrate(scored: Scored, own: dict[str, int], relative: bool, floor: float) -> tuple[Rule, list[dict]]:
+    """The rule with the best balanced accuracy (the middle one of a tie) and the sweep: over the
+    absolute threshold, or (``relative``) over the margin above the base's score, ``floor`` kept."""
+    every = list(range(scored.scores.shape[1]))
+    top = scored.scores.max(1).values
+    values = sorted(set((top - scored.base if relative else top).tolist()))
+    cuts = [values[0] - 1e-3, *((a + b) / 2 for a, b in zip(values, values[1:])), values[-1] + 1e-3]
+    sweep = []
+    for cut in cuts:
+        rule = Rule(floor, cut) if relative else Rule(cut)
+        sweep.append({"cut": round(cut, 6), **balanced(decide(scored, every, rule), scored.items, own)})
+    best = max(s["balanced"] for s in sweep)
+    ties = [s["cut"] for s in sweep if s["balanced"] == best]
+    cut = ties[len(ties) // 2]
+    return (Rule(floor, cut) if relative else Rule(cut)), sweep
+
+
+def check_offline(service, scored: Scored, refs: list[str], router: str) -> str:
+    """How many of CHECKED prompts ``Service.route`` (default options) routes as ``decide`` does."""
+    from serving.routing import AutoSpec
+
+    rows = list(range(len(scored.items)))[:: max(1, len(scored.items) // CHECKED)][:CHECKED]
+    offline = decide(scored.subset(rows), list(range(len(refs))), Rule.default(router))
+    online = service.route([scored.items[i].ids for i in rows], AutoSpec(router, candidates=tuple(refs)))
+    same = sum((refs[o] if o is not None else None) == (d.pairs[0][0] if d.pairs else None)
+               for o, d in zip(offline, online))
+    return f"{same}/{len(rows)}"
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@dataclass
+class Batch:
+    """Distinct (prompt, mixture) pairs to generate; a mixture is a tuple of (ref, weight), () = the base."""
+
+    jobs: dict[tuple, int] = field(default_factory=dict)
+
+    def add(self, item: Item, mixture: tuple) -> tuple:
+        key = (tuple(item.ids), mixture)
+        self.jobs.setdefault(key, len(self.jobs))
+        return key
+
+    def run(self, service, max_new_tokens: int) -> dict[tuple, str]:
+        from serving.generation import SamplingParams
+        from serving.scheduler import GenerationRequest, generate
+        from serving.services import BASE
+
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+        mixtures = {m: service.prepare_mixture(BASE, dict(m)) if m else None for _, m in self.jobs}
+        keys = list(self.jobs)
+        events = generate(service.scheduler, [GenerationRequest(list(ids), params, mixtures[m]) for ids, m in keys],
+                          timeout=6 * 3600)
+        bad = [e for e in events if e.kind == "error"]
+        if bad:
+            raise bad[0].error
+        return {k: e.output for k, e in zip(keys, events)}
+
+
+# --------------------------------------------------------------------------- one kind
+
+
+def run_kind(service, zoo: Zoo, kind: str, settings: Settings, log) -> dict:
+    tok = service.engine.tokenizer
+    suites = zoo.adapters[kind]
+    pairs = [(s, t) for s, tasks in suites.items() for t in tasks]
+    refs = [service.registry.get(f"{t}-{kind}").ref for _, t in pairs]  # the zoo's registry names
+    own = {t: i for i, (_, t) in enumerate(pairs)}
+    split_items = {split: [it for s, t in pairs for it in task_items(zoo, tok, s, t, split, n)]
+                   for split, n in (("validation", settings.n_validation), ("test", settings.n))}
+    val = split_items["validation"] + off_items(zoo, tok, 0)
+    test = split_items["test"] + off_items(zoo, tok, 1)
+    out: dict = {"kind": kind, "candidates": refs, "routers": {}}
+    configs: dict[str, list[int | None]] = {}  # auto config -> decision per test item (all candidates)
+    per_suite: dict[str, dict[str, list[int | None]]] = {s: {} for s in suites}
     for router in ROUTERS:
-        auto_rows = [Row(f"auto/{router}", t, ex) for t in tasks for ex in examples[t]]
-        route_seconds[router] = route_rows(service, auto_rows, AutoSpec(router, candidates=tuple(names)))
-        rows += auto_rows
+        start = time.perf_counter()
+        scored_val, scored_test = score(service, refs, val, router), score(service, refs, test, router)
+        default = Rule.default(router)
+        rules = {"default": default}
+        r: dict = {"route_ms_per_prompt": round(1000 * scored_test.seconds / len(test), 2),
+                   "offline_equals_service": check_offline(service, scored_test, refs, router), "sweeps": {}}
+        if router == "prototype":
+            rules["threshold only"] = Rule(default.threshold)  # the fallback before the base competed
+            rules["calibrated margin"], r["sweeps"]["margin"] = calibrate(scored_val, own, True, default.threshold)
+        rules["calibrated threshold"], r["sweeps"]["threshold"] = calibrate(scored_val, own, False, 0.0)
+        every = list(range(len(refs)))
+        r["rules"] = {}
+        for name, rule in rules.items():
+            config = f"auto/{router} {rule.label}" + (" (default)" if name == "default" else "")
+            decisions = decide(scored_test, every, rule)
+            r["rules"][name] = {"config": config, **asdict(rule), "test": balanced(decisions, test, own),
+                                "validation": balanced(decide(scored_val, every, rule), scored_val.items, own)}
+            configs[config] = decisions
+            for suite, tasks in suites.items():  # candidates: this suite's adapters only
+                mine = [i for i, it in enumerate(test) if it.task in tasks]
+                per_suite[suite][config] = decide(scored_test.subset(mine), [own[t] for t in tasks], rule)
+        task_rows = [i for i, it in enumerate(test) if it.task != OFF]
+        off_rows = [i for i, it in enumerate(test) if it.task == OFF]
+        for label, rows in (("task", task_rows), (OFF, off_rows)):
+            top = scored_test.scores[rows].max(1).values
+            r.setdefault("top_score_test", {})[label] = quantiles(top.tolist())
+            if scored_test.base is not None:
+                r.setdefault("top_minus_base_test", {})[label] = quantiles((top - scored_test.base[rows]).tolist())
+        out["routers"][router] = r
+        log(f"{kind} × {router}: " + "; ".join(f"{v['config']} → {v['test']}" for v in r["rules"].values())
+            + f" ({time.perf_counter() - start:.0f} s)")
+    # generation: every suite's configurations and the off-task prompts, one mixed batch
+    batch = Batch()
+    ref_of = {i: ((ref, 1.0),) for i, ref in enumerate(refs)}
+    rows: list[tuple[str, str, Item, tuple]] = []  # (suite, config, item, key)
+    for suite, tasks in suites.items():
+        items = [it for it in test if it.task in tasks]
+        static = {f"static λ=1/{len(tasks)}": 1.0 / len(tasks), "static λ=1": 1.0}
+        for it in items:
+            fixed = {"oracle": ref_of[own[it.task]], "base": (),
+                     **{c: tuple((refs[own[t]], w) for t in tasks) for c, w in static.items()}}
+            rows += [(suite, config, it, batch.add(it, mixture)) for config, mixture in fixed.items()]
+        for config, decisions in per_suite[suite].items():
+            rows += [(suite, config, it, batch.add(it, ref_of.get(d, ()))) for it, d in zip(items, decisions)]
+    off_test = [i for i, it in enumerate(test) if it.task == OFF]
+    for config, decisions in {"base": [None] * len(test), **configs}.items():
+        rows += [(OFF, config, test[i], batch.add(test[i], ref_of.get(decisions[i], ()))) for i in off_test]
     start = time.perf_counter()
-    outputs = serve(service, rows)
-    serve_seconds = time.perf_counter() - start
-    ok = hits(service, rows, outputs)
-    configs = list(dict.fromkeys(r.config for r in rows))
-    accuracy = {c: per_task(rows, ok, c) for c in configs}
+    outputs = batch.run(service, zoo.max_new_tokens)
+    out["generated"], out["generate_seconds"] = len(batch.jobs), round(time.perf_counter() - start, 1)
+    log(f"{kind}: {len(batch.jobs)} generations for {len(rows)} rows ({out['generate_seconds']} s)")
+    eos = tok.eos_token
+    out["suites"] = [suite_result(zoo, suite, tasks, [r for r in rows if r[0] == suite], outputs, own, refs, eos)
+                     for suite, tasks in suites.items()]
+    out["off_task"] = off_result(zoo, [r for r in rows if r[0] == OFF], outputs, eos)
+    return out
+
+
+def suite_result(zoo: Zoo, suite: str, tasks: list[str], rows: list, outputs: dict, own: dict, refs: list[str],
+                 eos: str) -> dict:
+    hits: dict[str, dict[str, list[bool]]] = {}
+    routed: dict[str, list[tuple[Item, tuple]]] = {}
+    for _, config, item, key in rows:
+        hits.setdefault(config, {}).setdefault(item.task, []).append(hit(zoo, item, outputs[key], eos))
+        routed.setdefault(config, []).append((item, key[1]))
+    accuracy = {c: {t: sum(v) / len(v) for t, v in per.items()} for c, per in hits.items()}
     mean = {c: sum(a.values()) / len(a) for c, a in accuracy.items()}
-    oracle_out = {(r.task, r.example["prompt"]): out for r, out in zip(rows, outputs) if r.config == "oracle"}
-    result = {"suite": suite, "kind": kind, "tasks": tasks, "candidates": names, "prompts_per_task": settings.n,
-              "accuracy": accuracy, "mean": mean, "serve_seconds": round(serve_seconds, 1),
-              "route_seconds": {k: round(v, 2) for k, v in route_seconds.items()}}
-    best_static = max((c for c in configs if c.startswith("static/")), key=lambda c: mean[c])
-    result["best_static"] = best_static
-    result["routers"] = {}
-    for router in ROUTERS:
-        config = f"auto/{router}"
-        mine = [(r, out) for r, out in zip(rows, outputs) if r.config == config]
-        right = [r.top == adapter_name(r.task, kind) for r, _ in mine]
-        same_when_right = [out == oracle_out[(r.task, r.example["prompt"])] for (r, out), good in zip(mine, right)
-                           if good]
+    statics = [c for c in mean if c.startswith("static")]
+    best_static = max(statics, key=lambda c: mean[c])
+    result = {"suite": suite, "tasks": tasks, "prompts_per_task": len(hits["oracle"][tasks[0]]), "accuracy": accuracy,
+              "mean": mean, "best_static": best_static, "auto": {}}
+    for config in (c for c in mean if c.startswith("auto/")):
         confusions: dict[str, int] = {}
-        for (r, _), good in zip(mine, right):
-            if not good:
-                key = f"{r.task} -> {r.top}"
-                confusions[key] = confusions.get(key, 0) + 1
-        result["routers"][router] = {
-            "decision_accuracy": sum(right) / len(right),
-            "to_base": sum(1 for r, _ in mine if r.chosen == "base") / len(mine),
+        right = 0
+        for item, mixture in routed[config]:
+            target = mixture[0][0].split("@")[0] if mixture else "base"
+            if mixture == ((refs[own[item.task]], 1.0),):
+                right += 1
+            else:
+                confusions[f"{item.task} -> {target}"] = confusions.get(f"{item.task} -> {target}", 0) + 1
+        result["auto"][config] = {
             "normalized": mean[config] / mean["oracle"] if mean["oracle"] else None,
-            "normalized_per_task": {t: (accuracy[config][t] / accuracy["oracle"][t] if accuracy["oracle"][t] else None)
-                                    for t in tasks},
-            "equal_to_oracle_when_routed_right": (sum(same_when_right) / len(same_when_right)
-                                                  if same_when_right else None),
-            "confusions": dict(sorted(confusions.items(), key=lambda kv: -kv[1])[:6]),
-        }
+            "decision_accuracy": right / len(routed[config]),
+            "to_base": sum(1 for _, m in routed[config] if not m) / len(routed[config]),
+            "confusions": dict(sorted(confusions.items(), key=lambda kv: -kv[1])[:4])}
     return result
 
 
-# --------------------------------------------------------------------------- across suites, off-task prompts
-
-
-def across_suites(service, zoo: Path, report: dict, kind: str, settings: Settings) -> dict:
-    """Decision accuracy when every adapter of ``kind`` in both suites is a candidate."""
-    from serving.routing import AutoSpec
-
-    pairs = [(e["suite"], e["task"]) for e in report["entries"] if e["kind"] == kind]
-    names = tuple(adapter_name(t, kind) for _, t in pairs)
-    out = {"candidates": len(names)}
-    for router in ROUTERS:
-        rows = [Row(f"auto/{router}", t, ex) for s, t in pairs for ex in test_examples(zoo, s, t, settings.n)]
-        seconds = route_rows(service, rows, AutoSpec(router, candidates=names))
-        right = [r.top == adapter_name(r.task, kind) for r in rows]
-        out[router] = {"decision_accuracy": sum(right) / len(right), "route_ms_per_prompt":
-                       round(1000 * seconds / len(rows), 3), "top_score": quantiles([r.top_score for r in rows])}
+def off_result(zoo: Zoo, rows: list, outputs: dict, eos: str) -> dict:
+    """Share of off-task prompts left to the base, accuracy (toy ops) or a sample of answers (chat)."""
+    out: dict = {"prompts": sum(1 for r in rows if r[1] == "base")}
+    for config in dict.fromkeys(r[1] for r in rows):
+        mine = [(item, key) for _, c, item, key in rows if c == config]
+        entry = {"to_base": sum(1 for _, key in mine if not key[1]) / len(mine)}
+        scored = [hit(zoo, item, outputs[key], eos) for item, key in mine]
+        if scored[0] is not None:
+            entry["accuracy"] = sum(scored) / len(scored)
+        else:  # what an adapter makes of a general request
+            entry["answers"] = [{"prompt": OFF_TASK[1::2][i], "adapter": key[1][0][0], "answer": outputs[key]}
+                                for i, (_, key) in enumerate(mine) if key[1]][:3]
+        out[config] = entry
     return out
 
 
 def quantiles(values: list[float]) -> dict[str, float]:
-    """The 1st, 10th, 50th, 90th and 99th percentiles (nearest rank)."""
+    """The 0th, 10th, 50th, 90th and 100th percentiles (nearest rank)."""
     ordered = sorted(values)
-    return {f"p{q}": round(ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))], 3) for q in (1, 10, 50, 90, 99)}
+    return {f"p{q}": round(ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))], 4)
+            for q in (0, 10, 50, 90, 100)}
 
 
-def off_task(service, report: dict, kind: str, per_task_n: int = 10) -> dict:
-    """Prompts of the base's own ops (no adapter is for them): accuracy of base vs auto, share left to the base."""
-    from adapters_zoo.tasks import make_split, pretraining_tasks
-    from serving.routing import AutoSpec
-
-    names = tuple(adapter_name(e["task"], kind) for e in report["entries"] if e["kind"] == kind)
-    examples = [(t.name, ex) for t in pretraining_tasks() for ex in make_split(t, "test", per_task_n)]
-    rows = [Row("base", t, ex) for t, ex in examples]
-    variants = {"auto/prototype": AutoSpec("prototype", candidates=names),
-                "auto/prototype no threshold": AutoSpec("prototype", candidates=names, threshold=-1.0),
-                "auto/spectral": AutoSpec("spectral", candidates=names)}
-    for config, spec in variants.items():
-        routed = [Row(config, t, ex) for t, ex in examples]
-        route_rows(service, routed, spec)
-        rows += routed
-    ok = hits(service, rows, serve(service, rows))
-    out = {"prompts": len(examples), "candidates": len(names)}
-    for config in ["base", *variants]:
-        mine = [(r, h) for r, h in zip(rows, ok) if r.config == config]
-        out[config] = {"accuracy": sum(h for _, h in mine) / len(mine),
-                       "to_base": sum(1 for r, _ in mine if r.config == "base" or r.chosen == "base") / len(mine)}
-        if config != "base":
-            out[config]["top_score"] = quantiles([r.top_score for r, _ in mine])
-    return out
+# --------------------------------------------------------------------------- main
 
 
-# --------------------------------------------------------------------------- cost
+def run(settings: Settings, command: str) -> dict:
+    set_threads(settings.threads)
+    zoo = open_zoo(settings.zoo)
+    kinds = [k for k in settings.kinds if k in zoo.adapters]
+    if not kinds:
+        sys.exit(f"bench_routing: no adapters of {', '.join(settings.kinds)} in {settings.zoo}")
 
+    def log(text: str) -> None:
+        print(f"bench_routing: {text}", file=sys.stderr, flush=True)
 
-def cost(service, zoo: Path, report: dict, kind: str, settings: Settings) -> dict:
-    """Added latency of routing (one prompt), single-request latency and a burst, auto vs explicit.
-
-    Every request generates exactly MAX_NEW_TOKENS tokens (eos ignored), so a misrouted
-    request does not look cheaper by stopping early; configurations take turns request by
-    request (and burst by burst, twice, the faster kept) so the shared machine's load
-    drifts over all of them alike.
-    """
-    from serving.generation import SamplingParams
-    from serving.routing import AutoSpec
-    from serving.scheduler import GenerationRequest, generate
-    from serving.services import BASE
-
-    fixed = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, ignore_eos=True)
-    pairs = [(e["suite"], e["task"]) for e in report["entries"] if e["kind"] == kind]
-    names = tuple(adapter_name(t, kind) for _, t in pairs)
-    examples = [(t, ex) for s, t in pairs for ex in test_examples(zoo, s, t, settings.n)]
-    tok = service.engine.tokenizer
-    step = max(1, len(examples) // settings.latency_requests)
-    sample = examples[::step][: settings.latency_requests]
-    specs = {f"auto/{router}": AutoSpec(router, candidates=names) for router in ROUTERS}
-
-    def prepare(config: str, task: str, ex: dict[str, str]):
-        if config == "explicit":
-            return service.prepare_mixture(adapter_name(task, kind))
-        [d] = service.route([tok(ex["prompt"])["input_ids"]], specs[config])
-        return service.prepare_mixture(BASE, dict(d.pairs)) if d.pairs else None
-
-    configs = ["explicit", *specs]
-    for t, ex in sample[:3]:  # warm: candidates parsed, mixtures fused, slots written
-        for config in configs:
-            prepare(config, t, ex)
-    prep: dict[str, list[float]] = {c: [] for c in configs}
-    total: dict[str, list[float]] = {c: [] for c in configs}
-    probe: dict[str, list[float]] = {"features": [], "features + V_kᵀx": []}
-    for t, ex in sample:
-        ids = tok(ex["prompt"])["input_ids"]
-        for config in configs:
-            start = time.perf_counter()
-            mixture = prepare(config, t, ex)
-            prepared = time.perf_counter()
-            generate(service.scheduler, [GenerationRequest(ids, fixed, mixture)])
-            prep[config].append(1000 * (prepared - start))
-            total[config].append(1000 * (time.perf_counter() - start))
-        for label, projections in (("features", False), ("features + V_kᵀx", True)):
-            start = time.perf_counter()
-            service.engine.probe([ids], projections=projections)
-            probe[label].append(1000 * (time.perf_counter() - start))
-    out: dict = {"candidates": len(names), "requests": len(sample), "new_tokens": MAX_NEW_TOKENS,
-                 "probe_ms_p50": {k: round(statistics.median(v), 2) for k, v in probe.items()}}
-    for config in configs:
-        out[config] = {"prepare_ms_p50": round(statistics.median(prep[config]), 2),
-                       "prepare_ms_p90": round(sorted(prep[config])[int(0.9 * (len(sample) - 1))], 2),
-                       "request_ms_p50": round(statistics.median(total[config]), 2)}
-    burst = (examples * (settings.burst // len(examples) + 1))[: settings.burst]
-    for _ in range(2):
-        for config in configs:
-            start = time.perf_counter()
-            if config == "explicit":
-                mixtures = [prepare(config, t, ex) for t, ex in burst]
-            else:
-                rows = [Row(config, t, ex) for t, ex in burst]
-                route_rows(service, rows, specs[config])
-                mixtures = [r.mixture for r in rows]
-            requests = [GenerationRequest(tok(ex["prompt"])["input_ids"], fixed, m)
-                        for (_, ex), m in zip(burst, mixtures)]
-            generate(service.scheduler, requests, timeout=3600)
-            seconds = round(time.perf_counter() - start, 2)
-            out[config]["burst_seconds"] = min(seconds, out[config].get("burst_seconds", seconds))
-    for config in specs:
-        mine, base = out[config], out["explicit"]
-        mine["added_ms_p50"] = round(mine["prepare_ms_p50"] - base["prepare_ms_p50"], 2)
-        mine["request_overhead"] = round(mine["request_ms_p50"] / base["request_ms_p50"] - 1, 3)
-        mine["burst_overhead"] = round(mine["burst_seconds"] / base["burst_seconds"] - 1, 3)
-    return out
-
-
-# --------------------------------------------------------------------------- report
-
-
-def environment(threads: int) -> dict:
-    import transformers
-
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(), "commit": commit,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
-
-def pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
-
-
-def markdown(result: dict) -> str:
-    env, s = result["environment"], result["settings"]
-    lines = [
-        "# Automatic mixtures (`model: \"auto\"`) on the demo zoo",
-        "",
-        f"Zoo `{s['zoo']}` ({'quick' if result['zoo_quick'] else 'full'}: {result['zoo_tasks']} tasks per suite), "
-        f"{s['n']} test prompts per task, greedy, ≤ {MAX_NEW_TOKENS} new tokens, float32 on CPU "
-        f"({env['cpu']}, {env['torch_threads']} torch threads, torch {env['torch']}, commit {env['commit']}, "
-        f"{env['date']}). `python benchmarks/bench_routing.py {result['argv']}`.",
-        "",
-        "Every configuration of a suite × kind is served in one mixed batch by the engine and scheduler "
-        "(`build_service`, as `specfuse serve` runs them). `oracle`: each prompt names its own task's adapter. "
-        "`auto/*`: `Service.route` picks the mixture from the prompt (top_m 1, default thresholds), then it is "
-        "served like any named mixture. `static`: the suite's adapters fused once (linear, uniform λ; the better "
-        "λ on the test split). Normalized = auto mean accuracy / oracle mean accuracy.",
-        "",
-        "## Accuracy (mean over the suite's tasks)",
-        "",
-        "| suite | kind | base | best static | oracle | auto/prototype | auto/spectral | prototype / oracle | "
-        "spectral / oracle | decisions prototype | decisions spectral |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["suites"]:
-        m, rt = r["mean"], r["routers"]
-        lines.append(
-            f"| {r['suite']} | {r['kind']} | {m['base']:.2f} | {m[r['best_static']]:.2f} | {m['oracle']:.2f} | "
-            f"{m['auto/prototype']:.2f} | {m['auto/spectral']:.2f} | {pct(rt['prototype']['normalized'])} | "
-            f"{pct(rt['spectral']['normalized'])} | {pct(rt['prototype']['decision_accuracy'])} | "
-            f"{pct(rt['spectral']['decision_accuracy'])} |")
-    lines += ["", "## Goal: auto ≥ 95% of the per-request oracle, far above the best static fusion", ""]
-    lines += result["goal"]
-    lines += ["", "## Per task (accuracy: oracle / auto prototype / auto spectral / best static)", ""]
-    for r in result["suites"]:
-        acc = r["accuracy"]
-        cells = [f"{t} {acc['oracle'][t]:.2f} / {acc['auto/prototype'][t]:.2f} / {acc['auto/spectral'][t]:.2f} / "
-                 f"{acc[r['best_static']][t]:.2f}" for t in r["tasks"]]
-        lines.append(f"- **{r['suite']} × {r['kind']}** ({r['best_static']}): " + "; ".join(cells))
-        for router in ROUTERS:
-            conf = r["routers"][router]["confusions"]
-            if conf:
-                lines.append(f"  - {router} misroutes: " + ", ".join(f"{k} ({v})" for k, v in conf.items()))
-    lines += ["", "## Routing over every adapter of a kind (both suites)", "",
-              "| kind | candidates | decisions prototype | decisions spectral | route ms/prompt prototype | "
-              "route ms/prompt spectral |", "|---|---|---|---|---|---|"]
-    for kind, r in result["across_suites"].items():
-        lines.append(f"| {kind} | {r['candidates']} | {pct(r['prototype']['decision_accuracy'])} | "
-                     f"{pct(r['spectral']['decision_accuracy'])} | {r['prototype']['route_ms_per_prompt']} | "
-                     f"{r['spectral']['route_ms_per_prompt']} |")
-    lines += ["", "## Prompts no adapter is for (the base's own ops, e.g. `rev:abc=`)", "",
-              "Candidates: every adapter of the kind. Accuracy, and the share served by the base model.", "",
-              "| kind | base | auto/prototype | auto/prototype, no threshold | auto/spectral |",
-              "|---|---|---|---|---|"]
-    for kind, r in result["off_task"].items():
-        cells = [f"{r[c]['accuracy']:.2f} ({pct(r[c]['to_base'])} to base)"
-                 for c in ("auto/prototype", "auto/prototype no threshold", "auto/spectral")]
-        lines.append(f"| {kind} | {r['base']['accuracy']:.2f} | " + " | ".join(cells) + " |")
-    lines += ["", "Best candidate's score (percentiles p1 / p10 / p50 / p90 / p99) for the suites' own test prompts "
-              "and for these off-task prompts: what the default thresholds (prototype 0.8, spectral none) rest on.",
-              "", "| kind | router | task prompts | off-task prompts |", "|---|---|---|---|"]
-    for kind, r in result["off_task"].items():
-        for router, config in (("prototype", "auto/prototype no threshold"), ("spectral", "auto/spectral")):
-            inside = result["across_suites"][kind][router]["top_score"]
-            lines.append(f"| {kind} | {router} | {' / '.join(f'{v:.2f}' for v in inside.values())} | "
-                         f"{' / '.join(f'{v:.2f}' for v in r[config]['top_score'].values())} |")
-    c = result["cost"]
-    lines += ["", f"## Cost of routing ({c['kind']} adapters of both suites: {c['candidates']} candidates)", "",
-              f"One request at a time on an idle server ({c['requests']} requests, each generating exactly "
-              f"{c['new_tokens']} tokens; the configurations take turns): `prepare` = resolving the mixture "
-              "(explicit: registry lookup of a cached mixture; auto: candidates, base-model probe of the prompt, "
-              "scores, then the same lookup); request = prepare + generation. The probe alone (one prompt): "
-              + ", ".join(f"{k} {v} ms" for k, v in c["probe_ms_p50"].items()) + f". Burst: {s['burst']} requests "
-              "routed in jobs of 32 prompts, then served together (best of two).", "",
-              "| configuration | prepare p50 ms | prepare p90 ms | added p50 ms | request p50 ms | request overhead | "
-              "burst s | burst overhead |", "|---|---|---|---|---|---|---|---|"]
-    for config in ("explicit", *(f"auto/{r}" for r in ROUTERS)):
-        row = c[config]
-        lines.append(f"| {config} | {row['prepare_ms_p50']} | {row['prepare_ms_p90']} | {row.get('added_ms_p50', 0)} | "
-                     f"{row['request_ms_p50']} | {pct(row.get('request_overhead', 0.0))} | {row['burst_seconds']} | "
-                     f"{pct(row.get('burst_overhead', 0.0))} |")
-    lines.append("")
-    lines += ["## Notes", ""]
-    if result["zoo_quick"]:
-        lines += [f"This is the quick zoo ({result['zoo_tasks']} tasks per suite, short training), built here because "
-                  f"`{FULL_ZOO}` had no report.json; `python benchmarks/bench_routing.py` measures the full zoo "
-                  "once it is built.", ""]
-    for note in result["notes"]:
-        lines += [note, ""]
-    return "\n".join(lines)
-
-
-def goal_lines(results: list[dict]) -> list[str]:
-    lines = []
-    for r in results:
-        m = r["mean"]
-        for router in ROUTERS:
-            rt = r["routers"][router]
-            norm = rt["normalized"]
-            status = "met" if norm is not None and norm >= GOAL else "missed"
-            text = (f"- {r['suite']} × {r['kind']} × {router}: {pct(norm)} of the oracle ({status}); "
-                    f"best static fusion {pct(m[r['best_static']] / m['oracle'] if m['oracle'] else None)}")
-            if status == "missed":
-                gap = GOAL - (norm or 0.0)
-                text += (f". Short by {100 * gap:.1f} points: {pct(1 - rt['decision_accuracy'])} of prompts routed to "
-                         f"another adapter ({pct(rt['to_base'])} to the base)")
-                if rt["confusions"]:
-                    text += ", mostly " + ", ".join(list(rt["confusions"])[:3])
-            lines.append(text + ".")
-    return lines
-
-
-NOTES = [
-    "Why the routers differ: the prototype router compares the base model's pooled last hidden state of the "
-    "prompt with each adapter's signature (its training prompts' centroid); it sees the whole prompt, prefix "
-    "included, so it separates tasks that read the same inputs (conflicting suite) as well as tasks with their "
-    "own input kinds. The spectral router needs no data: it matches each token's `V_kᵀ x` with the right "
-    "singular vectors of the adapter's core, per layer. It works where cores are directional (rotation, "
-    "additive, svft) and cannot work for `scale`: a diagonal core's input directions are the basis axes "
-    "themselves, the same for every scale adapter, which then differ only in per-axis gain.",
-    "One mixture per request: the engine holds one slot per row, so per-token spectral scores are averaged over "
-    "tokens and layers into per-request weights (per-token routing would need a slot per token).",
-    "Routing is a base-model forward over the prompt (the probe), serialized with the scheduler's steps by the "
-    "engine's lock; generation itself costs the same as for the named mixture (same slots, same batch).",
-]
-
-
-def run(settings: Settings, argv: str) -> dict:
-    torch.set_num_threads(settings.threads)
-    zoo = settings.zoo
-    report = json.loads((zoo / "report.json").read_text())
-    kinds = [k for k in settings.kinds if any(e["kind"] == k for e in report["entries"])]
-    suites = list(dict.fromkeys(e["suite"] for e in report["entries"]))
     service = open_service(zoo, settings)
     try:
-        results, across, off = [], {}, {}
-        for kind in kinds:
-            for suite in suites:
-                start = time.perf_counter()
-                results.append(suite_kind(service, zoo, report, suite, kind, settings))
-                r = results[-1]
-                m = r["mean"]
-                print(f"{suite} × {kind}: oracle {m['oracle']:.2f}, prototype {m['auto/prototype']:.2f},"
-                      f" spectral {r['mean']['auto/spectral']:.2f}, static {r['mean'][r['best_static']]:.2f} "
-                      f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-            across[kind] = across_suites(service, zoo, report, kind, settings)
-            off[kind] = off_task(service, report, kind)
-        cost_result = cost(service, zoo, report, kinds[0], settings)
-        cost_result["kind"] = kinds[0]
+        results = [run_kind(service, zoo, kind, settings, log) for kind in kinds]
     finally:
-        service.scheduler.stop()
-        service.registry.close()
-    tasks_per_suite = len({e["task"] for e in report["entries"] if e["suite"] == suites[0]})
-    return {"settings": {**asdict(settings), "zoo": str(zoo)}, "argv": argv,
-            "environment": environment(settings.threads),
-            "zoo_quick": bool(report["settings"].get("quick")), "zoo_tasks": tasks_per_suite,
-            "suites": results, "goal": goal_lines(results), "across_suites": across, "off_task": off,
-            "cost": cost_result, "notes": NOTES}
+        service.close()
+    return {"settings": {**asdict(settings), "zoo": str(settings.zoo)}, "command": command,
+            "environment": environment(), "base": zoo.base if zoo.chat else "the toy char base", "chat": zoo.chat,
+            "max_new_tokens": zoo.max_new_tokens, "off_task_prompts": list(OFF_TASK) if zoo.chat else "pretraining ops",
+            "kinds": results, "goal": goal_lines(results), "notes": NOTES}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--zoo", type=Path, default=None, help=f"default: {FULL_ZOO} when built, else {QUICK_ZOO}")
+    p.add_argument("--zoo", type=Path, default=SCRATCH / "zoo-smollm2", help="a built zoo (bench_zoo.py's default)")
     p.add_argument("--kinds", default="scale,svft,rotation,additive")
-    p.add_argument("--n", type=int, default=100, help="test prompts per task")
+    p.add_argument("--n", type=int, default=None, help="test prompts per task (default 50, quick 8)")
+    p.add_argument("--n-validation", type=int, default=None, help="validation prompts per task (default 25, quick 8)")
+    p.add_argument("--quick", action="store_true", help="8 prompts per task, scale only: minutes")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="routing", help="results name under benchmarks/results/")
-    p.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the .json, measure nothing")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default results/smollm2 for a chat zoo)")
+    p.add_argument("--markdown-only", action="store_true", help="rewrite the .md and .png from the .json")
     args = p.parse_args(argv)
+    kinds = ("scale",) if args.quick and args.kinds == p.get_default("kinds") else tuple(args.kinds.split(","))
+    settings = Settings(args.zoo, kinds, args.n or (8 if args.quick else 50),
+                        args.n_validation or (8 if args.quick else 25), args.threads, args.quick)
+    chat = json.loads((args.zoo / "report.json").read_text())["settings"].get("base") != "char"
+    out = args.out or (RESULTS / "smollm2" if chat else RESULTS)
+    stem = "routing_quick" if args.quick else "routing"
     if args.markdown_only:
-        result = json.loads((RESULTS / f"{args.out}.json").read_text())
-        (RESULTS / f"{args.out}.md").write_text(markdown(result))
-        return 0
-    settings = Settings(ensure_zoo(args.zoo), tuple(k.strip() for k in args.kinds.split(",")), args.n, args.threads)
-    result = run(settings, " ".join(sys.argv[1:] if argv is None else argv))
-    paths = write_results(args.out, result, markdown(result))
-    print(f"wrote {paths[0]} and {paths[1].name}", file=sys.stderr)
+        result = json.loads((out / f"{stem}.json").read_text())
+    else:
+        command = "python benchmarks/bench_routing.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        result = run(settings, command.strip())
+    write_results(stem, result, markdown(result), out)
+    plot(result, out / f"{stem}.png")
+    print(f"bench_routing: wrote {out / stem}.{{json,md,png}}", file=sys.stderr)
     return 0
 
 

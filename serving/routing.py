@@ -26,10 +26,19 @@ Routers (pure functions below, on host float32 tensors):
 
   using the top ``SPECTRAL_DIRECTIONS`` directions of each core.
 
-Then, for either router (:func:`select`): candidates scoring below ``threshold`` are
-dropped, the ``top_m`` best are kept, weights are ``softmax(score / temperature)`` over
-them, quantized to multiples of 1/20 (so near-equal decisions share one fused mixture
-and one device slot). Nothing left: the request is served by the base model.
+The prototype router also scores the base model itself, with its own signature: the same
+feature averaged over ``BASE_PROMPTS``, general requests no adapter is trained for (rendered
+with the chat template when the model has one, as a chat request is). A candidate must beat
+it by ``base_margin``, so a prompt that looks more like a general request than like any
+adapter's prompts stays with the base. This fallback adapts to the base's own scale: on an
+instruct model every prompt shares the chat template and scores ≥ 0.95 with every
+signature, where a fixed cosine threshold separates nothing.
+
+Then, for either router (:func:`select`): candidates scoring below ``threshold`` (and, for
+the prototype router, below the base's score + ``base_margin``) are dropped, the ``top_m``
+best are kept, weights are ``softmax(score / temperature)`` over them, quantized to
+multiples of 1/20 (so near-equal decisions share one fused mixture and one device slot).
+Nothing left: the request is served by the base model.
 
 Candidates: the given refs, else every adapter of the served base with ``tag``, else
 every adapter of the served base (latest version of each name). The prototype router
@@ -54,15 +63,28 @@ from adapters_zoo.basis import Basis
 from adapters_zoo.errors import IncompatibleAdapter, InvalidMixture, InvalidRequest
 from adapters_zoo.format import Adapter
 from adapters_zoo.registry.names import validate_tag
-from adapters_zoo.signatures import signature_of
+from adapters_zoo.signatures import signature_from_features, signature_of
 
 AUTO = "auto"
 ROUTERS = ("prototype", "spectral")
-# Default thresholds, measured on the demo zoo (benchmarks/results/routing.md): a task's own test
+# Default thresholds, measured on the toy zoo (benchmarks/results/routing.md): a task's own test
 # prompts score ≥ 0.87 cosine with its signature in 99% of cases, prompts no adapter is for
 # (the other suite's, the base's own ops) ≤ 0.75 in 90%. The spectral score does not
-# separate the two (0.44–0.55 either way), so it never falls back unless asked to.
+# separate the two (0.44–0.55 either way), so it never falls back unless asked to. On an
+# instruct base the base's own signature does the falling back (BASE_PROMPTS).
 DEFAULT_THRESHOLD = {"prototype": 0.8, "spectral": 0.0}
+# General requests: the base model's signature is its features of these (no adapter is for them;
+# kept apart from the benchmark's off-task prompts, which measure the fallback).
+BASE_PROMPTS = (
+    "Hello! Can you help me with something?", "Tell me about yourself.", "What can you do?",
+    "Write a short story about a dragon.", "What is the tallest mountain in Europe?",
+    "How do I sort a dictionary by value in Python?", "Give me ideas for a birthday party.",
+    "Explain how a car engine works.", "Write a thank-you note to a friend.", "What is 12 plus 30?",
+    "Compose a short song about the rain.", "Why do cats purr?", "What should I cook for dinner tonight?",
+    "Explain the difference between weather and climate.", "Write a C function that adds two integers.",
+    "Who painted the Mona Lisa?",
+)
+BASE_MARGIN_RANGE = 2.0  # cosines differ by at most 2: base_margin -2 never falls back to the base
 MAX_CANDIDATES = 256  # adapters scored per request; more: name a tag or a list
 MAX_TOP_M = 16
 SPECTRAL_DIRECTIONS = 8  # right singular vectors kept per core (Arrow keeps 1)
@@ -81,8 +103,9 @@ class AutoSpec:
     top_m: int = 1  # whole-task adapters lose each task when mixed: one adapter per request by default
     temperature: float = 0.1
     threshold: float | None = None  # None: DEFAULT_THRESHOLD[router]
+    base_margin: float = 0.0  # prototype: how much a candidate must outscore the base's own signature
 
-    FIELDS = ("router", "candidates", "tag", "top_m", "temperature", "threshold")
+    FIELDS = ("router", "candidates", "tag", "top_m", "temperature", "threshold", "base_margin")
 
     @classmethod
     def parse(cls, value: Any) -> AutoSpec:
@@ -126,6 +149,9 @@ class AutoSpec:
             raise bad("temperature", f"must be a number in [0.001, 100], got {self.temperature!r}")
         if self.threshold is not None and (not _number(self.threshold) or not -1 <= self.threshold <= 1):
             raise bad("threshold", f"must be a number in [-1, 1], got {self.threshold!r}")
+        if not _number(self.base_margin) or not abs(self.base_margin) <= BASE_MARGIN_RANGE:
+            raise bad("base_margin", f"must be a number in [-{BASE_MARGIN_RANGE:g}, {BASE_MARGIN_RANGE:g}], got "
+                                     f"{self.base_margin!r}")
 
     @property
     def min_score(self) -> float:
@@ -307,6 +333,7 @@ class RouteDecision:
     router: str
     pairs: list[tuple[str, float]]  # (name@version, weight), best first; [] = the base model
     scores: dict[str, float] = field(default_factory=dict)  # every candidate's score
+    base_score: float | None = None  # prototype: the base's own signature's score
 
     @property
     def label(self) -> str:
@@ -328,7 +355,7 @@ class AutoRouter:
         self.cache_size = cache_size
         # sha256 -> signature | None, sha256 -> SpectralProfile, candidate shas -> SpectralTable
         self._caches: dict[str, OrderedDict] = {"signature": OrderedDict(), "profile": OrderedDict(),
-                                                "table": OrderedDict()}
+                                                "table": OrderedDict(), "base": OrderedDict()}
         self._lock = threading.Lock()
         self.routed = 0  # prompts routed
         self.to_base = 0  # of which no candidate matched
@@ -364,6 +391,20 @@ class AutoRouter:
                 f"with `{SIGN_HINT}`, or use router 'spectral'", param="adapters.auto")
         return [c for c, _ in kept], torch.stack([s for _, s in kept])
 
+    def base_signature(self) -> torch.Tensor:
+        """The base model's own signature (hidden,): its features of BASE_PROMPTS, probed once."""
+        def build() -> torch.Tensor:
+            tok = self.engine.tokenizer
+            if getattr(tok, "chat_template", None):  # as a chat request reads them
+                texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in BASE_PROMPTS]
+                ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+            else:
+                ids = [tok(p)["input_ids"] for p in BASE_PROMPTS]
+            return signature_from_features(self.engine.probe(ids).features)
+
+        return self._memo("base", self.fingerprint, build)
+
     def table(self, candidates: list[Candidate]) -> SpectralTable:
         """The candidates' spectral profiles, stacked (cached per candidate set)."""
         def build() -> SpectralTable:
@@ -377,10 +418,14 @@ class AutoRouter:
         """One decision per prompt (token ids), from one base-model probe of all of them."""
         if not candidates:
             raise InvalidRequest("auto: no candidate adapters to route to", param="adapters.auto.candidates")
+        base: list[float | None] = [None] * len(prompts)
+        floors = [spec.min_score] * len(prompts)
         if spec.router == "prototype":
             candidates, sigs = self.signatures(candidates)
             probe = self.engine.probe(prompts)
             scores = prototype_scores(probe.features, sigs)  # (B, n)
+            base = prototype_scores(probe.features, self.base_signature()[None])[:, 0].tolist()  # (B,)
+            floors = [max(spec.min_score, b + spec.base_margin) for b in base]
         else:
             table = self.table(candidates)
             probe = self.engine.probe(prompts, projections=True)
@@ -389,10 +434,11 @@ class AutoRouter:
         decisions = []
         with self._lock:
             self.routed += len(prompts)
-        for row in scores:
-            chosen = select(row, spec.top_m, spec.temperature, spec.min_score)
+        for row, floor, base_score in zip(scores, floors, base):
+            chosen = select(row, spec.top_m, spec.temperature, floor)
             decisions.append(RouteDecision(spec.router, [(candidates[i].ref, w) for i, w in chosen],
-                                           {c.ref: round(float(s), 6) for c, s in zip(candidates, row)}))
+                                           {c.ref: round(float(s), 6) for c, s in zip(candidates, row)},
+                                           None if base_score is None else round(base_score, 6)))
         with self._lock:
             self.to_base += sum(1 for d in decisions if not d.pairs)
         return decisions

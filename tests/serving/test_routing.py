@@ -19,12 +19,13 @@ import torch
 from adapters_zoo.demo_model import build_tiny_model, save_model
 from adapters_zoo.errors import InvalidMixture, InvalidRequest
 from adapters_zoo.registry import Registry
-from adapters_zoo.signatures import attach_signature, signature_from_prompts
+from adapters_zoo.signatures import attach_signature, signature_from_features, signature_from_prompts
 from adapters_zoo.tasks import make_split, suite_tasks, write_jsonl
 from serving.app import create_app
 from serving.engine import Engine, EngineConfig
 from serving.reference import reference_generate
 from serving.routing import (
+    BASE_PROMPTS,
     AutoRouter,
     AutoSpec,
     Candidate,
@@ -157,6 +158,8 @@ def test_auto_spec_from_request_shapes():
     ({"threshold": 2}, "adapters.auto.threshold"),
     ({"threshold": "high"}, "adapters.auto.threshold"),
     ({"topm": 2}, "adapters.auto.topm"),
+    ({"base_margin": 2.5}, "adapters.auto.base_margin"),
+    ({"base_margin": True}, "adapters.auto.base_margin"),
 ])
 def test_bad_routing_options_name_the_field(options, param):
     with pytest.raises(InvalidRequest) as err:
@@ -232,6 +235,40 @@ def test_prototype_router_picks_each_task_adapter(engine, tokenizer, task_adapte
         assert [d.pairs for d in decisions] == [[(f"{name}@1", 1.0)]] * len(prompts), name
         assert all(d.scores[f"{name}@1"] == max(d.scores.values()) for d in decisions)
     assert router.routed == 4 * 12 and router.to_base == 0
+
+
+def test_the_base_competes_with_its_own_signature(engine, model, tokenizer, task_adapters):
+    """A candidate must outscore the base's signature (its features of BASE_PROMPTS) by base_margin."""
+    router = AutoRouter(engine)
+    candidates = candidates_of(task_adapters)
+    expected = signature_from_prompts(model, tokenizer, list(BASE_PROMPTS))  # no chat template: the plain texts
+    torch.testing.assert_close(router.base_signature(), expected, rtol=1e-5, atol=1e-5)
+    prompts = [tokenizer(p)["input_ids"] for p in task_prompts("sort_digits", "test", 4)]
+    general = [tokenizer(p)["input_ids"] for p in BASE_PROMPTS[:4]]
+    features = engine.probe(prompts + general).features
+    base = prototype_scores(features, expected[None])[:, 0]
+    decisions = router.route(prompts + general, AutoSpec(threshold=-1.0), candidates)
+    assert [d.base_score for d in decisions] == pytest.approx(base.tolist(), abs=1e-5)
+    assert [bool(d.pairs) for d in decisions] == [max(d.scores.values()) >= d.base_score for d in decisions]
+    assert [d.pairs[0][0] for d in decisions[:4]] == ["sort_digits@1"] * 4 and not any(d.pairs for d in decisions[4:])
+    lead = min(max(d.scores.values()) - d.base_score for d in decisions[:4])  # > 0: the task prompts route
+    below = router.route(prompts, AutoSpec(threshold=-1.0, base_margin=lead - 1e-3), candidates)
+    above = router.route(prompts, AutoSpec(threshold=-1.0, base_margin=lead + 1e-3), candidates)
+    assert all(d.pairs for d in below) and not all(d.pairs for d in above)  # the closest call falls back
+    assert all(d.pairs for d in router.route(general, AutoSpec(threshold=-1.0, base_margin=-2.0), candidates))
+    assert all(d.base_score is None for d in router.route(general, AutoSpec("spectral"), candidates))
+
+
+def test_the_base_signature_reads_general_requests_as_chat_when_the_model_has_a_template(model, tokenizer, basis):
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                          "{% if add_generation_prompt %}<assistant>{% endif %}")
+    engine = Engine(copy.deepcopy(model), chat, basis, EngineConfig(slots=2, residual_slots=1))
+    ids = [chat(f"<user>{p}<assistant>", add_special_tokens=False)["input_ids"] for p in BASE_PROMPTS]
+    expected = signature_from_features(engine.probe(ids).features)
+    torch.testing.assert_close(AutoRouter(engine).base_signature(), expected, rtol=1e-6, atol=1e-6)
+    plain = signature_from_features(engine.probe([chat(p)["input_ids"] for p in BASE_PROMPTS]).features)
+    assert not torch.allclose(expected, plain, atol=1e-3)  # the template is what is read
 
 
 def test_spectral_router_picks_adapters_built_on_each_tasks_directions(engine, tokenizer, basis):
