@@ -1,7 +1,9 @@
 """Spectral fusion vs LoRA merging: quality, size and speed of fusing task adapters into one.
 
-On a zoo (``specfuse zoo build``: the demo base, its basis, one adapter per task × kind and
-real PEFT LoRA baselines, on a *conflicting* and a *compatible* suite of 8 tasks):
+On a zoo (``specfuse zoo build``: a base, its basis, one adapter per task × kind and real
+PEFT LoRA baselines; on the real base SmolLM2-135M-Instruct the chat suites *records*
+(conflicting) and *skills* (composable) of 4 tasks, on the toy char base a *conflicting* and
+a *compatible* suite of 8):
 
 1. sources: the zoo's adapters of every kind (trained plainly), fusion-ready variants
    trained here (``+kl``: KL to the base on other tasks' and pretraining prompts;
@@ -12,17 +14,22 @@ real PEFT LoRA baselines, on a *conflicting* and a *compatible* suite of 8 tasks
    the LoRAs, and exact task arithmetic on their dense ΔW; weights (and density) chosen
    on validation, measured on test (``fusion_quality/protocol.py``); and ``distill``
    (``fusion.distill``: one k×k core per layer trained on the tasks' prompts to match
-   every adapter), with ``distill:lora`` (the same into a LoRA) as its control;
+   every adapter), with ``distill:lora`` (the same into a LoRA) as its control; chat
+   suites select with a teacher-forced scorer and report greedy generation scored by
+   each task's checker;
 4. pairwise interference matrices; the per-request reference (``serving.engine``: every
    prompt with its own task's adapter in one mixed batch);
-5. ``benchmarks/results/fusion_quality.{json,md}``, ``fusion_quality.png`` (normalized
-   accuracy vs tasks fused), ``fusion_quality_bytes.png`` (accuracy vs bytes).
+5. ``benchmarks/results/fusion_quality.{json,md}`` (real base: ``results/smollm2/``),
+   ``fusion_quality.png`` (normalized accuracy vs tasks fused), ``fusion_quality_bytes.png``
+   (accuracy vs bytes).
 
-    python benchmarks/bench_fusion_quality.py --zoo /work/zoo-full      # full: ~40 min on 2 cores
+    python benchmarks/bench_fusion_quality.py --zoo /work/zoo-full      # char: ~40 min on 2 cores
     python benchmarks/bench_fusion_quality.py --zoo /tmp/zoo-quick --quick
+    python benchmarks/bench_fusion_quality.py --zoo /work/zoo-smollm2 --precision bfloat16 ...
 
 Scores are cached under ``benchmarks/results/tmp/fusion_quality/`` (keyed by adapter
-content), so an interrupted run resumes where it stopped.
+content), so an interrupted run resumes where it stopped; ``--cached-only`` writes the
+report from the cache alone (runs never measured are left out and counted).
 """
 
 from __future__ import annotations
@@ -50,12 +57,14 @@ from fusion_quality.fusers import (  # noqa: E402
     SPECTRAL_METHODS,
     PeftFuser,
     SpectralFuser,
+    is_distill,
     is_random,
     methods_for,
 )
 from fusion_quality.protocol import (  # noqa: E402
     Evaluator,
     Grid,
+    NotCached,
     ResultCache,
     individual_scores,
     interference,
@@ -79,7 +88,7 @@ class Settings:
     quick: bool = False
     suites: tuple[str, ...] | None = None  # None: every suite of the zoo
     kinds: tuple[str, ...] | None = None  # zoo kinds; None: every kind of the zoo
-    variants: tuple[str, ...] = tuple(VARIANTS)  # fusion-ready variants trained here
+    variants: tuple[str, ...] | None = None  # fusion-ready variants trained here; None: all (char), none (chat)
     peft: bool = True
     methods: tuple[str, ...] = ALL_METHODS
     sizes: tuple[int, ...] = (2, 4, 8)  # tasks fused (capped at the suite's size)
@@ -87,13 +96,18 @@ class Settings:
     grid: Grid = field(default_factory=Grid)
     distill_steps: int = DistillConfig.steps
     distill_lr: float = 1e-2  # best of {1e-3, 3e-3, 1e-2} for both students on compatible validation (probe)
+    distill_batch: int = DistillConfig.batch_size
+    distill_all_only: bool = False  # distill and its control only on the all-task fusion (they train: costly)
     seed: int = 0
     generation_check: str = "first"  # all-task fusions also decoded by generation: first seed | all | none
     validation_examples: int | None = 50  # per task for the selection (of the zoo's 100): the run fits ~40 min
     interference: tuple[str, ...] = ("scale", "additive@slice+kl", PEFT)  # sources with a pairwise matrix
     per_request: bool = True
     threads: int = 2
+    precision: str = "float32"  # scoring dtype: bfloat16 scores a rounded copy of the float32 merged model
     cache: Path | None = SCRATCH / "fusion_quality"  # None: no disk cache (tests)
+    cached_only: bool = False  # measure nothing: report what the cache holds
+    notes: str = ""  # Markdown put at the top of the report (e.g. how a run was cut to fit its budget)
     progress: bool = True
 
     @classmethod
@@ -128,7 +142,7 @@ def build_sources(settings: Settings, zoo: Zoo, suite: str, model, tokenizer) ->
     sources = [zoo_source(zoo, suite, kind) for kind in kinds]
     trained = 0
     cache_dir = (settings.cache or SCRATCH / "fusion_quality") / "adapters" / zoo.basis.fingerprint[:12]
-    for name in settings.variants:
+    for name in variants_of(settings, zoo):
         start = time.perf_counter()
         source, count = trained_source(zoo, suite, VARIANTS[name], model, tokenizer, cache_dir,
                                        lambda message: log(settings, message))
@@ -139,6 +153,12 @@ def build_sources(settings: Settings, zoo: Zoo, suite: str, model, tokenizer) ->
     if settings.peft and PEFT in zoo.kinds(suite):
         sources.append(peft_source(zoo, suite))
     return sources, trained
+
+
+def variants_of(settings: Settings, zoo: Zoo) -> tuple[str, ...]:
+    if settings.variants is not None:
+        return settings.variants
+    return () if zoo.chat else tuple(VARIANTS)
 
 
 def source_record(source: Source, alone: dict, zoo: Zoo) -> dict[str, Any]:
@@ -153,11 +173,32 @@ def source_record(source: Source, alone: dict, zoo: Zoo) -> dict[str, Any]:
     for task, scores in alone.items():
         gen = scores["test:generation"]
         individual[task] = {"validation_forward": scores["validation:forward"].accuracy,
-                            "test_forward": scores["test:forward"].accuracy,
+                            "test_forward": scores["test:forward"].accuracy if "test:forward" in scores else None,
                             "test_generation": gen.accuracy, "disagree": gen.disagree, "examples": gen.n}
     return {"suite": source.suite, "name": source.name, "family": source.family, "training": source.training,
             "kind": source.kind, "params": source.params, "bytes": source.bytes, "digest": source.digest,
             "individual": individual, "zoo_accuracy": zoo_acc}
+
+
+def measure_method(settings: Settings, evaluator: Evaluator, result: dict[str, Any], source: Source, method: str,
+                   n: int, full: bool, fuser, alone: dict) -> None:
+    """Every draw (and, for random methods on all tasks, every seed) of ``method`` on ``n`` tasks of a source."""
+    tasks = source.tasks
+    seeds = settings.grid.seeds if (full and is_random(method)) else (None,)
+    for d, subset in enumerate(subsets(tasks, n, settings.draws, settings.seed, source.suite)):
+        for s, seed in enumerate(seeds):
+            seed = d if seed is None else seed
+            check = full and (settings.generation_check == "all"
+                              or (settings.generation_check == "first" and s == 0))
+            try:
+                run_ = run_method(evaluator, fuser, source, method, subset, settings.grid, d, seed, alone,
+                                  "generation" if check else "forward")
+            except NotCached:
+                result["not_measured"] += 1
+                continue
+            result["runs"].append(asdict(run_))
+    log(settings, f"{source.suite}: {n} tasks, {source.name} + {method} done "
+                  f"({evaluator.generated:,} generated, {evaluator.forwarded:,} forward so far)")
 
 
 def run(settings: Settings) -> dict[str, Any]:
@@ -173,66 +214,101 @@ def run(settings: Settings) -> dict[str, Any]:
     model, tokenizer = load_model_dir(zoo.base_dir, "cpu")
     splits = load_splits(zoo, suites, settings.validation_examples)
     cache = ResultCache(settings.cache / f"scores-{zoo.basis.fingerprint[:12]}.json" if settings.cache else None)
-    evaluator = Evaluator(tokenizer, splits, cache)
+    chat_tasks = {t.name: t for s in suites for t in zoo.tasks(s)} if zoo.chat else None
+    twin = None
+    if settings.precision != "float32":
+        import torch
+        from fusion_quality.scoring import LowPrecisionTwin
+
+        twin = LowPrecisionTwin(model, getattr(torch, settings.precision))
+    evaluator = Evaluator(tokenizer, splits, cache, chat_tasks, twin,
+                          zoo.settings.get("max_new_tokens") if zoo.chat else None, settings.cached_only)
     spectral = SpectralFuser(model, tokenizer, zoo.basis, lambda suite, task: zoo.split(suite, task, "train"),
-                             DistillConfig(steps=settings.distill_steps, lr=settings.distill_lr))
+                             DistillConfig(steps=settings.distill_steps, lr=settings.distill_lr,
+                                           batch_size=settings.distill_batch))
     peft_fuser = PeftFuser(load_model_dir(zoo.base_dir, "cpu")[0], tokenizer) if settings.peft else None
     server = None
+    test_scorers = ("generation+forward",) if zoo.chat else ("forward", "generation")
 
-    result: dict[str, Any] = {"sources": [], "runs": [], "interference": {}, "per_request": {}, "base_accuracy": {}}
+    result: dict[str, Any] = {"sources": [], "runs": [], "interference": {}, "per_request": {}, "base_accuracy": {},
+                              "base": zoo.base_name, "chat": zoo.chat, "not_measured": 0}
     trained_total = 0
-    tasks_per_suite = {}
+    tasks_per_suite: dict[str, int] = {}
+    suite_sources: dict[str, list[Source]] = {}
+    individual: dict[tuple[str, str], dict] = {}  # (suite, source) -> task -> scores
     for suite in suites:
         sources, trained = build_sources(settings, zoo, suite, model, tokenizer)
         trained_total += trained
         tasks = [t.name for t in zoo.tasks(suite)]
         tasks_per_suite[suite] = len(tasks)
         result["base_accuracy"][suite] = {t: zoo.entry(suite, t, zoo.kinds(suite)[0])["base_accuracy"] for t in tasks}
-        individual: dict[str, dict] = {}
-        for source in sources:
+        for source in list(sources):
             fuser = peft_fuser if source.family == "peft" else spectral
             log(settings, f"{suite}: individual accuracy of {source.name}")
-            individual[source.name] = individual_scores(
-                evaluator, fuser, source, {"validation": ("forward",), "test": ("forward", "generation")})
-            result["sources"].append(source_record(source, individual[source.name], zoo))
+            try:
+                individual[(suite, source.name)] = individual_scores(
+                    evaluator, fuser, source, {"validation": ("forward",), "test": test_scorers})
+            except NotCached:
+                sources.remove(source)  # nothing of it can be reported
+                result["not_measured"] += 1
+                continue
+            result["sources"].append(source_record(source, individual[(suite, source.name)], zoo))
+        suite_sources[suite] = sources
 
-        for source in sources:
-            for method in methods_for(source, settings.methods):
-                fuser = spectral if (source.family == "spectral" or method in ON_SPECTRAL_FUSER) else peft_fuser
-                for n in sorted({min(n, len(tasks)) for n in settings.sizes}):
-                    draws = subsets(tasks, n, settings.draws, settings.seed, suite)
-                    full = n == len(tasks)
-                    seeds = settings.grid.seeds if (full and is_random(method)) else (None,)
-                    for d, subset in enumerate(draws):
-                        for s, seed in enumerate(seeds):
-                            seed = d if seed is None else seed
-                            check = full and (settings.generation_check == "all"
-                                              or (settings.generation_check == "first" and s == 0))
-                            run_ = run_method(evaluator, fuser, source, method, subset, settings.grid, d, seed,
-                                              individual[source.name], "generation" if check else "forward")
-                            result["runs"].append(asdict(run_))
-                log(settings, f"{suite}: {source.name} + {method} done "
-                              f"({evaluator.generated:,} generated, {evaluator.forwarded:,} forward so far)")
+    # the all-task fusions first, then the smaller subsets; within a size, method by method (in the order
+    # asked) over every suite and source: a run cut short has the headline rows of the first methods everywhere
+    measured: set[tuple[str, int, str]] = set()
+    for n_wanted in sorted(set(settings.sizes), reverse=True):
+        for method in settings.methods:
+            for suite in suites:
+                tasks = [t.name for t in zoo.tasks(suite)]
+                n = min(n_wanted, len(tasks))  # capped at the suite's size, measured once
+                if (suite, n, method) in measured:
+                    continue
+                measured.add((suite, n, method))
+                full = n == len(tasks)
+                if is_distill(method) and settings.distill_all_only and not full:
+                    continue
+                for source in suite_sources[suite]:
+                    if method in methods_for(source, (method,)):
+                        measure_method(settings, evaluator, result, source, method, n, full,
+                                       peft_fuser if source.family == "peft" and method not in ON_SPECTRAL_FUSER
+                                       else spectral, individual[(suite, source.name)])
 
+    for suite in suites:
+        sources = suite_sources[suite]
+        tasks = [t.name for t in zoo.tasks(suite)]
         for source in sources:
             if source.name not in settings.interference:
                 continue
             method = "peft:cat" if source.family == "peft" else "linear"  # both: the exact sum of the two ΔW
             fuser = peft_fuser if source.family == "peft" else spectral
             log(settings, f"{suite}: pairwise interference of {source.name} ({method})")
-            matrix = interference(evaluator, fuser, source, method, individual[source.name])
+            try:
+                matrix = interference(evaluator, fuser, source, method, individual[(suite, source.name)])
+            except NotCached:
+                result["not_measured"] += 1
+                continue
             result["interference"].setdefault(suite, {})[f"{source.name} ({method})"] = matrix
 
         if settings.per_request:
-            if server is None:
-                from fusion_quality.serving_ref import PerRequestServer
-
-                server = PerRequestServer(zoo.base_dir, zoo.basis, slots=max(tasks_per_suite.values()) + 1,
-                                          max_residual_rank=64)
             for source in sources:
                 log(settings, f"{suite}: per-request mixtures, {source.name}")
-                acc = server.accuracy(source, {t: splits[(suite, t, "test")] for t in tasks})
-                alone = {t: individual[source.name][t]["test:generation"].accuracy for t in tasks}
+                key = {"per_request": source.digest, "suite": suite, "tasks": tasks,
+                       "examples": [evaluator.digests[(suite, t, "test")] for t in tasks], **evaluator.precision}
+                acc = cache.get(key)
+                if acc is None and settings.cached_only:
+                    result["not_measured"] += 1
+                    continue
+                if acc is None:
+                    if server is None:
+                        from fusion_quality.serving_ref import PerRequestServer
+
+                        server = PerRequestServer(zoo.base_dir, zoo.basis, slots=max(len(tasks), 8) + 1,
+                                                  max_residual_rank=64, dtype=settings.precision)
+                    acc = server.accuracy(source, {t: splits[(suite, t, "test")] for t in tasks}, chat_tasks)
+                    cache.put(key, acc)
+                alone = {t: individual[(suite, source.name)][t]["test:generation"].accuracy for t in tasks}
                 mean_alone = statistics.fmean(alone.values())
                 result["per_request"].setdefault(suite, {})[source.name] = {
                     "accuracy": statistics.fmean(acc.values()), "individual": mean_alone,
@@ -245,7 +321,7 @@ def run(settings: Settings) -> dict[str, Any]:
     result["validation_examples"] = len(next(v for (_, _, sp), v in splits.items() if sp == "validation"))
     result["test_examples"] = len(next(v for (_, _, sp), v in splits.items() if sp == "test"))
     result["tasks_per_suite"] = tasks_per_suite
-    result["goals"] = report.goals(result["summary"], suites, tasks_per_suite)
+    result["goals"] = report.goals(result["summary"], suites, tasks_per_suite, chat=zoo.chat)
     checked = [r for r in result["runs"] if r.get("disagree") is not None]
     individual_checked = [v for s in result["sources"] for v in s["individual"].values()]
     result["scorer_disagreement"] = {
@@ -256,6 +332,7 @@ def run(settings: Settings) -> dict[str, Any]:
     result["cost"] = {"generated": evaluator.generated, "forwarded": evaluator.forwarded, "trained": trained_total,
                       "cached_scores": evaluator.cached}
     result["seconds"] = round(time.perf_counter() - started, 1)
+    result["notes"] = settings.notes
     result["zoo"] = {"root": str(zoo.root), "quick": bool(zoo.settings.get("quick")), "steps": zoo.settings["steps"],
                      "k": zoo.basis.rank, "base_fingerprint": zoo.basis.fingerprint, "seed": zoo.settings["seed"],
                      "report_seconds": zoo.report.get("seconds")}
@@ -313,6 +390,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--validation-examples", type=int, help="per task for the selection (default 50; 0: all)")
     p.add_argument("--generation-check", choices=("first", "all", "none"),
                    help="decode all-task fusions by generation too: first seed (default), all, none")
+    p.add_argument("--distill-batch", type=int, help=f"rows per distill step (default {DistillConfig.batch_size})")
+    p.add_argument("--distill-all-only", action="store_true", help="distill (and its control) on all tasks only")
+    p.add_argument("--interference", help="comma-separated sources with a pairwise matrix ('' for none)")
+    p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                   help="scoring dtype (bfloat16: a rounded copy of the merged float32 model, ~2-3x faster on CPU)")
+    p.add_argument("--cached-only", action="store_true", help="measure nothing: write the report from the cache")
+    p.add_argument("--notes", help="Markdown (or @FILE) put at the top of the report")
     p.add_argument("--no-peft", action="store_true", help="skip the PEFT LoRA baselines")
     p.add_argument("--no-per-request", action="store_true", help="skip the serving engine reference")
     p.add_argument("--threads", type=int, default=2)
@@ -322,7 +406,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     args = p.parse_args(argv)
 
     overrides: dict[str, Any] = {"out": args.out, "seed": args.seed, "threads": args.threads, "peft": not args.no_peft,
-                                 "per_request": not args.no_per_request}
+                                 "per_request": not args.no_per_request, "precision": args.precision,
+                                 "cached_only": args.cached_only, "distill_all_only": args.distill_all_only}
+    if args.notes:
+        overrides["notes"] = Path(args.notes[1:]).read_text() if args.notes.startswith("@") else args.notes
+    if args.interference is not None:
+        overrides["interference"] = split(args.interference)
     for name in ("suites", "kinds", "methods"):
         if getattr(args, name):
             overrides[name] = split(getattr(args, name))
@@ -340,6 +429,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         if args.distill_steps < 1:
             p.error("--distill-steps must be ≥ 1")
         overrides["distill_steps"] = args.distill_steps
+    if args.distill_batch is not None:
+        if args.distill_batch < 1:
+            p.error("--distill-batch must be ≥ 1")
+        overrides["distill_batch"] = args.distill_batch
     if args.distill_lr is not None:
         if not args.distill_lr > 0:
             p.error("--distill-lr must be > 0")
@@ -360,7 +453,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     unknown = [m for m in settings.methods if m not in ALL_METHODS]
     if unknown:
         p.error(f"unknown method {unknown[0]!r} (known: {', '.join(ALL_METHODS)})")
-    unknown = [v for v in settings.variants if v not in VARIANTS]
+    unknown = [v for v in settings.variants or () if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variant {unknown[0]!r} (known: {', '.join(VARIANTS)})")
     return settings

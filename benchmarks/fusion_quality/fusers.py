@@ -39,6 +39,7 @@ import torch
 from adapters_zoo.basis import Basis
 from adapters_zoo.errors import InvalidConfig
 from adapters_zoo.format import adapter_to_bytes, new_adapter
+from adapters_zoo.tasks.chat import prompt_messages, reference_answer, render_prompt
 from fusion.distill import DistillConfig
 from fusion_quality.scoring import merged_weights
 from fusion_quality.sources import Source
@@ -53,6 +54,7 @@ ON_SPECTRAL_FUSER = ("dense_ta", DISTILL_LORA)  # PEFT sources' methods run on t
 WITH_DENSITY = {"ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_svd"}  # the name after "peft:"
 RANDOM = {"dare_linear", "dare_ties", "distill"}
 DISTILL_PROMPTS = 128  # training prompts per task the distillation sees
+TINY_MODEL = 20_000_000  # parameters below which distillation runs on one thread
 
 
 def base_name(method: str) -> str:
@@ -130,7 +132,7 @@ class SpectralFuser:
         if self.prompts is None:
             raise InvalidConfig("distill needs the tasks' prompts: SpectralFuser(prompts=...)")
         adapters = [source.adapters[t] for t in tasks]
-        data = [[{"prompt": ex["prompt"]} for ex in self.prompts(source.suite, t)[:DISTILL_PROMPTS]] for t in tasks]
+        data = [[self._distill_example(ex) for ex in self.prompts(source.suite, t)[:DISTILL_PROMPTS]] for t in tasks]
         student = None
         if method == DISTILL_LORA:  # a fresh LoRA of the sources' rank on the layers they touch
             first = adapters[0]
@@ -138,13 +140,22 @@ class SpectralFuser:
             student = new_adapter("lora", {"rank": first.cfg.rank, "alpha": first.cfg.alpha}, self.basis, layers)
         cfg = dataclasses.replace(self.distill_cfg, seed=seed)
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # small batches on a tiny model: dispatch-bound, one thread is ~2x faster
+        if sum(p.numel() for p in self.model.parameters()) < TINY_MODEL:
+            torch.set_num_threads(1)  # small batches on a tiny model: dispatch-bound, one thread is ~2x faster
         try:
             fused, stats = distill_fuse(self.model, self.tokenizer, self.basis, adapters, [1.0] * len(adapters), data,
                                         cfg, student=student, verify_basis=False)
         finally:
             torch.set_num_threads(threads)
         return fused, FusedInfo(fused.num_params(), len(adapter_to_bytes(fused)), stats.seconds)
+
+    def _distill_example(self, ex: dict) -> dict[str, str]:
+        """A char example's prompt alone (each teacher completes it); a chat example's prompt under the chat
+        template with its reference answer as the completion (no teacher decoding: the KL is still to each
+        teacher's distributions, on the positions of that answer)."""
+        if "messages" not in ex:
+            return {"prompt": ex["prompt"]}
+        return {"prompt": render_prompt(self.tokenizer, prompt_messages(ex)), "completion": reference_answer(ex)}
 
     @contextlib.contextmanager
     def individual(self, source: Source, task: str) -> Iterator[torch.nn.Module]:

@@ -9,6 +9,10 @@ For one source (one adapter per task), a subset of its tasks and a method:
 2. the best candidate is fused again and scored on the **test** split (teacher-forced
    always; by generation too where asked, and the agreement of the two is recorded).
 
+Chat suites (the real base) report generation (the task's checker) on test everywhere,
+and select with the teacher-forced scorer on validation; the char suites use the forward
+scorer on test and decode the all-task fusions by generation as a check.
+
 Seeds: random methods (DARE) are run once per seed; subsets smaller than the suite are
 drawn several times. Each run selects on validation by itself, so the spread over runs
 includes the selection's.
@@ -30,10 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from fusion_quality.fusers import FusedInfo, is_distill, is_random, uses_density
-from fusion_quality.scoring import accuracy, generation_hits, teacher_forced_hits
+from fusion_quality.scoring import (
+    accuracy,
+    chat_forced_hits,
+    chat_generation_hits,
+    generation_hits,
+    teacher_forced_hits,
+)
 from fusion_quality.sources import Source
 
-SCORERS = ("forward", "generation")
+SCORERS = ("forward", "generation", "generation+forward")
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,10 @@ class ResultCache:
             os.replace(tmp, self.path)
 
 
+class NotCached(Exception):
+    """A score the cache does not hold, asked of an evaluator that measures nothing (``cached_only``)."""
+
+
 @dataclass
 class Score:
     accuracy: float
@@ -85,10 +99,20 @@ class Score:
 class Evaluator:
     """Scores model states on task splits, from the cache when it can (without building the state)."""
 
-    def __init__(self, tokenizer, splits: dict[tuple[str, str, str], list[dict[str, str]]], cache: ResultCache):
+    def __init__(self, tokenizer, splits: dict[tuple[str, str, str], list[dict[str, str]]], cache: ResultCache,
+                 chat_tasks: dict | None = None, twin=None, max_new_tokens: int | None = None,
+                 cached_only: bool = False):
+        """``chat_tasks``: task name -> ``ChatTask`` when the splits are chat examples (their checkers);
+        ``twin``: a ``LowPrecisionTwin`` that scores every state (None: the model as it is)."""
         self.tokenizer = tokenizer
         self.splits = splits  # (suite, task, split) -> examples
         self.cache = cache
+        self.chat_tasks = chat_tasks
+        self.twin = twin
+        self.max_new_tokens = max_new_tokens
+        self.cached_only = cached_only
+        self.test_scorer = "generation" if chat_tasks else "forward"  # what test numbers report
+        self.precision = {"dtype": str(twin.dtype).removeprefix("torch.")} if twin is not None else {}
         self.digests = {key: hashlib.sha256(json.dumps(examples).encode()).hexdigest()[:12]
                         for key, examples in splits.items()}  # a score is of these exact examples
         self.generated = 0  # examples decoded by generation (cost accounting)
@@ -105,8 +129,10 @@ class Evaluator:
         info = None
         info_desc = {"state": state, "info": True}
         cached_info = self.cache.get(info_desc)
+
         def desc(item: tuple[str, str, str]) -> dict[str, Any]:
-            return {"state": state, "eval": list(item), "examples": self.digests[(suite, item[0], item[1])]}
+            return {"state": state, "eval": list(item), "examples": self.digests[(suite, item[0], item[1])],
+                    **self.precision}
 
         for item in wanted:
             hit = self.cache.get(desc(item))
@@ -116,8 +142,12 @@ class Evaluator:
         missing = [item for item in wanted if item not in found]
         if not missing and (cached_info is not None or not state.get("fused")):
             return found, FusedInfo(**cached_info) if cached_info else None
+        if self.cached_only:
+            raise NotCached(f"{len(missing)} scores of {state}")
         with enter() as entered:
             model, info = entered if isinstance(entered, tuple) else (entered, None)
+            if self.twin is not None:
+                model = self.twin.of(model)
             for task, split, scorer in missing:
                 found[(task, split, scorer)] = self._score(model, suite, task, split, scorer)
                 self.cache.put(desc((task, split, scorer)), asdict(found[(task, split, scorer)]))
@@ -128,6 +158,8 @@ class Evaluator:
         return found, info
 
     def _score(self, model, suite: str, task: str, split: str, scorer: str) -> Score:
+        if self.chat_tasks:
+            return self._score_chat(model, suite, task, split, scorer)
         examples = self.splits[(suite, task, split)]
         forward = teacher_forced_hits(model, self.tokenizer, examples)
         self.forwarded += len(examples)
@@ -136,6 +168,22 @@ class Evaluator:
         generated = generation_hits(model, self.tokenizer, examples)
         self.generated += len(examples)
         disagree = sum(a != b for a, b in zip(forward, generated))
+        return Score(accuracy(generated), sum(generated), len(generated), disagree)
+
+    def _score_chat(self, model, suite: str, task: str, split: str, scorer: str) -> Score:
+        """``forward``: teacher-forced; ``generation``: the checker on greedy replies; ``generation+forward``:
+        both, the disagreement counted (the forward scorer's check, on the adapters alone)."""
+        examples = self.splits[(suite, task, split)]
+        tokens = {"max_new_tokens": self.max_new_tokens} if self.max_new_tokens else {}
+        forward = None
+        if scorer in ("forward", "generation+forward"):
+            forward = chat_forced_hits(model, self.tokenizer, examples, **tokens)
+            self.forwarded += len(examples)
+            if scorer == "forward":
+                return Score(accuracy(forward), sum(forward), len(forward))
+        generated = chat_generation_hits(model, self.tokenizer, self.chat_tasks[task], examples, **tokens)
+        self.generated += len(examples)
+        disagree = sum(a != b for a, b in zip(forward, generated)) if forward is not None else None
         return Score(accuracy(generated), sum(generated), len(generated), disagree)
 
 
@@ -150,7 +198,8 @@ def individual_scores(evaluator: Evaluator, fuser, source: Source, scorers: dict
         wanted = [(task, split, s) for split, names in scorers.items() for s in names]
         state = {"source": source.digest, "suite": source.suite, "individual": task, "family": source.family}
         scores, _ = evaluator.score_state(state, lambda t=task: fuser.individual(source, t), wanted, source.suite)
-        out[task] = {f"{split}:{scorer}": score for (_, split, scorer), score in scores.items()}
+        out[task] = {f"{split}:{scorer.removesuffix('+forward')}": score
+                     for (_, split, scorer), score in scores.items()}
     return out
 
 
@@ -226,16 +275,19 @@ def run_method(evaluator: Evaluator, fuser, source: Source, method: str, tasks: 
     best = max(tried, key=lambda c: (c["validation"] if c["validation"] is not None else c["validation_accuracy"],
                                      -abs(c["weight"] - 1.0)))  # ties: the weight closest to plain addition
     cand = {"weight": best["weight"], "density": best["density"]}
-    wanted = [(t, "test", "forward") for t in tasks]
-    if test_scorer == "generation":
+    primary = evaluator.test_scorer
+    wanted = [(t, "test", primary) for t in tasks]
+    if test_scorer == "generation" and primary != "generation":
         wanted += [(t, "test", "generation") for t in tasks]
     scores, info = evaluator.score_state(state(cand), enter(cand), wanted, source.suite)
-    test = {t: scores[(t, "test", "forward")].accuracy for t in tasks}
-    norm = {t: normalized(test[t], alone[t]["test:forward"].accuracy) for t in tasks}
+    test = {t: scores[(t, "test", primary)].accuracy for t in tasks}
+    norm = {t: normalized(test[t], alone[t][f"test:{primary}"].accuracy) for t in tasks}
     run = Run(source.suite, source.name, source.family, source.training, method, len(tasks), draw, seed, tasks,
               cand, best["validation"], test, norm, mean(list(norm.values())), sum(test.values()) / len(test),
               info.params, info.bytes, round(info.seconds * 1000, 3), info.rank, candidates=tried)
-    if test_scorer == "generation":
+    if primary == "generation":  # chat: the reported number is the generation already
+        run.test_generation, run.normalized_generation = dict(test), run.mean_normalized
+    elif test_scorer == "generation":
         run.test_generation = {t: scores[(t, "test", "generation")].accuracy for t in tasks}
         run.normalized_generation = mean([normalized(run.test_generation[t], alone[t]["test:generation"].accuracy)
                                           for t in tasks])
@@ -247,16 +299,17 @@ def interference(evaluator: Evaluator, fuser, source: Source, method: str, alone
                  ) -> dict[str, dict[str, float | None]]:
     """``m[i][j]``: test accuracy on task i of i fused with j (weights 1, 1), normalized by i alone; diagonal 1."""
     tasks = source.tasks
+    scorer = evaluator.test_scorer
     matrix: dict[str, dict[str, float | None]] = {t: {} for t in tasks}
     for a, i in enumerate(tasks):
-        matrix[i][i] = 1.0 if alone[i]["test:forward"].accuracy > 0 else None
+        matrix[i][i] = 1.0 if alone[i][f"test:{scorer}"].accuracy > 0 else None
         for j in tasks[a + 1 :]:
             pair = [i, j]
             state = {"source": source.digest, "suite": source.suite, "fused": True, "method": method, "tasks": pair,
                      "weight": 1.0, "density": None, "seed": 0}
             scores, _ = evaluator.score_state(
                 state, lambda p=pair: fuser.fused(source, p, method, 1.0, None, 0),
-                [(t, "test", "forward") for t in pair], source.suite)
+                [(t, "test", scorer) for t in pair], source.suite)
             for x, y in ((i, j), (j, i)):
-                matrix[x][y] = normalized(scores[(x, "test", "forward")].accuracy, alone[x]["test:forward"].accuracy)
+                matrix[x][y] = normalized(scores[(x, "test", scorer)].accuracy, alone[x][f"test:{scorer}"].accuracy)
     return matrix

@@ -1,6 +1,6 @@
 """Where the adapters being fused come from: the zoo's, and fusion-ready ones trained here.
 
-    zoo = open_zoo(DIR)                             base model, basis, report, data splits
+    zoo = open_zoo(DIR)                             base model, basis, report, data splits (char or chat)
     plain = zoo_source(zoo, suite, "scale")         the zoo's adapters of one kind (plain training)
     peft = peft_source(zoo, suite)                  the zoo's real PEFT LoRA directories
     ready = trained_source(zoo, suite, VARIANTS["additive@slice+kl"], model, tokenizer, cache)
@@ -12,6 +12,10 @@ variants separate what fusion can do from what training for fusion adds:
   must leave alone: the other tasks of the suite and the base's own pretraining prompts.
 - ``@slice`` (``--slice``): task i trains only basis directions [w·i, w·i + w), w = k / tasks,
   so the adapters of a suite occupy disjoint directions (Spectral Adapter's route to fusion).
+
+A zoo on the real base (``zoo.chat``: its settings name a fetched base, not ``char``) has
+the chat suites of :mod:`adapters_zoo.tasks.chat`; its base model is the fetched directory.
+Fusion-ready variants are trained on the char suites only.
 
 They train with the zoo's steps, batch size, data and per-kind learning rate, and are
 cached on disk (a file is reused when its recorded settings match).
@@ -29,6 +33,8 @@ from adapters_zoo.basis import Basis, load_basis
 from adapters_zoo.errors import InvalidConfig
 from adapters_zoo.format import Adapter, adapter_to_bytes, load_adapter, save_adapter
 from adapters_zoo.tasks import Task, make_split, pretraining_tasks, read_jsonl, suite_tasks
+from adapters_zoo.tasks.chat import ChatTask, chat_suite_tasks
+from adapters_zoo.zoo import CHAR_BASE
 
 Example = dict[str, str]
 PEFT = "peft-lora"
@@ -49,8 +55,21 @@ class Zoo:
         return self.report["settings"]
 
     @property
+    def chat(self) -> bool:
+        """A zoo on a real instruct base: chat suites, chat-template prompts, the tasks' checkers."""
+        return self.settings.get("base", CHAR_BASE) != CHAR_BASE
+
+    @property
+    def base_name(self) -> str:
+        return self.settings.get("base", CHAR_BASE)
+
+    @property
     def base_dir(self) -> Path:
-        return self.root / "base"
+        if not self.chat:
+            return self.root / "base"
+        from adapters_zoo.bases import fetch_base
+
+        return fetch_base(self.base_name, self.settings.get("bases_home"), progress=False).path
 
     @property
     def suites(self) -> list[str]:
@@ -59,10 +78,10 @@ class Zoo:
     def kinds(self, suite: str) -> list[str]:
         return list(dict.fromkeys(e["kind"] for e in self.report["entries"] if e["suite"] == suite))
 
-    def tasks(self, suite: str) -> list[Task]:
+    def tasks(self, suite: str) -> list[Task | ChatTask]:
         """The suite's tasks the zoo built adapters for, in suite order."""
         built = {e["task"] for e in self.report["entries"] if e["suite"] == suite}
-        return [t for t in suite_tasks(suite) if t.name in built]
+        return [t for t in (chat_suite_tasks(suite) if self.chat else suite_tasks(suite)) if t.name in built]
 
     def split(self, suite: str, task: str, split: str) -> list[Example]:
         path = self.root / "data" / suite / f"{task}.{split}.jsonl"
@@ -80,7 +99,9 @@ class Zoo:
 def open_zoo(root: str | Path) -> Zoo:
     """A built zoo (``specfuse zoo build``): its report, basis and base model directory."""
     root = Path(root)
-    missing = [name for name in ("report.json", "basis.safetensors", "base/config.json") if not (root / name).is_file()]
+    missing = [name for name in ("report.json", "basis.safetensors") if not (root / name).is_file()]
+    if not missing and json.loads((root / "report.json").read_text())["settings"].get("base", CHAR_BASE) == CHAR_BASE:
+        missing = [name for name in ("base/config.json",) if not (root / name).is_file()]
     if missing:
         raise InvalidConfig(f"{root}: not a finished zoo (no {missing[0]}); build one with "
                             f"`specfuse zoo build --out {root}` (add --quick for a small one)")
@@ -219,6 +240,9 @@ def trained_source(zoo: Zoo, suite: str, variant: Variant, model, tokenizer, cac
     """
     from adapters_zoo.train import TrainConfig, train_adapter
 
+    if zoo.chat:
+        raise InvalidConfig(f"fusion-ready variants ({variant.name}) train on the char suites only; "
+                            f"{zoo.root} is a {zoo.base_name} zoo (pass --variants '')")
     adapters = {}
     trained = 0
     suite_names = [t.name for t in suite_tasks(suite)]

@@ -245,3 +245,122 @@ def test_bad_inputs_are_typed_errors(tmp_path, capsys):
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert bench.main(["--zoo", str(tmp_path), "--quick", "--no-cache"]) == 2
     assert "not a finished zoo" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- chat scoring (the real base's path)
+
+
+@pytest.fixture(scope="module")
+def replies_42(tiny_llama_dir):
+    """The tiny llama merged with a LoRA trained to reply "42" (then end of turn) to every chat prompt."""
+    from adapters_zoo.basis import basis_from_model
+    from adapters_zoo.tasks.chat import chat_task, make_chat_split
+    from adapters_zoo.train import TrainConfig, train_adapter
+
+    model, tokenizer = load_model_dir(tiny_llama_dir, "cpu")
+    basis = basis_from_model(model, 8)
+    task = chat_task("phone_digits")
+    test = make_chat_split(task, "test", 6)
+    examples = _answering(make_chat_split(task, "train", 10) + test, "42")
+    cfg = TrainConfig(kind="lora", kind_config={"rank": 8}, steps=100, lr=0.05, batch_size=16, signature=False)
+    adapter, _ = train_adapter(model, tokenizer, basis, examples, cfg, progress=False)
+    with merged_weights(model, adapter, basis):
+        yield model, tokenizer, task, test
+
+
+def _answering(examples, answer):
+    return [{"messages": [ex["messages"][0], {"role": "assistant", "content": answer}]} for ex in examples]
+
+
+def test_chat_forced_scorer_agrees_with_generation(replies_42):
+    from fusion_quality.scoring import chat_forced_hits, chat_generation_hits
+
+    model, tokenizer, task, test = replies_42
+    says_42 = chat_generation_hits(model, tokenizer, task, _answering(test, "42"))
+    assert sum(says_42) >= 4  # the adapter learnt its reply (a prompt or two may still escape a tiny model)
+    for answer in ("42", "43", "4", "421"):
+        examples = _answering(test, answer)
+        generated = chat_generation_hits(model, tokenizer, task, examples, max_new_tokens=8)
+        assert generated == (says_42 if answer == "42" else [False] * 6), answer  # a wrong answer scores 0
+        assert chat_forced_hits(model, tokenizer, examples, max_new_tokens=8) == generated, answer
+    assert chat_forced_hits(model, tokenizer, test) == chat_generation_hits(model, tokenizer, task, test) == [False] * 6
+    # a budget of exactly the answer's tokens: generation stops there without the end of turn, still a hit
+    right = _answering(test, "42")
+    assert chat_forced_hits(model, tokenizer, right, max_new_tokens=2) == says_42
+    assert chat_generation_hits(model, tokenizer, task, right, max_new_tokens=2) == says_42
+    assert chat_forced_hits(model, tokenizer, right, max_new_tokens=1) == [False] * 6
+
+
+def test_chat_evaluator_scores_with_the_checker_and_caches(replies_42, tmp_path):
+    from fusion_quality.protocol import Evaluator, ResultCache
+    from fusion_quality.scoring import chat_generation_hits
+
+    model, tokenizer, task, test = replies_42
+    examples = _answering(test[:3], "42") + _answering(test[3:], "41")
+    expected = sum(chat_generation_hits(model, tokenizer, task, examples))
+    assert expected >= 1
+    splits = {("skills", task.name, "test"): examples}
+    cache = ResultCache(tmp_path / "scores.json")
+    evaluator = Evaluator(tokenizer, splits, cache, chat_tasks={task.name: task})
+    state = {"individual": task.name}
+    wanted = [(task.name, "test", "generation+forward"), (task.name, "test", "forward")]
+    scores, _ = evaluator.score_state(state, lambda: _Yield(model), wanted, "skills")
+    both, forward = scores[wanted[0]], scores[wanted[1]]
+    assert (both.hits, both.n, both.disagree) == (expected, 6, 0) and forward.hits == expected
+    again = Evaluator(tokenizer, splits, ResultCache(tmp_path / "scores.json"), chat_tasks={task.name: task},
+                      cached_only=True)
+    cached, _ = again.score_state(state, lambda: pytest.fail("a cached state was built again"), wanted, "skills")
+    assert cached == scores and again.generated == again.forwarded == 0
+
+
+class _Yield:
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        return self.model
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_low_precision_twin_follows_merges_and_peft(zoo, base):
+    from fusion_quality.scoring import LowPrecisionTwin
+
+    model, tokenizer = base
+    twin = LowPrecisionTwin(model)
+    batch = tokenizer([ex["prompt"] for ex in zoo.split(SUITE, "sort_digits", "test")], return_tensors="pt",
+                      padding=True)
+    source = peft_source(zoo, SUITE)
+    peft_fuser = PeftFuser(load_model_dir(zoo.base_dir, "cpu")[0], tokenizer)
+    with torch.no_grad():
+        for enter in (lambda: merged_weights(model, zoo_source(zoo, SUITE, "scale").adapters["sort_digits"],
+                                             zoo.basis),
+                      lambda: peft_fuser.individual(source, "sort_digits")):
+            with enter() as m:
+                exact = m(**batch).logits
+                low = twin.of(m)(**batch).logits
+            assert low.dtype == torch.bfloat16
+            torch.testing.assert_close(low.float(), exact, rtol=0.05, atol=0.05)
+        plain = twin.of(model)(**batch).logits.float()
+    assert not torch.allclose(plain, low.float(), atol=1e-3)  # the twin reads the weights now, not a stale copy
+
+
+def test_chat_goals_read_the_numbers():
+    def row(source, family, method, norm, size):
+        return {"suite": "records", "n": 4, "source": source, "family": family, "training": "plain",
+                "method": method, "mean_normalized": norm, "std_normalized": 0.0, "mean_accuracy": norm,
+                "bytes": size, "chosen": "λ=1"}
+
+    summary = [row("peft-lora", "peft", "peft:ties", 0.40, 5_000_000), row("peft-lora", "spectral", "dense_ta", 0.7,
+                                                                            20_000_000),
+               row("scale", "spectral", "ties", 0.40, 60_000), row("scale", "spectral", "distill", 0.96, 400_000),
+               row("peft-lora", "spectral", "distill:lora", 0.90, 5_000_000)]
+    keep, beat = report.goals(summary, ["records"], {"records": 4}, chat=True)
+    assert keep["met"] and keep["distill"]["mean_normalized"] == 0.96
+    assert beat["met"] and beat["best_spectral_not_larger"]["method"] == "ties"  # equal accuracy, fewer bytes
+    assert beat["best_peft"]["method"] == "peft:ties" and beat["dense_task_arithmetic"]["mean_normalized"] == 0.7
+    summary[-1]["mean_normalized"] = 0.97  # the LoRA control beats distill
+    summary[2]["mean_normalized"] = 0.39
+    keep, beat = report.goals(summary, ["records"], {"records": 4}, chat=True)
+    assert not keep["met"] and not beat["met"]
