@@ -44,7 +44,7 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-from common import RESULTS, SCRATCH, environment, environment_line, set_threads  # noqa: E402
+from common import RESULTS, SCRATCH, environment, environment_line, read_cached, set_threads, write_cached  # noqa: E402
 
 from adapters_zoo.analysis_report import analyze, markdown_table, write_report  # noqa: E402
 from adapters_zoo.train import (  # noqa: E402
@@ -194,29 +194,13 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _cached(path: Path, key: dict) -> dict | None:
-    """The record at ``path`` if it was made with ``key``, else None (a changed setting reruns)."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record["value"] if record.get("key") == json.loads(json.dumps(key)) else None  # tuples read back as lists
-
-
-def _store(path: Path, key: dict, value: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "value": value}, indent=1))
-    tmp.replace(path)
-
-
 def before_accuracy(model_dir: Path, family: TaskFamily, name: str, test: list[dict], settings: Settings) -> float:
     key = {"model": str(model_dir), "test": _digest(test), "max_new_tokens": settings.max_new_tokens}
     path = settings.work / "cache" / f"before-{name}.json"
-    done = _cached(path, key)
+    done = read_cached(path, key)
     if done is None:
         done = {"accuracy": accuracy(model_dir, family, family.task(name), test)}
-        _store(path, key, done)
+        write_cached(path, key, done)
     return done["accuracy"]
 
 
@@ -231,17 +215,17 @@ def run_one(name: str, lr: float, model_dir: Path, family: TaskFamily, settings:
            "seed": settings.seed, "train": _digest(train), "test": _digest(test), "top": settings.top,
            "targets": targets, "max_new_tokens": settings.max_new_tokens}
     cache = settings.work / "cache" / f"run-{run}.json"
-    done = _cached(cache, key)
+    done = read_cached(cache, key)
     if done is not None:
         return done
     before = before_accuracy(model_dir, family, name, test, settings)
     tuned_dir = settings.work / f"tuned-{run}"
     train_key = {k: key[k] for k in ("model", "lr", "steps", "batch_size", "seed", "train")}
-    stats = _cached(tuned_dir / "train.json", train_key)
+    stats = read_cached(tuned_dir / "train.json", train_key)
     if stats is None:
         print(f"[{run}] full fine-tune: {settings.steps} steps of batch {settings.batch_size}", file=sys.stderr)
         stats = full_finetune(model_dir, train, tuned_dir, lr, settings)
-        _store(tuned_dir / "train.json", train_key, stats)
+        write_cached(tuned_dir / "train.json", train_key, stats)
     after = accuracy(tuned_dir, family, task, test)
     print(f"[{run}] accuracy {before:.2f} -> {after:.2f}; analysing", file=sys.stderr)
     result = analyze(model_dir, tuned_dir, top_k=settings.top, targets=targets, progress=False)
@@ -261,7 +245,7 @@ def run_one(name: str, lr: float, model_dir: Path, family: TaskFamily, settings:
         "angles_left_deg": _mean_rows([lay["angles_left_deg"] for lay in layers]),
         "angles_right_deg": _mean_rows([lay["angles_right_deg"] for lay in layers]),
     }  # fmt: skip
-    _store(cache, key, record)
+    write_cached(cache, key, record)
     return json.loads(json.dumps(record))  # as a cached record reads back (tuples become lists)
 
 

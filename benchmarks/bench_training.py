@@ -40,7 +40,7 @@ from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_spectra: spinning threads on a busy machine
 
-from common import RESULTS, SCRATCH, environment, environment_line  # noqa: E402
+from common import RESULTS, SCRATCH, environment, environment_line, read_cached, write_cached  # noqa: E402
 
 from adapters_zoo.zoo import (  # noqa: E402
     KIND_SETTINGS,
@@ -155,31 +155,15 @@ def _zoo_from_json(record: dict) -> ZooSettings:
     return ZooSettings(**fields)
 
 
-def _cached(path: Path, key: dict) -> dict | None:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record["value"] if record.get("key") == json.loads(json.dumps(key)) else None  # tuples read back as lists
-
-
-def _store(path: Path, key: dict, value: dict) -> dict:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "value": value}, indent=1))
-    tmp.replace(path)
-    return value
-
-
 def probed(settings: Settings, task_name: str, kind: str) -> dict:
     """``probe`` in a fresh subprocess (cached): a process of its own, so ru_maxrss is this run's peak."""
     key = {"zoo": _zoo_to_json(settings.zoo), "task": task_name, "kind": kind, "steps": settings.probe_steps}
     path = settings.work / "probes" / f"{task_name}-{kind}.json"
-    done = _cached(path, key)
+    done = read_cached(path, key)
     if done is not None:
         return done
     print(f"[probe] {task_name} {kind}: {settings.probe_steps} steps", file=sys.stderr)
-    return _store(path, key, probe_in_subprocess({**key, "task": task_name}))
+    return write_cached(path, key, probe_in_subprocess({**key, "task": task_name}))
 
 
 def probe_in_subprocess(spec: dict) -> dict:
@@ -197,7 +181,7 @@ def lora_for_steps(settings: Settings, task_name: str, steps: int) -> dict:
     zoo = dataclasses.replace(settings.zoo, out=settings.work / f"lora-{steps}", steps=steps)
     key = {"zoo": _zoo_to_json(settings.zoo), "task": task_name, "steps": steps}
     path = settings.work / "lora" / f"{task_name}-{steps}.json"
-    done = _cached(path, key)
+    done = read_cached(path, key)
     if done is not None:
         return done
     import torch
@@ -216,7 +200,7 @@ def lora_for_steps(settings: Settings, task_name: str, steps: int) -> dict:
     finally:
         torch.set_num_threads(previous[0])
         torch.use_deterministic_algorithms(previous[1])
-    return _store(path, key, asdict(entry))
+    return write_cached(path, key, asdict(entry))
 
 
 def equal_time(settings: Settings, rows: list[dict]) -> tuple[list[dict], list[dict]]:

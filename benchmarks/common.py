@@ -97,3 +97,21 @@ def write_results(stem: str, result: dict[str, Any], markdown: str, out: Path = 
     paths[0].write_text(json.dumps(result, indent=2) + "\n")
     paths[1].write_text(markdown)
     return paths
+
+
+def read_cached(path: Path, key: dict[str, Any]) -> Any:
+    """The value ``write_cached`` stored at ``path`` under ``key``, or None (missing, unreadable, other key)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record["value"] if record.get("key") == json.loads(json.dumps(key)) else None  # tuples read back as lists
+
+
+def write_cached(path: Path, key: dict[str, Any], value: Any) -> Any:
+    """Store ``value`` at ``path`` under ``key`` (atomically: a killed run leaves the old file or none); returns it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "value": value}, indent=1))
+    tmp.replace(path)
+    return value
