@@ -322,9 +322,15 @@ def markdown(result: dict[str, Any]) -> str:
         f"- Date: {env['date']}.",
         "",
     ]
+    if result.get("not_measured"):
+        lines += [f"**Partial results**: {result['not_measured']} measurements (a run, a source's individual "
+                  "scores or a per-request reference) were not made in the time available; this report holds what "
+                  "was measured. Rerunning the command completes it (every score is cached).", ""]
     if result.get("notes"):
-        lines += [result["notes"], ""]
+        lines += [result["notes"].strip(), ""]
     lines += goals_markdown(result)
+    if result.get("chat"):
+        return "\n".join(lines + chat_protocol(result) + _tables(result)).rstrip() + "\n"
     lines += [
         "## Protocol", "",
         "Adapters: the zoo's (trained one task at a time: *plain*) and fusion-ready ones trained here with the zoo's "
@@ -358,8 +364,57 @@ def markdown(result: dict[str, Any]) -> str:
         f"where the two disagree are counted: **{result['scorer_disagreement']['disagree']} of "
         f"{result['scorer_disagreement']['examples']:,}**.",
         "",
-        "## Individual adapters", "",
     ]
+    return "\n".join(lines + _tables(result)).rstrip() + "\n"
+
+
+def chat_protocol(result: dict[str, Any]) -> list[str]:
+    """The protocol on the real base (chat suites), as this run measured it."""
+    s, zoo, g = result["settings"], result["zoo"], result["settings"]["grid"]
+    agree = result["scorer_disagreement"]
+    return [
+        "## Protocol", "",
+        f"Base `{result['base']}`. Adapters: the zoo's (one task at a time, {zoo['steps']} steps; basis k = "
+        f"{zoo['k']}) of the kinds {', '.join(f'`{k}`' for k in s['kinds'] or ['all'])}, and its PEFT LoRA baselines "
+        "(rank 4, α 8 on q,k,v,o,gate,up,down), merged by PEFT's `add_weighted_adapter` (`peft:*`, the merged "
+        "adapter applied with PEFT's own `merge_adapter`) and by exact task arithmetic on their dense ΔW "
+        "(`dense_ta`). Suites: `records` (the tasks conflict: the same order records, different questions) and "
+        "`skills` (the tasks compose: each its own input and format), 4 tasks each.",
+        "",
+        f"`distill` (`fusion.distill`): one dense k×k core per layer, from the mean of the cores, trained "
+        f"{s['distill_steps']} AdamW steps of {s['distill_batch']} rows (lr {s['distill_lr']:g}) so that on each "
+        "task's training prompts (chat template; 128 per task) the fused model's next-token distributions match that "
+        "task's adapter (KL on the positions of the reference answer: the prompts carry their answer, so no "
+        "teacher decodes). `distill:lora` is its control: the same distillation into a fresh LoRA of the PEFT rank "
+        "taught by the PEFT LoRAs." + (" Both run on the all-task fusion only." if s.get("distill_all_only") else ""),
+        "",
+        f"Every other method: uniform weight λ ∈ {list(g['weights'])} per adapter, density ∈ {list(g['densities'])} "
+        "where the method has one, chosen on the validation split "
+        f"({result['validation_examples']} examples per task) by the mean normalized accuracy of a teacher-forced "
+        "scorer (one forward pass: every answer token, then the end of turn, is the argmax), then measured on the "
+        f"test split ({result['test_examples']} per task) by greedy generation under the chat template (at most "
+        "48 new tokens, the zoo's budget) scored by the task's checker (`adapters_zoo.tasks.chat.check`: exact "
+        "after trimming, or equal JSON). Normalized accuracy = fused accuracy / the same adapter's individual "
+        "accuracy on the same test examples, per task, then averaged (tasks whose adapter scores 0 alone are left "
+        "out). Bytes: the fused artifact as a safetensors file.",
+        "",
+        f"Scoring precision: {s.get('precision', 'float32')}"
+        + (" (every merge is done in float32, exactly, and restored bit for bit; a bfloat16 copy of the merged "
+           "model scores it: the CPU's AMX units make that ~2–3× faster; the individual accuracies are measured "
+           "the same way, so the zoo's float32 numbers are shown beside them)" if s.get("precision") == "bfloat16"
+           else "") + ". "
+        f"On the adapters alone, the teacher-forced scorer and generation + checker disagree on **{agree['disagree']} "
+        f"of {agree['examples']:,}** test examples (the forward scorer is stricter: it wants the reference's exact "
+        "tokens, the checker accepts equal JSON and surrounding whitespace).",
+        "",
+        f"Published reference: Core Space + TSV keep {CORE_SPACE_TSV:.2%} normalized accuracy merging LoRAs of "
+        "Llama-3-8B on 6 NLI tasks (a far larger base, classification tasks).",
+        "",
+    ]
+
+
+def _tables(result: dict[str, Any]) -> list[str]:
+    lines = ["## Individual adapters", ""]
     for suite in result["suites"]:
         lines += individual_markdown(result, suite)
         lines += per_request_markdown(result, suite)
@@ -373,7 +428,7 @@ def markdown(result: dict[str, Any]) -> str:
     interference = [line for suite in result["suites"] for line in interference_markdown(result, suite)]
     if interference:
         lines += ["## Interference", ""] + interference
-    return "\n".join(lines).rstrip() + "\n"
+    return lines
 
 
 # --------------------------------------------------------------------------- plots

@@ -38,7 +38,7 @@ from fusion.merge import merged
 
 MAX_NEW_TOKENS = 16  # what the zoo's evaluation allows: every answer is shorter
 CHAT_MAX_NEW_TOKENS = 48  # the real-base zoo's evaluation (ZooSettings.max_new_tokens)
-CHAT_BATCH = 25  # rows per generate / forward call on the real base
+CHAT_BATCH = 50  # rows per generate / forward call on the real base (a whole test split)
 GENERATION_BATCH = 256  # rows per generate call (the demo model is tiny: bigger batches, fewer steps)
 FORWARD_BATCH = 512
 
