@@ -84,6 +84,7 @@ class Settings:
     n_validation: int  # validation prompts per task (calibration)
     threads: int
     quick: bool = False
+    bases_home: Path | None = None  # where the fetched base lives: None = the zoo's, else $SPECFUSE_HOME
     max_batch: int = 128
 
 
@@ -100,7 +101,7 @@ class Zoo:
     max_new_tokens: int
 
 
-def open_zoo(path: Path) -> Zoo:
+def open_zoo(path: Path, bases_home: Path | None = None) -> Zoo:
     """A built zoo's finished adapters (its per-adapter rows: a zoo still being built has some)."""
     from adapters_zoo.tasks import suite_tasks
     from adapters_zoo.tasks.chat import chat_suite_tasks
@@ -113,7 +114,7 @@ def open_zoo(path: Path) -> Zoo:
     if chat:
         from adapters_zoo.bases import fetch_base
 
-        base_dir = fetch_base(settings["base"], settings.get("bases_home"), progress=False).path
+        base_dir = fetch_base(settings["base"], bases_home or settings.get("bases_home"), progress=False).path
     else:
         base_dir = path / "base"
     adapters: dict[str, dict[str, list[str]]] = {}
@@ -446,7 +447,7 @@ def quantiles(values: list[float]) -> dict[str, float]:
 
 def run(settings: Settings, command: str) -> dict:
     set_threads(settings.threads)
-    zoo = open_zoo(settings.zoo)
+    zoo = open_zoo(settings.zoo, settings.bases_home)
     kinds = [k for k in settings.kinds if k in zoo.adapters]
     if not kinds:
         sys.exit(f"bench_routing: no adapters of {', '.join(settings.kinds)} in {settings.zoo}")
@@ -459,7 +460,8 @@ def run(settings: Settings, command: str) -> dict:
         results = [run_kind(service, zoo, kind, settings, log) for kind in kinds]
     finally:
         service.close()
-    return {"settings": {**asdict(settings), "zoo": str(settings.zoo)}, "command": command,
+    plain = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}
+    return {"settings": plain, "command": command,
             "environment": environment(), "base": zoo.base if zoo.chat else "the toy char base", "chat": zoo.chat,
             "max_new_tokens": zoo.max_new_tokens, "off_task_prompts": list(OFF_TASK) if zoo.chat else "pretraining ops",
             "kinds": results, "goal": goal_lines(results), "notes": NOTES}
@@ -473,12 +475,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-validation", type=int, default=None, help="validation prompts per task (default 25, quick 8)")
     p.add_argument("--quick", action="store_true", help="8 prompts per task, scale only: minutes")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bases-home", type=Path, default=None, help="where the fetched base lives (default: "
+                   "the zoo's, else $SPECFUSE_HOME)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default results/smollm2 for a chat zoo)")
     p.add_argument("--markdown-only", action="store_true", help="rewrite the .md and .png from the .json")
     args = p.parse_args(argv)
     kinds = ("scale",) if args.quick and args.kinds == p.get_default("kinds") else tuple(args.kinds.split(","))
     settings = Settings(args.zoo, kinds, args.n or (8 if args.quick else 50),
-                        args.n_validation or (8 if args.quick else 25), args.threads, args.quick)
+                        args.n_validation or (8 if args.quick else 25), args.threads, args.quick,
+                        args.bases_home)
     chat = json.loads((args.zoo / "report.json").read_text())["settings"].get("base") != "char"
     out = args.out or (RESULTS / "smollm2" if chat else RESULTS)
     stem = "routing_quick" if args.quick else "routing"
