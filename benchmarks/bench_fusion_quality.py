@@ -136,23 +136,27 @@ def load_splits(zoo: Zoo, suites: list[str], validation_examples: int | None
     return splits
 
 
-def build_sources(settings: Settings, zoo: Zoo, suite: str, model, tokenizer) -> tuple[list[Source], int]:
-    """The suite's sources in report order; also how many fusion-ready adapters were trained now."""
+def build_sources(settings: Settings, zoo: Zoo, suite: str, model, tokenizer) -> tuple[list[Source], int, int]:
+    """The suite's sources in report order; also how many fusion-ready adapters were trained now, and how
+    many fusion-ready sources were left out (``cached_only``: not trained yet)."""
     kinds = [k for k in zoo.kinds(suite) if k != PEFT and (settings.kinds is None or k in settings.kinds)]
     sources = [zoo_source(zoo, suite, kind) for kind in kinds]
-    trained = 0
+    trained = skipped = 0
     cache_dir = (settings.cache or SCRATCH / "fusion_quality") / "adapters" / zoo.basis.fingerprint[:12]
     for name in variants_of(settings, zoo):
         start = time.perf_counter()
         source, count = trained_source(zoo, suite, VARIANTS[name], model, tokenizer, cache_dir,
-                                       lambda message: log(settings, message))
+                                       lambda message: log(settings, message), train=not settings.cached_only)
+        if source is None:
+            skipped += 1
+            continue
         sources.append(source)
         trained += count
         seconds = time.perf_counter() - start
         log(settings, f"{suite}: fusion-ready {name} ready ({count} trained now) in {seconds:.0f} s")
     if settings.peft and PEFT in zoo.kinds(suite):
         sources.append(peft_source(zoo, suite))
-    return sources, trained
+    return sources, trained, skipped
 
 
 def variants_of(settings: Settings, zoo: Zoo) -> tuple[str, ...]:
@@ -237,8 +241,9 @@ def run(settings: Settings) -> dict[str, Any]:
     suite_sources: dict[str, list[Source]] = {}
     individual: dict[tuple[str, str], dict] = {}  # (suite, source) -> task -> scores
     for suite in suites:
-        sources, trained = build_sources(settings, zoo, suite, model, tokenizer)
+        sources, trained, skipped = build_sources(settings, zoo, suite, model, tokenizer)
         trained_total += trained
+        result["not_measured"] += skipped
         tasks = [t.name for t in zoo.tasks(suite)]
         tasks_per_suite[suite] = len(tasks)
         result["base_accuracy"][suite] = {t: zoo.entry(suite, t, zoo.kinds(suite)[0])["base_accuracy"] for t in tasks}

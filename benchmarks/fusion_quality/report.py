@@ -232,6 +232,8 @@ def goals_markdown(result: dict[str, Any]) -> list[str]:
 
 def individual_markdown(result: dict[str, Any], suite: str) -> list[str]:
     sources = [s for s in result["sources"] if s["suite"] == suite]
+    if not sources:
+        return [f"### Individual test accuracy, `{suite}`: not measured", ""]
     tasks = list(sources[0]["individual"])
     lines = [f"### Individual test accuracy, `{suite}` (greedy generation; zoo's own number in brackets)", "",
              "| task | base | " + " | ".join(f"{s['name']}" for s in sources) + " |",
@@ -442,6 +444,7 @@ def plots(result: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
 
     summary, suites = result["summary"], result["suites"]
     sources = list(dict.fromkeys(s["name"] for s in result["sources"]))  # report order: zoo kinds, fusion-ready, PEFT
+    sources = sources or ["(nothing measured)"]
     sizes = sorted({r["n"] for r in summary})
     fig, axes = plt.subplots(len(suites), len(sources), figsize=(3.2 * len(sources), 3.0 * len(suites)),
                              squeeze=False, sharey=True)

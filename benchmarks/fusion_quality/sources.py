@@ -233,10 +233,11 @@ def variant_settings(zoo: Zoo, suite: str, variant: Variant, index: int) -> dict
 
 
 def trained_source(zoo: Zoo, suite: str, variant: Variant, model, tokenizer, cache_dir: Path,
-                   log=None) -> tuple[Source, int]:
+                   log=None, train: bool = True) -> tuple[Source | None, int]:
     """The variant's adapter for every zoo task of ``suite``, trained here or read from ``cache_dir``.
 
     Returns the source and how many adapters had to be trained now; ``log(message)`` hears of each.
+    With ``train=False`` an adapter missing from the cache gives ``(None, 0)``.
     """
     from adapters_zoo.train import TrainConfig, train_adapter
 
@@ -255,6 +256,8 @@ def trained_source(zoo: Zoo, suite: str, variant: Variant, model, tokenizer, cac
             if cached.meta.get("bench_settings") == settings:
                 adapters[task.name] = cached
                 continue
+        if not train:
+            return None, 0
         cfg = TrainConfig(kind=variant.kind, kind_config=settings["kind_config"], steps=settings["steps"],
                           lr=settings["lr"], batch_size=settings["batch_size"], seed=settings["seed"],
                           kl_weight=KL_WEIGHT, device="cpu")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -134,6 +135,18 @@ def test_second_run_reads_everything_from_the_cache(miniature):
     assert again["cost"]["generated"] == 0 and again["cost"]["forwarded"] == 0 and again["cost"]["trained"] == 0
     assert again["cost"]["cached_scores"] > 0
     assert [r["test"] for r in again["runs"]] == [r["test"] for r in first["runs"]]
+
+
+def test_cached_only_writes_the_report_from_the_cache(miniature, tmp_path):
+    settings, first, _ = miniature
+    again = bench.run(dataclasses.replace(settings, cached_only=True))
+    assert again["runs"] == first["runs"] and again["not_measured"] == 0 and again["cost"]["generated"] == 0
+    empty = dataclasses.replace(settings, cached_only=True, cache=tmp_path / "empty", out=tmp_path / "out")
+    nothing = bench.run(empty)
+    assert nothing["runs"] == nothing["sources"] == [] and nothing["not_measured"] == 3  # each source's scores
+    assert nothing["cost"]["generated"] == nothing["cost"]["forwarded"] == nothing["cost"]["trained"] == 0
+    paths = bench.write(nothing, empty, "python benchmarks/bench_fusion_quality.py --cached-only")
+    assert "**Partial results**: 3 measurements" in paths[1].read_text()
 
 
 # --------------------------------------------------------------------------- the pieces, on real adapters
