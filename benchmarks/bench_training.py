@@ -67,6 +67,9 @@ class Settings:
     kinds: tuple[str, ...] = SPECTRAL_KINDS
     timed_tasks: tuple[str, ...] = ("order_date_iso", "phone_digits")  # one per suite: probes and equal time
     probe_steps: int = 4
+    # LoRA's equal-time steps are rounded to a multiple of this: kinds whose times differ by less than the
+    # probes can tell (a few steps of a few seconds each) share one LoRA run
+    step_multiple: int = 4
     work: Path = field(default_factory=lambda: SCRATCH / "training")
     out: Path = field(default_factory=lambda: RESULTS / "smollm2")
     stem: str = "training"
@@ -216,7 +219,7 @@ def equal_time(settings: Settings, rows: list[dict]) -> tuple[list[dict], list[d
         for kind in settings.kinds:
             # CPU time, not wall time: other jobs on a shared machine stretch wall times unevenly
             cpu = zoo.steps * cost[kind]["cpu_seconds_per_step"]
-            steps = max(1, round(cpu / lora_cpu))
+            steps = max(settings.step_multiple, settings.step_multiple * round(cpu / lora_cpu / settings.step_multiple))
             lora = zoo_lora if zoo_lora is not None and steps == zoo.steps else lora_for_steps(settings, name, steps)
             own = next((r for r in rows if r["task"] == name and r["kind"] == kind), None)
             out.append({"suite": suite, "task": name, "kind": kind, "kind_steps": zoo.steps,
@@ -340,7 +343,8 @@ def markdown(record: dict) -> str:
                      f"{p['rss_peak_mb']:,.0f} | {p['rss_peak_mb'] - p['rss_loaded_mb']:,.0f} |")
     lines += ["", "## Equal wall time", "",
               f"LoRA trained for the time a kind needs for its {zoo['steps']} steps (steps = {zoo['steps']} × kind "
-              "CPU s/step ÷ LoRA CPU s/step, from the probes: CPU time, since other jobs on a shared machine "
+              f"CPU s/step ÷ LoRA CPU s/step, rounded to a multiple of {record['settings']['step_multiple']}, from "
+              "the probes: CPU time, since other jobs on a shared machine "
               "stretch wall times unevenly; the same train split, so more steps are more passes over it), scored "
               "on the same test split.", "",
               "| task | kind | kind accuracy | its CPU time (s) | LoRA steps in that time | LoRA accuracy then | "
@@ -389,7 +393,8 @@ def run(settings: Settings, command: str) -> dict:
     zoo = settings.zoo
     record = {
         "settings": {"kinds": settings.kinds, "timed_tasks": settings.timed_tasks,
-                     "probe_steps": settings.probe_steps, "stem": settings.stem},
+                     "probe_steps": settings.probe_steps, "step_multiple": settings.step_multiple,
+                     "stem": settings.stem},
         "zoo": _zoo_to_json(zoo), "command": command, "environment": environment(),
         "kind_settings": {k: {"config": c, "lr": _lr(zoo, k, lr)} for k, (c, lr) in KIND_SETTINGS.items()},
         "peft": {"rank": PEFT_RANK, "alpha": PEFT_ALPHA, "lr": _lr(zoo, LORA, PEFT_LR)},
@@ -413,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", default=",".join(SPECTRAL_KINDS))
     p.add_argument("--timed-tasks", default=None, help="tasks probed and trained at equal wall time")
     p.add_argument("--probe-steps", type=int, default=4)
+    p.add_argument("--step-multiple", type=int, default=4, help="LoRA's equal-time steps, rounded to a multiple")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=SCRATCH / "training")
     p.add_argument("--out", type=Path, default=RESULTS / "smollm2")
@@ -427,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     timed = tuple(args.timed_tasks.split(",")) if args.timed_tasks else Settings.timed_tasks
     if args.quick:
         kinds, timed = kinds[:1], timed[:1]
-    settings = Settings(zoo=zoo, kinds=kinds, timed_tasks=timed, probe_steps=args.probe_steps, work=args.work,
+    settings = Settings(zoo=zoo, kinds=kinds, timed_tasks=timed, probe_steps=args.probe_steps,
+                        step_multiple=args.step_multiple, work=args.work,
                         out=args.out, stem="training_quick" if args.quick else "training")
     command = "python " + " ".join(["benchmarks/bench_training.py", *(argv if argv is not None else sys.argv[1:])])
     print(markdown(run(settings, command)))

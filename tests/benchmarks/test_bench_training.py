@@ -33,7 +33,7 @@ def miniature(zoo, tmp_path_factory):
     zoo_settings, report = zoo
     tmp = tmp_path_factory.mktemp("training")
     task = report["entries"][0]["task"]
-    settings = bench.Settings(zoo=zoo_settings, kinds=("scale",), timed_tasks=(task,), probe_steps=2,
+    settings = bench.Settings(zoo=zoo_settings, kinds=("scale",), timed_tasks=(task,), probe_steps=2, step_multiple=1,
                               work=tmp / "work", out=tmp / "out", stem="training_quick")
     return settings, bench.run(settings, "python benchmarks/bench_training.py --quick (test)")
 
@@ -76,7 +76,8 @@ def test_lora_gets_the_steps_of_each_kinds_wall_time(zoo, miniature):
     for r in record["equal_time"]:
         own = next(e["accuracy"] for e in report["entries"] if e["task"] == task and e["kind"] == r["kind"])
         assert r["kind_accuracy"] == own and r["lora_accuracy_equal_steps"] == lora_24
-        assert r["lora_steps"] == max(1, round(zoo_settings.steps * probes[r["kind"]] / probes[bench.LORA]))
+        m = settings.step_multiple
+        assert r["lora_steps"] == max(m, m * round(zoo_settings.steps * probes[r["kind"]] / probes[bench.LORA] / m))
         assert r["cpu_seconds"] == round(zoo_settings.steps * probes[r["kind"]], 1)
         assert 0 <= r["lora_accuracy"] <= 1
         if r["lora_steps"] == zoo_settings.steps:
