@@ -86,6 +86,7 @@ class Settings:
     work: Path | None = None  # checkpoints and cache; None: benchmarks/results/tmp/spectra-{base}
     out: Path | None = None  # None: benchmarks/results/smollm2 (char: benchmarks/results)
     stem: str = "spectra"
+    note: str = ""  # shown under the title (e.g. what a partial run left out)
 
     @classmethod
     def for_base(cls, base: str, quick: bool, **overrides) -> Settings:
@@ -342,6 +343,7 @@ def markdown(record: dict) -> str:
     lines = [
         "# Spectra of full fine-tuning (SpecLoRA's claim, arXiv 2505.23099)",
         "",
+        *([f"> {record['settings']['note']}", ""] if record["settings"].get("note") else []),
         "Claim tested (https://arxiv.org/abs/2505.23099): full fine-tuning mostly amplifies the top singular "
         "values, reorients the top singular vectors, and leaves the rest of the spectrum stable.",
         "",
@@ -508,12 +510,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bases-home", type=Path, help="where fetched bases live (default: $SPECFUSE_HOME)")
     p.add_argument("--work", type=Path, help="checkpoints and cache (default under benchmarks/results/tmp)")
     p.add_argument("--out", type=Path, help="results folder")
+    p.add_argument("--note", help="a line shown under the report's title")
     args = p.parse_args(argv)
     settings = Settings.for_base(
         args.base, args.quick, tasks=tuple(args.tasks.split(",")) if args.tasks else None,
         lrs=tuple(float(x) for x in args.lrs.split(",")) if args.lrs else None, steps=args.steps,
         batch_size=args.batch_size, n_train=args.n_train, n_test=args.n_test, top=args.top, seed=args.seed,
-        threads=args.threads, model_dir=args.model_dir, bases_home=args.bases_home, work=args.work, out=args.out)
+        threads=args.threads, model_dir=args.model_dir, bases_home=args.bases_home, work=args.work, out=args.out,
+        note=args.note)
     command = "python " + " ".join(["benchmarks/bench_spectra.py", *(argv if argv is not None else sys.argv[1:])])
     record = run(settings, command)
     print(markdown(record))

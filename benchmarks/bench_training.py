@@ -73,6 +73,7 @@ class Settings:
     work: Path = field(default_factory=lambda: SCRATCH / "training")
     out: Path = field(default_factory=lambda: RESULTS / "smollm2")
     stem: str = "training"
+    note: str = ""  # shown under the title (e.g. what a partial run left out)
 
 
 # ---------------------------------------------------------------- the zoo's rows (equal steps)
@@ -289,6 +290,7 @@ def markdown(record: dict) -> str:
     lines = [
         "# Training: spectral kinds vs PEFT LoRA, at equal steps and equal wall time",
         "",
+        *([f"> {record['settings']['note']}", ""] if record["settings"].get("note") else []),
         "Claim tested (SpecLoRA arXiv 2505.23099, SVFT arXiv 2405.19597, Spectral Adapter arXiv 2405.13952): "
         "near-LoRA quality at a fraction of LoRA's trainable parameters. \"Near\": within "
         f"{NEAR:.2f} accuracy of LoRA on the same task, or above.",
@@ -394,7 +396,7 @@ def run(settings: Settings, command: str) -> dict:
     record = {
         "settings": {"kinds": settings.kinds, "timed_tasks": settings.timed_tasks,
                      "probe_steps": settings.probe_steps, "step_multiple": settings.step_multiple,
-                     "stem": settings.stem},
+                     "stem": settings.stem, "note": settings.note},
         "zoo": _zoo_to_json(zoo), "command": command, "environment": environment(),
         "kind_settings": {k: {"config": c, "lr": _lr(zoo, k, lr)} for k, (c, lr) in KIND_SETTINGS.items()},
         "peft": {"rank": PEFT_RANK, "alpha": PEFT_ALPHA, "lr": _lr(zoo, LORA, PEFT_LR)},
@@ -422,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=SCRATCH / "training")
     p.add_argument("--out", type=Path, default=RESULTS / "smollm2")
+    p.add_argument("--note", default="", help="a line shown under the report's title")
     p.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one probe, in a subprocess
     args = p.parse_args(argv)
     if args.probe:
@@ -435,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         kinds, timed = kinds[:1], timed[:1]
     settings = Settings(zoo=zoo, kinds=kinds, timed_tasks=timed, probe_steps=args.probe_steps,
                         step_multiple=args.step_multiple, work=args.work,
-                        out=args.out, stem="training_quick" if args.quick else "training")
+                        out=args.out, stem="training_quick" if args.quick else "training", note=args.note)
     command = "python " + " ".join(["benchmarks/bench_training.py", *(argv if argv is not None else sys.argv[1:])])
     print(markdown(run(settings, command)))
     return 0

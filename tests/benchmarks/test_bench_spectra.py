@@ -19,7 +19,8 @@ LAYERS = 2 * len(bench.MODULES)  # the tiny Llama: 2 blocks × q,k,v,o,gate,up,d
 
 def _settings(model_dir: Path, tmp: Path, **overrides) -> bench.Settings:
     fields = dict(tasks=("phone_digits",), lrs=(3e-3,), steps=4, batch_size=4, n_train=16, n_test=4, top=4,
-                  threads=1, max_new_tokens=8, model_dir=model_dir, work=tmp / "work", out=tmp / "out")
+                  threads=1, max_new_tokens=8, model_dir=model_dir, work=tmp / "work", out=tmp / "out",
+                  note="partial: one task")
     return bench.Settings.for_base(bench.REAL_BASE, False, **(fields | overrides))
 
 
@@ -38,7 +39,8 @@ def test_writes_json_markdown_plot_and_the_run_report(miniature):
     assert on_disk["runs"] == record["runs"]
     md = (settings.out / "spectra.md").read_text()
     assert md == bench.markdown(on_disk)  # the report is rebuilt from the JSON alone
-    for needle in ("## Verdict", "Amplification", "phone_digits-lr0.003", "By module type", "torch threads"):
+    for needle in ("> partial: one task", "## Verdict", "Amplification", "phone_digits-lr0.003", "By module type",
+                   "torch threads"):
         assert needle in md
 
 

@@ -34,7 +34,7 @@ def miniature(zoo, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("training")
     task = report["entries"][0]["task"]
     settings = bench.Settings(zoo=zoo_settings, kinds=("scale",), timed_tasks=(task,), probe_steps=2, step_multiple=1,
-                              work=tmp / "work", out=tmp / "out", stem="training_quick")
+                              work=tmp / "work", out=tmp / "out", stem="training_quick", note="partial: one task")
     return settings, bench.run(settings, "python benchmarks/bench_training.py --quick (test)")
 
 
@@ -101,7 +101,8 @@ def test_writes_the_report_and_a_rerun_reuses_everything(miniature, monkeypatch)
     assert on_disk["equal_steps"] == record["equal_steps"] and on_disk["equal_time"] == record["equal_time"]
     md = (settings.out / "training_quick.md").read_text()
     assert md == bench.markdown(on_disk)
-    for needle in ("## Where the claim holds", "## Equal wall time", "ru_maxrss", "torch threads"):
+    for needle in ("> partial: one task", "## Where the claim holds", "## Equal wall time", "ru_maxrss",
+                   "torch threads"):
         assert needle in md
 
     def forbidden(*args, **kwargs):
