@@ -259,6 +259,7 @@ class Scheduler:
             if handle.cancelled:  # gone while waiting: it leaves the queue even when the batch is full
                 self._remove_pending(handle)
                 handle.emit(Event("done", finish_reason="cancelled", prompt_tokens=len(request.prompt)))
+                self.observer.on_finish(handle, "cancelled", 0, 0)  # counted like any end; nothing was prefilled
                 continue
             if len(self._rows) + len(rows) >= self.config.max_batch:
                 continue

@@ -145,3 +145,29 @@ def test_sampling_that_fails_for_one_row_ends_that_row(engine, adapters, tokeniz
         scheduler.stop()
     assert results[0].kind == "error" and isinstance(results[0].error, NumericalFailure)
     assert results[1].kind == "done" and results[1].token_ids == expected
+
+
+def test_a_request_cancelled_while_waiting_ends_counted_as_cancelled(engine, tokenizer):
+    from serving.scheduler import SchedulerObserver
+
+    prompt = tokenizer("queue")["input_ids"]
+    finished: list[tuple[str, str, int]] = []
+
+    class Finishes(SchedulerObserver):
+        def on_finish(self, handle, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+            finished.append((handle.request.request_id, reason, prompt_tokens))
+
+    scheduler = Scheduler(engine, SchedulerConfig(max_batch=1), Finishes()).start()
+    ended = threading.Event()
+    try:
+        running = scheduler.submit(GenerationRequest(prompt, SamplingParams(max_tokens=150, temperature=0,
+                                                                            ignore_eos=True)), lambda e: None)
+        while scheduler.running == 0:
+            threading.Event().wait(0.005)
+        waiting = GenerationRequest(prompt, GREEDY)
+        scheduler.submit(waiting, lambda e: e.kind == "done" and ended.set()).cancel()  # the one row is taken
+        assert ended.wait(60)
+        running.cancel()
+    finally:
+        scheduler.stop()
+    assert (waiting.request_id, "cancelled", 0) in finished, "nothing was prefilled, the end is counted"
