@@ -30,6 +30,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import statistics
 import sys
@@ -518,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, n_train=args.n_train, n_test=args.n_test, top=args.top, seed=args.seed,
         threads=args.threads, model_dir=args.model_dir, bases_home=args.bases_home, work=args.work, out=args.out,
         note=args.note)
-    command = "python " + " ".join(["benchmarks/bench_spectra.py", *(argv if argv is not None else sys.argv[1:])])
+    command = "python " + shlex.join(["benchmarks/bench_spectra.py", *(argv if argv is not None else sys.argv[1:])])
     record = run(settings, command)
     print(markdown(record))
     return 0

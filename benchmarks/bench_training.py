@@ -30,6 +30,7 @@ import dataclasses
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -265,7 +266,9 @@ def verdict(record: dict) -> list[str]:
             continue
         holds = len(s["near_lora"]) == s["tasks"]
         lines.append(
-            f"`{s['kind']}` ({s['params']:,} parameters, {s['params_vs_lora']:.1%} of LoRA's): mean accuracy "
+            f"`{s['kind']}` ({s['params']:,} parameters, {s['params_vs_lora']:.1%} of LoRA's"
+            + ("; not a fraction, so this kind is outside the claim" if s["params_vs_lora"] >= 1 else "")
+            + f"): mean accuracy "
             f"{_f(s['accuracy'])} vs LoRA {_f(s['lora_accuracy'])} over {s['tasks']} tasks; within {NEAR:.2f} of "
             f"LoRA (or above) on {len(s['near_lora'])}/{s['tasks']}"
             + (f" ({', '.join(s['near_lora'])})" if s["near_lora"] and not holds else "")
@@ -439,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(zoo=zoo, kinds=kinds, timed_tasks=timed, probe_steps=args.probe_steps,
                         step_multiple=args.step_multiple, work=args.work,
                         out=args.out, stem="training_quick" if args.quick else "training", note=args.note)
-    command = "python " + " ".join(["benchmarks/bench_training.py", *(argv if argv is not None else sys.argv[1:])])
+    command = "python " + shlex.join(["benchmarks/bench_training.py", *(argv if argv is not None else sys.argv[1:])])
     print(markdown(run(settings, command)))
     return 0
 
