@@ -207,7 +207,8 @@ def goals_markdown(result: dict[str, Any]) -> list[str]:
                    and r["method"] != "dense_ta" and not _is_distill(r)]),
                  ("PEFT LoRA merges", [r for r in rows if _is_lora_merge(r)]),
                  ("fusion-ready training (+kl, @slice)", [r for r in rows if r["training"] != "plain"]),
-                 ("distillation on the tasks' prompts (no labels), k×k cores",
+                 ("distillation on the tasks' prompts " + ("(with their reference answers)" if result.get("chat")
+                                                           else "(no labels)") + ", k×k cores",
                   [r for r in rows if r["method"] == "distill"]),
                  ("the same into a LoRA", [r for r in rows if r["method"] == "distill:lora"])]
         parts = []
