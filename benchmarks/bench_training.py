@@ -8,9 +8,10 @@ parameters. On the real base (SmolLM2-135M-Instruct) this script measures where 
   the same 24 steps of batch 8 on the same data; read with the zoo's own reader, nothing
   retrained): test accuracy, trainable parameters, file bytes, training seconds;
 - **cost per step**: for a few tasks, each kind and LoRA trained for a few steps in a fresh
-  subprocess: wall and CPU seconds per step, and peak memory as the process's maximum resident set size
-  (``resource.getrusage(RUSAGE_SELF).ru_maxrss``: model, basis, activations, gradients and
-  optimizer state; torch's allocations are invisible to ``tracemalloc``), before and after training;
+  subprocess: wall and CPU seconds per step, and peak memory as the process's resident-set high-water
+  mark (``VmHWM`` in ``/proc/self/status``: model, basis, activations, gradients and optimizer
+  state; torch's allocations are invisible to ``tracemalloc``, and ``ru_maxrss`` of a forked child
+  starts at its parent's size);
 - **equal wall time**: on those tasks, PEFT LoRA trained for the time each kind needs for its
   24 steps (LoRA steps = 24 × kind CPU s/step ÷ LoRA CPU s/step, on the same train split),
   scored on the same test split. Time is the process's CPU time (``time.process_time``): on a
@@ -29,7 +30,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import shlex
 import statistics
 import subprocess
@@ -60,6 +60,8 @@ SPECTRAL_KINDS = ("scale", "svft", "rotation", "additive")
 LORA = "peft-lora"
 # "near-LoRA quality": within this many accuracy points of LoRA on the same task
 NEAR = 0.05
+PROBE_FIELDS = ("suite", "task", "kind", "steps", "params", "seconds_per_step", "cpu_seconds_per_step", "rss_peak_mb",
+                "threads")  # what a probe reports (older cached probes may carry more)
 
 
 @dataclass
@@ -113,8 +115,12 @@ def equal_steps(settings: Settings) -> list[dict]:
 # ---------------------------------------------------------------- cost per step (a subprocess each)
 
 
-def _max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _peak_rss_mb() -> float:
+    """This process's resident-set high-water mark (Linux): unlike ru_maxrss, it starts afresh at exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise OSError("no VmHWM in /proc/self/status")
 
 
 def probe(zoo: ZooSettings, task_name: str, kind: str, steps: int) -> dict:
@@ -131,7 +137,6 @@ def probe(zoo: ZooSettings, task_name: str, kind: str, steps: int) -> dict:
     model, tokenizer = load_model_dir(base_model_dir(zoo, progress=False), "cpu")
     basis = load_basis(zoo.out / "basis.safetensors")
     train, _ = _splits(zoo, task)
-    loaded = _max_rss_mb()
     start, cpu_start = time.perf_counter(), time.process_time()
     if kind == LORA:
         _, _, params = _peft_train(model, tokenizer, train, steps, zoo.batch_size, zoo.seed, _lr(zoo, LORA, PEFT_LR))
@@ -144,8 +149,7 @@ def probe(zoo: ZooSettings, task_name: str, kind: str, steps: int) -> dict:
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return {"suite": suite, "task": task_name, "kind": kind, "steps": steps, "params": params,
             "seconds_per_step": seconds / steps, "cpu_seconds_per_step": cpu_seconds / steps,
-            "rss_loaded_mb": round(loaded, 1),
-            "rss_peak_mb": round(_max_rss_mb(), 1), "threads": torch.get_num_threads()}  # fmt: skip
+            "rss_peak_mb": round(_peak_rss_mb(), 1), "threads": torch.get_num_threads()}  # fmt: skip
 
 
 def _zoo_to_json(zoo: ZooSettings) -> dict:
@@ -161,7 +165,7 @@ def _zoo_from_json(record: dict) -> ZooSettings:
 
 
 def probed(settings: Settings, task_name: str, kind: str) -> dict:
-    """``probe`` in a fresh subprocess (cached): a process of its own, so ru_maxrss is this run's peak."""
+    """``probe`` in a fresh subprocess (cached): a process of its own, so its peak memory is this run's."""
     key = {"zoo": _zoo_to_json(settings.zoo), "task": task_name, "kind": kind, "steps": settings.probe_steps}
     path = settings.work / "probes" / f"{task_name}-{kind}.json"
     done = read_cached(path, key)
@@ -214,7 +218,8 @@ def equal_time(settings: Settings, rows: list[dict]) -> tuple[list[dict], list[d
     probes, out = [], []
     for name in settings.timed_tasks:
         suite, task = _task(zoo, name)
-        cost = {kind: probed(settings, name, kind) for kind in (*settings.kinds, LORA)}
+        cost = {kind: {k: v for k, v in probed(settings, name, kind).items() if k in PROBE_FIELDS}
+                for kind in (*settings.kinds, LORA)}
         probes += cost.values()
         lora_cpu = cost[LORA]["cpu_seconds_per_step"]
         zoo_lora = next((r for r in rows if r["task"] == name and r["kind"] == LORA), None)
@@ -335,17 +340,16 @@ def markdown(record: dict) -> str:
               "prompts); the probes below time the training steps alone, back to back.", ""]
     lines += ["## Cost per step and peak memory", "",
               f"Each kind and LoRA trained {record['settings']['probe_steps']} steps of batch {zoo['batch_size']} "
-              "in a fresh process (no routing signature). Peak memory: the process's maximum resident set size "
-              "(`resource.getrusage(RUSAGE_SELF).ru_maxrss`) once the base and the basis are loaded, and at the end "
-              "of training; the difference is what training adds (activations, gradients, optimizer state).", "",
-              "| task | kind | trainable params | wall s / step | CPU s / step | CPU vs LoRA | RSS loaded (MB) | "
-              "RSS peak (MB) | training adds (MB) |", "|---|---|---|---|---|---|---|---|---|"]
+              "in a fresh process (no routing signature). Peak memory: the process's resident-set high-water mark "
+              "at the end of training (base model, basis, activations, gradients, optimizer state; the float32 "
+              "base alone is 540 MB).", "",
+              "| task | kind | trainable params | wall s / step | CPU s / step | CPU vs LoRA | peak RSS (MB) |",
+              "|---|---|---|---|---|---|---|"]
     lora_cpu = {p["task"]: p["cpu_seconds_per_step"] for p in record["probes"] if p["kind"] == LORA}
     for p in record["probes"]:
         lines.append(f"| {p['task']} | {p['kind']} | {p['params']:,} | {p['seconds_per_step']:.2f} | "
                      f"{p['cpu_seconds_per_step']:.2f} | {p['cpu_seconds_per_step'] / lora_cpu[p['task']]:.2f}× | "
-                     f"{p['rss_loaded_mb']:,.0f} | "
-                     f"{p['rss_peak_mb']:,.0f} | {p['rss_peak_mb'] - p['rss_loaded_mb']:,.0f} |")
+                     f"{p['rss_peak_mb']:,.0f} |")
     lines += ["", "## Equal wall time", "",
               f"LoRA trained for the time a kind needs for its {zoo['steps']} steps (steps = {zoo['steps']} × kind "
               f"CPU s/step ÷ LoRA CPU s/step, rounded to a multiple of {record['settings']['step_multiple']}, from "

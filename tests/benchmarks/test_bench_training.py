@@ -63,7 +63,7 @@ def test_probes_measure_each_kind_in_its_own_process(zoo, miniature):
     for kind, p in probes.items():
         assert p["params"] == params[kind]  # the same adapter the zoo trained
         assert p["seconds_per_step"] > 0 and p["cpu_seconds_per_step"] > 0 and p["steps"] == 2 and p["threads"] == 1
-        assert p["rss_peak_mb"] >= p["rss_loaded_mb"] > 0
+        assert p["rss_peak_mb"] > 0
 
 
 def test_lora_gets_the_steps_of_each_kinds_wall_time(zoo, miniature):
@@ -101,7 +101,7 @@ def test_writes_the_report_and_a_rerun_reuses_everything(miniature, monkeypatch)
     assert on_disk["equal_steps"] == record["equal_steps"] and on_disk["equal_time"] == record["equal_time"]
     md = (settings.out / "training_quick.md").read_text()
     assert md == bench.markdown(on_disk)
-    for needle in ("> partial: one task", "## Where the claim holds", "## Equal wall time", "ru_maxrss",
+    for needle in ("> partial: one task", "## Where the claim holds", "## Equal wall time", "high-water",
                    "torch threads"):
         assert needle in md
 
