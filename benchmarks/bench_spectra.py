@@ -335,7 +335,8 @@ def _setup_line(record: dict) -> str:
             f"gradient clip 1), {s['steps']} steps of batch {s['batch_size']} from {s['n_train']} train examples "
             f"(each seen about once), loss on the answer only. Accuracy on {s['n_test']} test examples (greedy, "
             f"the task's checker). {runs[0]['n_layers']} linear layers analysed (shapes {shapes}) with "
-            f"`adapters_zoo.analysis_report.analyze`, top_k = {s['top']}. Total {record['seconds'] / 60:.1f} min.")
+            f"`adapters_zoo.analysis_report.analyze`, top_k = {s['top']}. This invocation took "
+        f"{record['seconds'] / 60:.1f} min (finished runs are read from the cache; training times per run below).")
 
 
 def markdown(record: dict) -> str:
