@@ -75,7 +75,8 @@ PEFT_RANK, PEFT_ALPHA, PEFT_LR = 4, 8.0, 1e-2
 # The pretrained LLM moves further per step than the toy. Probed on order_date_iso, 24 steps:
 # additive diverges at 5e-3 (its factors are scaled by the large top σ) and reaches 1.00 at
 # 5e-4; rotation diverges at 2e-2, under-trains at 1e-2 (0.04), reaches 1.00 at 3e-3; LoRA 5e-3.
-REAL_LR_SCALE = {"additive": 0.05, "rotation": 0.3, "lora": 0.5}
+# svft under-trains at 2e-2 (name_last_first 0.00: the name, not reordered), so 5e-2 as scale.
+REAL_LR_SCALE = {"additive": 0.05, "rotation": 0.3, "lora": 0.5, "svft": 2.5}
 
 
 @dataclass
