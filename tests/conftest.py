@@ -113,3 +113,21 @@ def reverse_task(tmp_path_factory) -> dict[str, Path]:
         "train": write_jsonl(out / "train.jsonl", make_split(task, "train", 64)),
         "validation": write_jsonl(out / "validation.jsonl", make_split(task, "validation", 32)),
     }
+
+
+@pytest.fixture
+def count_gets(monkeypatch):
+    """``count_gets(registry)``: the refs of every ``registry.get`` from now on, in order."""
+
+    def install(registry) -> list[str]:
+        calls: list[str] = []
+        get = registry.get
+
+        def counted(ref: str):
+            calls.append(ref)
+            return get(ref)
+
+        monkeypatch.setattr(registry, "get", counted)
+        return calls
+
+    return install

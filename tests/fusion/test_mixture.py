@@ -27,20 +27,8 @@ def registry(tmp_path_factory, llama_basis, other_basis, mixed):
     reg.close()
 
 
-def counting_gets(registry, monkeypatch) -> list[str]:
-    calls: list[str] = []
-    get = registry.get
-
-    def counted(ref: str):
-        calls.append(ref)
-        return get(ref)
-
-    monkeypatch.setattr(registry, "get", counted)
-    return calls
-
-
-def test_resolve_reads_each_ref_once_in_the_order_given(registry, monkeypatch):
-    calls = counting_gets(registry, monkeypatch)
+def test_resolve_reads_each_ref_once_in_the_order_given(registry, count_gets):
+    calls = count_gets(registry)
     resolved = resolve(registry, "svft:0.4, scale@1:0.7,rotation")
     assert calls == ["svft", "scale@1", "rotation"]
     assert [(rec.ref, w) for rec, w in resolved] == [("svft@1", 0.4), ("scale@1", 0.7), ("rotation@1", 1.0)]
@@ -111,8 +99,8 @@ def test_reduce_refuses_a_mixture_past_the_delta_bound(llama_basis, mixed):
         reduce([], llama_basis)
 
 
-def test_fuse_mixture_resolves_once_and_names_its_sources(registry, monkeypatch, llama_basis):
-    calls = counting_gets(registry, monkeypatch)
+def test_fuse_mixture_resolves_once_and_names_its_sources(registry, monkeypatch, count_gets, llama_basis):
+    calls = count_gets(registry)
     fused, basis, pairs = fuse_mixture(registry, "rotation:0.5,scale@1:0.7", "ties", {"density": 0.5})
     assert calls == ["rotation", "scale@1"]
     assert pairs == [("rotation@1", 0.5), ("scale@1", 0.7)] and basis.fingerprint == llama_basis.fingerprint

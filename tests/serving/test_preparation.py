@@ -9,25 +9,13 @@ from serving.generation import SamplingParams
 from serving.preparation import Job
 
 
-def counting_gets(registry, monkeypatch) -> list[str]:
-    calls: list[str] = []
-    get = registry.get
-
-    def counted(ref: str):
-        calls.append(ref)
-        return get(ref)
-
-    monkeypatch.setattr(registry, "get", counted)
-    return calls
-
-
 def job(model: str, adapters=None, method=None, params=None) -> Job:
     return Job("completion", model, ["abc"], None, SamplingParams(max_tokens=2), 1, False, False, adapters, method,
                params)
 
 
-def test_a_mixture_is_read_once_per_ref_and_fused_once(service, monkeypatch):
-    calls = counting_gets(service.registry, monkeypatch)
+def test_a_mixture_is_read_once_per_ref_and_fused_once(service, monkeypatch, count_gets):
+    calls = count_gets(service.registry)
     loads: list[str] = []
     load_record = service.registry.load_record
     monkeypatch.setattr(service.registry, "load_record", lambda rec: (loads.append(rec.ref), load_record(rec))[1])
