@@ -58,11 +58,15 @@ class SchedulerConfig:
     max_batch: int = _opt(32, "rows decoded together")
     max_queue: int = _opt(256, "requests waiting for a row before 429")
     max_prefill_tokens: int = _opt(8192, "prompt tokens prefilled in one iteration (at least one request)")
+    heap_trim_s: float = _opt(10.0, "seconds between handing freed host memory back to the OS (glibc malloc_trim, "
+                              "also once on falling idle; 0: never)")
 
     def validate(self) -> None:
         for name in ("max_batch", "max_queue", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidConfig(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if not self.heap_trim_s >= 0:  # NaN too
+            raise InvalidConfig(f"heap_trim_s must be ≥ 0, got {self.heap_trim_s}")
 
 
 @dataclass

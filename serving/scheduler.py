@@ -39,6 +39,7 @@ from adapters_zoo.errors import NumericalFailure, ServerBusy, ServiceUnavailable
 from serving.config import SchedulerConfig
 from serving.engine import Engine, PromptProbe
 from serving.generation import BatchKV, SamplingParams, TextStream, choose_tokens, make_generator
+from serving.heap import HeapTrimmer
 from serving.slots import MixtureCores, NoFreeSlot
 
 _ids = itertools.count()
@@ -133,6 +134,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.heap = HeapTrimmer(self.config.heap_trim_s)
         self.steps = 0
 
     # ------------------------------------------------------------------ API
@@ -198,9 +200,12 @@ class Scheduler:
         while True:
             with self._cond:
                 while not self._stopping and not self._rows and not self._pending and not self._probes:
+                    self.heap.maybe_trim(idle=True)
                     self._cond.wait()
                 if self._stopping:
                     break
+            self.heap.worked()
+            self.heap.maybe_trim()
             try:
                 self._run_probes()
                 self._drop_cancelled()
