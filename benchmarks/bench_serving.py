@@ -82,6 +82,7 @@ class Settings:
     merge_sizes: tuple[int, ...]
     steps: int  # decode steps per step row
     threads: int
+    http_rounds: int = 3  # base / scale / rotation runs through `specfuse serve`
     seed: int = 0
 
 
@@ -266,18 +267,12 @@ def scheduler_clock() -> int:
     return time.pthread_getcpuclockid(thread.ident)
 
 
-def step_rows(engine, basis, prompts: list[list[int]], settings: Settings) -> list[Row]:
-    """One decode step of the whole batch: base rows, then every row its own resident diagonal / dense
-    mixture, interleaved step by step (the order alternating) so the machine's load hits all alike."""
-    from serving.engine import MixtureSpec
+def paired_steps(engine, prompts: list[list[int]], variants: dict[str, list[int]], steps: int,
+                 device: str) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU seconds of ``steps`` decode steps of the whole batch for each variant (label -> the
+    rows' slots), the variants interleaved step by step, their order alternating, so load hits all alike."""
     from serving.generation import BatchKV
 
-    variants: dict[str, list[int]] = {"base": [-1] * len(prompts)}
-    for kind in KIND_CORES:
-        adapters = make_adapters(kind, basis, len(prompts), settings.seed + 7)
-        mixtures = [engine.prepare(MixtureSpec.of([(f"step-{kind}{i}", 1.0)]), lambda a=a: [(a, 1.0)])
-                    for i, a in enumerate(adapters)]
-        variants[kind] = [engine.slots.acquire(m) for m in mixtures]
     state = {}
     for label, slots in variants.items():
         logits, cache, mask = engine.prefill(prompts, slots)
@@ -287,32 +282,68 @@ def step_rows(engine, basis, prompts: list[list[int]], settings: Settings) -> li
     wall: dict[str, list[float]] = {label: [] for label in variants}
     cpu: dict[str, list[float]] = {label: [] for label in variants}
     labels = list(variants)
-    for step in range(settings.steps):
+    for step in range(steps):
         for label in labels if step % 2 == 0 else labels[::-1]:
             kv, ids = state[label]
-            _sync(settings.device)
+            _sync(device)
             t, c = time.perf_counter(), time.thread_time()
             mask, positions = kv.step_inputs()
             ids = engine.forward(ids, mask, positions, kv.cache, variants[label]).argmax(-1, keepdim=True)
-            _sync(settings.device)
+            _sync(device)
             wall[label].append(time.perf_counter() - t)
             cpu[label].append(time.thread_time() - c)
             state[label] = (kv, ids)
+    return wall, cpu
+
+
+def paired_row(config: str, kind: str, n: int, m: int, rows: int, steps: int, wall: list[float], cpu: list[float],
+               base_wall: list[float], base_cpu: list[float], note: str) -> Row:
+    """A step row: ratio = the median of per-step ratios to the base step beside it."""
+    run = Run(wall, [], rows * len(wall), sum(wall), sum(cpu))
+    row = make_row(config, kind, n, m, run, note=f"{rows} rows, {steps} steps; p50/p99 are step times; {note}")
+    row.requests = rows
+    row.ratio = round(statistics.median(a / b for a, b in zip(wall, base_wall)), 3)
+    row.cpu_ratio = round(statistics.median(a / b for a, b in zip(cpu, base_cpu)), 3)
+    return row
+
+
+def step_rows(engine, basis, prompts: list[list[int]], settings: Settings) -> list[Row]:
+    """One decode step of the whole batch: base rows, then every row its own resident diagonal / dense
+    mixture, interleaved step by step."""
+    from serving.engine import MixtureSpec
+
+    variants: dict[str, list[int]] = {"base": [-1] * len(prompts)}
+    for kind in KIND_CORES:
+        adapters = make_adapters(kind, basis, len(prompts), settings.seed + 7)
+        mixtures = [engine.prepare(MixtureSpec.of([(f"step-{kind}{i}", 1.0)]), lambda a=a: [(a, 1.0)])
+                    for i, a in enumerate(adapters)]
+        variants[kind] = [engine.slots.acquire(m) for m in mixtures]
+    wall, cpu = paired_steps(engine, prompts, variants, settings.steps, settings.device)
     for slots in list(variants.values())[1:]:
         for slot in slots:
             engine.slots.release(slot)
-    rows = []
-    for label in labels:
-        times = wall[label]
-        run = Run(times, [], len(prompts) * len(times), sum(times), sum(cpu[label]))
-        row = make_row(f"step:{label}", "" if label == "base" else label, 0 if label == "base" else len(prompts),
-                       0 if label == "base" else 1, run, note=f"{len(prompts)} rows, {settings.steps} steps; "
-                       "p50/p99 are step times; ratio: median of per-step ratios to the base step beside it")
-        row.requests = len(prompts)
-        row.ratio = round(statistics.median(a / b for a, b in zip(times, wall["base"])), 3)
-        row.cpu_ratio = round(statistics.median(a / b for a, b in zip(cpu[label], cpu["base"])), 3)
-        rows.append(row)
-    return rows
+    return [paired_row(f"step:{label}", "" if label == "base" else label, 0 if label == "base" else len(prompts),
+                       0 if label == "base" else 1, len(prompts), settings.steps, wall[label], cpu[label],
+                       wall["base"], cpu["base"], "ratio: median of per-step ratios to the base step beside it")
+            for label in variants]
+
+
+def cached_step_row(service, prompts: list[list[int]], mixtures: list[str], kind: str, n: int, m: int,
+                    settings: Settings) -> Row:
+    """The decode step of a ``cached`` run's mixtures (each row its own, resident in a slot) paired with a base
+    step: flat in N and m means these rows agree, and pairing takes the machine's load out of the comparison."""
+    engine = service.engine
+    cores = [service.prepare_mixture(mixture) for mixture in mixtures]  # cache hits: reduced already
+    slots = [engine.slots.acquire(c) for c in cores]
+    try:
+        wall, cpu = paired_steps(engine, prompts, {"base": [-1] * len(prompts), "mix": slots}, settings.steps,
+                                 settings.device)
+    finally:
+        for slot in slots:
+            engine.slots.release(slot)
+    return paired_row("step:cached", kind, n, m, len(prompts), settings.steps, wall["mix"], cpu["mix"], wall["base"],
+                      cpu["base"], "the cached run's mixtures, one per row; ratio: median of per-step ratios to "
+                      "the base step beside it")
 
 
 def engine_plan(settings: Settings) -> list[tuple[str, str, int, int]]:
@@ -333,8 +364,11 @@ def engine_plan(settings: Settings) -> list[tuple[str, str, int, int]]:
     return plan
 
 
-def engine_rows(service, prompts: list[list[int]], settings: Settings, rng: random.Random) -> list[Row]:
+def engine_rows(service, prompts: list[list[int]], settings: Settings,
+                rng: random.Random) -> tuple[list[Row], list[Row]]:
+    """(whole runs through the scheduler, the cached runs' paired decode steps)."""
     rows: list[Row] = []
+    steps: list[Row] = []
     last: dict[tuple[str, int, int], list[str]] = {}  # the mixtures of the last "new" run, for "cached"
     for config, kind, n, m in engine_plan(settings):
         names = [f"{kind}{i}" for i in range(n)]
@@ -354,6 +388,9 @@ def engine_rows(service, prompts: list[list[int]], settings: Settings, rng: rand
                 "cached": f"the last run's mixtures again: {service.engine.slots.hits - slot_hits} slot hits"}[config]
         rows.append(make_row(config, kind, n, m, run, note))
         print(line(rows[-1]), flush=True)
+        if config == "cached":
+            steps.append(cached_step_row(service, prompts, mixtures, kind, n, m, settings))
+            print(line(steps[-1]) + f"  ratio {steps[-1].ratio}", flush=True)
     bases = [i for i, r in enumerate(rows) if r.config == "base"]
     for i, row in enumerate(rows):  # each run against the base runs just before and after it
         if row.config == "base":
@@ -366,6 +403,108 @@ def engine_rows(service, prompts: list[list[int]], settings: Settings, rng: rand
         base_cpu = statistics.mean(rows[j].cpu_ms_per_token for j in row.base_runs)
         row.ratio = round(base_tps / row.tokens_per_s, 3)
         row.cpu_ratio = round(row.cpu_ms_per_token / base_cpu, 3)
+    return rows, steps
+
+
+# --------------------------------------------------------------------------- over HTTP
+
+
+def http_rows(settings: Settings, model_dir: str, home: Path, prompts: list[list[int]],
+              rng: random.Random) -> list[Row]:
+    """The same requests through ``specfuse serve`` on 127.0.0.1 (the server a user starts, in its own
+    process, default settings), from concurrent HTTP clients: base runs and every request its own cached
+    2-adapter mixture, interleaved; each mixture run against the base runs just before and after it."""
+    import asyncio
+    import socket
+    import subprocess
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-c", "import sys; from serving.cli import main; sys.exit(main())", "serve", model_dir,
+           "--home", str(home), "--host", "127.0.0.1", "--port", str(port), "--device", settings.device]
+    env = os.environ | {"OMP_NUM_THREADS": str(settings.threads), "PYTHONPATH": str(Path(__file__).parents[1])}
+    env.pop("SPECFUSE_API_KEY", None)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    mixtures = {kind: mixture_strings([f"{kind}{i}" for i in range(len(prompts))], 2, len(prompts), rng)
+                for kind in KIND_CORES}
+
+    def cpu_seconds() -> float:
+        fields_ = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    async def one_run(models: list[str]) -> Run:
+        start, cpu = time.perf_counter(), cpu_seconds()
+        first: dict[int, float] = {}
+
+        async def request(client, i: int, model: str) -> tuple[float, int]:
+            body = {"model": model, "prompt": prompts[i], "max_tokens": settings.max_tokens, "temperature": 0,
+                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            tokens = 0
+            async with client.stream("POST", url + "/v1/completions", json=body) as response:
+                if response.status_code != 200:
+                    raise RuntimeError(f"{response.status_code}: {(await response.aread())[:300]!r}")
+                async for line_ in response.aiter_lines():
+                    if not line_.startswith("data: ") or line_ == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line_[6:])
+                    if chunk.get("choices"):
+                        first.setdefault(i, time.perf_counter() - start)
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+            return time.perf_counter() - start, tokens
+
+        limits = httpx.Limits(max_connections=len(models) + 4)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            done = await asyncio.gather(*(request(client, i, model) for i, model in enumerate(models)))
+        return Run([t for t, _ in done], [first.get(i, done[i][0]) for i in range(len(models))],
+                   sum(n for _, n in done), time.perf_counter() - start, cpu_seconds() - cpu)
+
+    try:
+        deadline = time.time() + 600
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("the server did not start in 600 s")
+            time.sleep(0.5)
+        base = ["base"] * len(prompts)
+        for models in (base, *mixtures.values()):  # warm up: the first use of each mixture resolves and fuses it
+            asyncio.run(one_run(models))
+        plan = [("base", "")]
+        for _ in range(settings.http_rounds):
+            plan += [("cached", kind) for kind in KIND_CORES] + [("base", "")]
+        rows: list[Row] = []
+        for config, kind in plan:
+            run_ = asyncio.run(one_run(base if config == "base" else mixtures[kind]))
+            note = ("every request the base model" if config == "base" else
+                    f"every request its own cached 2-adapter mixture of {len(prompts)} `{kind}` adapters")
+            rows.append(make_row(f"http:{config}", kind, 0 if config == "base" else len(prompts),
+                                 0 if config == "base" else 2, run_, note + "; streamed, from concurrent clients; "
+                                 "CPU: the server process's"))
+            print(line(rows[-1]), flush=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    bases = [i for i, r in enumerate(rows) if r.config == "http:base"]
+    for i, row in enumerate(rows):
+        near = [j for j in bases if abs(j - i) <= len(KIND_CORES) and j != i] if row.config == "http:base" else \
+            [max(j for j in bases if j < i), min(j for j in bases if j > i)]
+        row.base_runs = sorted(set(near or [i]))
+        row.ratio = round(statistics.mean(rows[j].tokens_per_s for j in row.base_runs) / row.tokens_per_s, 3)
+        row.cpu_ratio = round(row.cpu_ms_per_token / statistics.mean(rows[j].cpu_ms_per_token for j in row.base_runs),
+                              3)
     return rows
 
 
@@ -483,14 +622,26 @@ def run(settings: Settings, home: str | None = None) -> dict:
             for row in step_rows(engine, basis, prompts, settings):
                 rows.append(row)
                 print(line(row), flush=True)
+            runs, cached_steps = engine_rows(service, prompts, settings, rng)
+            rows += cached_steps
             first = len(rows)
-            for row in engine_rows(service, prompts, settings, rng):
+            for row in runs:
                 row.base_runs = [first + j for j in row.base_runs]  # engine_rows counts from its first row
                 rows.append(row)
         finally:
             scheduler.stop()
         engine_dtype = engine.dtype
         del engine, scheduler, service
+        if settings.http_rounds:
+            served_dir = model_dir
+            if served_dir is None:  # a random-weight shape: saved for the server process
+                from adapters_zoo.demo_model import save_model
+
+                served_dir = str(save_model(model, tokenizer, workdir / "base"))
+            first = len(rows)
+            for row in http_rows(settings, served_dir, workdir / "home", prompts, rng):
+                row.base_runs = [first + j for j in row.base_runs]
+                rows.append(row)
         hf_model = copy.deepcopy(model).to(settings.device, engine_dtype)  # as the engine runs it
         rows.append(make_row("hf:base", "", 0, 0, hf_generate(hf_model, prompts, settings.max_tokens, settings.device),
                              "transformers generate, one static batch, no adapter"))
@@ -512,7 +663,7 @@ def run(settings: Settings, home: str | None = None) -> dict:
     base_tps = statistics.mean(r.tokens_per_s for r in engine_base)
     base_cpu = statistics.mean(r.cpu_ms_per_token for r in engine_base)
     for row in rows:  # outside the engine: against every engine base run
-        if not row.config.startswith("step:") and row.config not in ("base", "one", "new", "cached"):
+        if not row.config.startswith(("step:", "http:")) and row.config not in ("base", "one", "new", "cached"):
             row.ratio = round(base_tps / row.tokens_per_s, 3)
             row.cpu_ratio = round(row.cpu_ms_per_token / base_cpu, 3)
     return {
@@ -555,7 +706,7 @@ def settings_for(base: str, device: str, quick: bool, threads: int) -> Settings:
         return Settings(base=base, device=device, k=32 if base != "tiny" else 8, requests=4, prompt_tokens=8,
                         max_tokens=6, adapter_counts=(1, 4), mixture_sizes=(1, 2), dense_counts=(4,),
                         dense_sizes=(2,), peft_counts=(2,), merge_requests=1, merge_sizes=(2,), steps=4,
-                        threads=threads)
+                        threads=threads, http_rounds=1)
     return Settings(base=base, device=device, k=64 if gpu else 32, requests=64 if gpu else 16,
                     prompt_tokens=32, max_tokens=32, adapter_counts=(1, 16, 256), mixture_sizes=(1, 2, 4, 8),
                     dense_counts=(16, 256), dense_sizes=(1, 8),

@@ -17,7 +17,7 @@ FETCHED = {"smollm2": "smollm2-135m-instruct"}  # --base name -> `specfuse base 
 
 def goals(rows: list) -> dict:
     """Issue 16's goals, read off the rows (None where the run has no such row)."""
-    step = {r.kind: r for r in rows if r.config.startswith("step:")}
+    step = {r.kind: r for r in rows if r.config in ("step:scale", "step:rotation")}
     out = {}
     for kind, cores in KIND_CORES.items():
         served = [r.ratio for r in rows if r.kind == kind and r.config in ("one", "cached")]
@@ -27,8 +27,15 @@ def goals(rows: list) -> dict:
         cached = [r for r in rows if r.kind == kind and r.config == "cached"]  # ratios: the base drifts with the load
         out[f"{cores}_cached_spread"] = spread([r.ratio for r in cached])
         out[f"{cores}_cached_cpu_spread"] = spread([r.cpu_ratio for r in cached])
+        paired = [r for r in rows if r.kind == kind and r.config == "step:cached"]  # each step beside a base step
+        out[f"{cores}_step_cached"] = {f"N={r.n_adapters} m={r.m}": r.ratio for r in paired}
+        out[f"{cores}_step_spread"] = spread([r.ratio for r in paired])
+        out[f"{cores}_step_cpu_spread"] = spread([r.cpu_ratio for r in paired])
+        http = [r.ratio for r in rows if r.kind == kind and r.config == "http:cached"]
+        out[cores]["http_ratio_median"] = round(statistics.median(http), 3) if http else None
     out["noise"] = {"base_runs_spread": spread([r.ratio for r in rows if r.config == "base"]),  # no adapter at all
-                    "base_runs_cpu_spread": spread([r.cpu_ratio for r in rows if r.config == "base"])}
+                    "base_runs_cpu_spread": spread([r.cpu_ratio for r in rows if r.config == "base"]),
+                    "http_base_runs_spread": spread([r.ratio for r in rows if r.config == "http:base"])}
     fuse = [r.fuse_ms_per_mixture for r in rows if r.fuse_ms_per_mixture is not None]
     out["fuse_ms_per_mixture"] = {"min": min(fuse), "max": max(fuse)} if fuse else None
     return out
@@ -74,15 +81,21 @@ def markdown(result: dict) -> str:
     for cores in ("diagonal", "dense"):
         d = g[cores]
         lines.append(f"- {cores} cores (≤ {d['goal']}×): decode step {_fmt(d['step_ratio'], '.3f')}× "
-                     f"(cpu {_fmt(d['step_cpu_ratio'], '.3f')}×); served (one + cached rows, median) "
-                     f"{_fmt(d['served_ratio_median'], '.3f')}×; spread of the cached rows' ratios over N and m "
-                     f"{_fmt(g[f'{cores}_cached_spread'], '.1%')} (wall), "
-                     f"{_fmt(g.get(f'{cores}_cached_cpu_spread'), '.1%')} (CPU) (goal ≤ {GOALS['flat']:.0%}).")
+                     f"(cpu {_fmt(d['step_cpu_ratio'], '.3f')}×); through the scheduler (one + cached runs, median) "
+                     f"{_fmt(d['served_ratio_median'], '.3f')}×; over HTTP from `specfuse serve` (median) "
+                     f"{_fmt(d.get('http_ratio_median'), '.3f')}×.")
+        lines.append(f"  - flat in N and m (goal: within {GOALS['flat']:.0%}): the cached mixtures' decode steps, "
+                     f"each beside a base step, spread {_fmt(g.get(f'{cores}_step_spread'), '.1%')} (wall), "
+                     f"{_fmt(g.get(f'{cores}_step_cpu_spread'), '.1%')} (CPU) over "
+                     + (", ".join(f"{key}: {v:.3f}×" for key, v in g.get(f"{cores}_step_cached", {}).items()) or "–")
+                     + f"; the whole cached runs spread {_fmt(g[f'{cores}_cached_spread'], '.1%')} (wall), "
+                     f"{_fmt(g.get(f'{cores}_cached_cpu_spread'), '.1%')} (CPU).")
     if g.get("noise"):
         lines.append(f"- Noise floor: the base runs against the base runs beside them spread "
                      f"{_fmt(g['noise']['base_runs_spread'], '.1%')} (wall), "
-                     f"{_fmt(g['noise']['base_runs_cpu_spread'], '.1%')} (CPU) with no adapter at all; a spread of "
-                     "the cached rows below that is flat within what this machine can resolve.")
+                     f"{_fmt(g['noise']['base_runs_cpu_spread'], '.1%')} (CPU) with no adapter at all (HTTP base runs: "
+                     f"{_fmt(g['noise'].get('http_base_runs_spread'), '.1%')}); a spread of whole runs below that is "
+                     "flat within what this machine can resolve.")
     if g["fuse_ms_per_mixture"]:
         lines.append(f"- A new mixture's resolve + fuse, off the decode thread: {g['fuse_ms_per_mixture']['min']}–"
                      f"{g['fuse_ms_per_mixture']['max']} ms per mixture (by N and m: the `new` rows).")
@@ -103,8 +116,12 @@ def markdown(result: dict) -> str:
         "",
         "- **step:** one decode step of every request's row together; `scale` rows each on their own diagonal "
         "mixture (the elementwise path), `rotation` rows on dense k×k cores (the gathered path).",
+        "- **step:cached**: the decode step of each `cached` run's mixtures (every row its own, in a slot), paired "
+        "step by step with a base step: the flat-in-N-and-m measure with the machine's load taken out.",
         "- **base / one / new / cached**: whole runs through the scheduler (prefill, decode, sampling, text): "
         "`vs base rows` are the rows (#) of the base runs each is compared to.",
+        "- **http:**: the same requests streamed over HTTP from concurrent clients to `specfuse serve` (its own "
+        "process, default settings) on 127.0.0.1; CPU is the server process's (HTTP, tokenizing and the model).",
         "- **hf:base / peft / merge**: transformers `generate`; PEFT holds the N LoRA adapters and routes each row "
         "to one (`adapter_names=`); merge folds each request's mixture into the dense weights and generates alone.",
         f"- Setup: basis {result['setup_seconds']['basis']} s, registering adapters "
@@ -123,7 +140,7 @@ def plot(result: dict, path: Path) -> Path:
     rows = result["rows"]
     labels = [f"{r['config']} {r['kind']} N={r['n_adapters']} m={r['m']}".replace("  ", " ") for r in rows]
     fig, ax = plt.subplots(figsize=(9, 0.28 * len(rows) + 1.5))
-    colors = ["#999" if r["config"] in ("base", "step:base", "hf:base") else
+    colors = ["#999" if r["config"] in ("base", "step:base", "hf:base", "http:base") else
               "#4c72b0" if r["kind"] == "scale" and r["config"] not in ("peft", "merge") else
               "#dd8452" if r["kind"] == "rotation" else "#c44e52" for r in rows]
     ax.barh(range(len(rows)), [r["ratio"] for r in rows], color=colors)

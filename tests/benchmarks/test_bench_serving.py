@@ -19,7 +19,8 @@ def test_quick_run_writes_every_row_and_the_goals(tmp_path):
     for expected in [("step:base", ""), ("step:scale", "scale"), ("step:rotation", "rotation"), ("base", ""),
                      ("one", "scale"), ("new", "scale"), ("cached", "scale"), ("one", "rotation"),
                      ("new", "rotation"), ("cached", "rotation"), ("hf:base", ""), ("peft", "scale"),
-                     ("merge", "scale")]:
+                     ("merge", "scale"), ("step:cached", "scale"), ("step:cached", "rotation"), ("http:base", ""),
+                     ("http:cached", "scale"), ("http:cached", "rotation")]:
         assert expected in configs, expected
     settings = result["settings"]
     for r in rows:
@@ -32,6 +33,13 @@ def test_quick_run_writes_every_row_and_the_goals(tmp_path):
         assert r["base_runs"] and all(rows[i]["config"] == "base" for i in r["base_runs"])
         assert r["tokens"] == settings["requests"] * settings["max_tokens"]
     assert all(r["fuse_ms_per_mixture"] is not None for r in rows if r["config"] == "new")
+    for r in rows:
+        if r["config"] == "http:cached":  # served by `specfuse serve`: every token generated, against base runs
+            assert r["tokens"] == settings["requests"] * settings["max_tokens"]
+            assert len(r["base_runs"]) == 2 and all(rows[i]["config"] == "http:base" for i in r["base_runs"])
+    cached = {(r["kind"], r["n_adapters"], r["m"]) for r in rows if r["config"] == "cached"}
+    assert cached == {(r["kind"], r["n_adapters"], r["m"]) for r in rows if r["config"] == "step:cached"}
+    assert result["goals"]["diagonal"]["http_ratio_median"] > 0 and result["goals"]["diagonal_step_spread"] is not None
     assert {"diagonal", "dense", "diagonal_cached_spread", "fuse_ms_per_mixture"} <= set(result["goals"])
     assert result["machine"]["threads"] == 1 and len(result["machine"]["load_average_at_end"]) == 3
     assert result["command"].endswith("--quick --out-dir " + str(tmp_path))
