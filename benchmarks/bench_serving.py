@@ -10,11 +10,16 @@ the server's own Service + Scheduler + Engine with the server's defaults:
              path), interleaved step by step: the adapter math alone, paired ratios
   base       every row on slot -1; run again after every two adapter runs, and each run's
              ratio is to the base runs just before and after it (the load drifts)
-  one        every request on the same cached mixture (one slot)
+  one        every request on the same cached mixture (one slot); as for ``cached``, the requests'
+             mixtures are resolved (cache hits, timed apart) before t = 0 and all submitted together,
+             as base requests are, so both share one prefill
   new        every request a distinct mixture of m of the N registered adapters, resolved
              in the registry and fused in the submitting thread (as HTTP workers do) while
              earlier requests decode; the fusion cost is reported per mixture
   cached     the same mixtures again, all in device slots: flat in N and m by construction
+  step:cached  the decode step of each ``cached`` run's mixtures paired with a base step
+  http:*     the same requests streamed over HTTP to ``specfuse serve`` (its own process) from
+             concurrent clients: base runs and cached 2-adapter mixtures, interleaved
   hf:base    plain transformers ``generate``, one static batch: the library's own floor
   peft       PEFT mixed-batch LoRA (``adapter_names=``), the registered adapters exported as
              LoRA of the same rank, one adapter per row (PEFT has no per-row mixtures)
@@ -82,7 +87,7 @@ class Settings:
     merge_sizes: tuple[int, ...]
     steps: int  # decode steps per step row
     threads: int
-    http_rounds: int = 3  # base / scale / rotation runs through `specfuse serve`
+    http_rounds: int = 4  # base / scale / rotation runs through `specfuse serve`
     seed: int = 0
 
 
@@ -120,6 +125,7 @@ class Run:
     cpu_seconds: float
     prepare_seconds: float = 0.0
     new_mixtures: int = 0
+    mixtures: int = 0  # requests that named a mixture (resolved, a cache hit or fused)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -217,8 +223,13 @@ def mixture_strings(names: list[str], m: int, count: int, rng: random.Random) ->
 # --------------------------------------------------------------------------- the engine
 
 
-def run_engine(service, prompts: list[list[int]], mixtures: list[str | None], max_tokens: int) -> Run:
-    """Submit every request at t = 0, resolving and fusing its mixture first (off the decode thread)."""
+def run_engine(service, prompts: list[list[int]], mixtures: list[str | None], max_tokens: int,
+               resolve_first: bool = False) -> Run:
+    """Submit every request at t = 0, resolving and fusing its mixture first (off the decode thread).
+
+    ``resolve_first``: resolve every mixture (cache hits) before the clock starts, then submit all together,
+    so the requests share one prefill as base requests do; else each is resolved just before its submission
+    while the earlier ones already run (new mixtures: their fusing overlaps decoding)."""
     from serving.generation import SamplingParams
     from serving.scheduler import GenerationRequest
 
@@ -245,12 +256,20 @@ def run_engine(service, prompts: list[list[int]], mixtures: list[str | None], ma
 
     misses = service.engine.mixtures.misses
     clock = scheduler_clock()
-    start, cpu = time.perf_counter(), time.clock_gettime(clock)
     preparing = 0.0
-    for i, (ids, model) in enumerate(zip(prompts, mixtures)):
+    resolved: dict[int, object] = {}
+    if resolve_first:
         t = time.perf_counter()
-        mixture = None if model is None else service.prepare_mixture(model)
-        preparing += time.perf_counter() - t
+        resolved = {i: None if model is None else service.prepare_mixture(model) for i, model in enumerate(mixtures)}
+        preparing = time.perf_counter() - t
+    start, cpu = time.perf_counter(), time.clock_gettime(clock)
+    for i, (ids, model) in enumerate(zip(prompts, mixtures)):
+        if resolve_first:
+            mixture = resolved[i]
+        else:
+            t = time.perf_counter()
+            mixture = None if model is None else service.prepare_mixture(model)
+            preparing += time.perf_counter() - t
         service.scheduler.submit(GenerationRequest(ids, params, mixture), lambda ev, i=i: on_event(ev, i))
     if not finished.wait(3600):
         raise TimeoutError("the engine did not finish")
@@ -258,7 +277,8 @@ def run_engine(service, prompts: list[list[int]], mixtures: list[str | None], ma
         raise RuntimeError(f"a request failed: {errors[0]}")
     seconds, cpu_seconds = time.perf_counter() - start, time.clock_gettime(clock) - cpu
     return Run([done_at[i] - start for i in range(len(prompts))], [first_at[i] - start for i in range(len(prompts))],
-               tokens[0], seconds, cpu_seconds, preparing, service.engine.mixtures.misses - misses)
+               tokens[0], seconds, cpu_seconds, preparing, service.engine.mixtures.misses - misses,
+               sum(model is not None for model in mixtures))
 
 
 def scheduler_clock() -> int:
@@ -382,10 +402,13 @@ def engine_rows(service, prompts: list[list[int]], settings: Settings,
         else:
             mixtures = last[(kind, n, m)]
         slot_hits = service.engine.slots.hits
-        run = run_engine(service, prompts, mixtures, settings.max_tokens)
-        note = {"base": "every row on slot -1", "one": "one mixture for every request (one slot)",
+        run = run_engine(service, prompts, mixtures, settings.max_tokens, resolve_first=config in ("one", "cached"))
+        resolved = (f"; resolved (cache hits) before t = 0: {1000 * run.prepare_seconds / max(1, run.mixtures):.2f} "
+                    "ms per request")
+        note = {"base": "every row on slot -1", "one": "one mixture for every request (one slot)" + resolved,
                 "new": f"{run.new_mixtures} new mixtures resolved + fused while earlier requests decode",
-                "cached": f"the last run's mixtures again: {service.engine.slots.hits - slot_hits} slot hits"}[config]
+                "cached": f"the last run's mixtures again: {service.engine.slots.hits - slot_hits} slot hits"
+                + resolved}[config]
         rows.append(make_row(config, kind, n, m, run, note))
         print(line(rows[-1]), flush=True)
         if config == "cached":
@@ -499,7 +522,7 @@ def http_rows(settings: Settings, model_dir: str, home: Path, prompts: list[list
             proc.kill()
     bases = [i for i, r in enumerate(rows) if r.config == "http:base"]
     for i, row in enumerate(rows):
-        near = [j for j in bases if abs(j - i) <= len(KIND_CORES) and j != i] if row.config == "http:base" else \
+        near = [j for j in bases if abs(j - i) <= len(KIND_CORES) + 1 and j != i] if row.config == "http:base" else \
             [max(j for j in bases if j < i), min(j for j in bases if j > i)]
         row.base_runs = sorted(set(near or [i]))
         row.ratio = round(statistics.mean(rows[j].tokens_per_s for j in row.base_runs) / row.tokens_per_s, 3)
