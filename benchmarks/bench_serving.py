@@ -18,6 +18,7 @@ the server's own Service + Scheduler + Engine with the server's defaults:
              earlier requests decode; the fusion cost is reported per mixture
   cached     the same mixtures again, all in device slots: flat in N and m by construction
   step:cached  the decode step of each ``cached`` run's mixtures paired with a base step
+  prefill:*  the prefill of every prompt together, base vs the step rows' mixtures, paired
   http:*     the same requests streamed over HTTP to ``specfuse serve`` (its own process) from
              concurrent clients: base runs and cached 2-adapter mixtures, interleaved
   hf:base    plain transformers ``generate``, one static batch: the library's own floor
@@ -339,13 +340,42 @@ def step_rows(engine, basis, prompts: list[list[int]], settings: Settings) -> li
                     for i, a in enumerate(adapters)]
         variants[kind] = [engine.slots.acquire(m) for m in mixtures]
     wall, cpu = paired_steps(engine, prompts, variants, settings.steps, settings.device)
+    reps = max(2, settings.steps // 4)
+    pre_wall, pre_cpu = paired_prefills(engine, prompts, variants, reps, settings.device)
     for slots in list(variants.values())[1:]:
         for slot in slots:
             engine.slots.release(slot)
-    return [paired_row(f"step:{label}", "" if label == "base" else label, 0 if label == "base" else len(prompts),
+    rows = [paired_row(f"step:{label}", "" if label == "base" else label, 0 if label == "base" else len(prompts),
                        0 if label == "base" else 1, len(prompts), settings.steps, wall[label], cpu[label],
                        wall["base"], cpu["base"], "ratio: median of per-step ratios to the base step beside it")
             for label in variants]
+    for label in variants:
+        row = paired_row(f"prefill:{label}", "" if label == "base" else label, 0 if label == "base" else len(prompts),
+                         0 if label == "base" else 1, len(prompts), reps, pre_wall[label], pre_cpu[label],
+                         pre_wall["base"], pre_cpu["base"], "prefills of every prompt together (the steps "
+                         "column: prefills); ratio: median of per-prefill ratios to the base prefill beside it")
+        tokens = len(prompts) * settings.prompt_tokens * reps  # prompt tokens, not generated ones
+        row.tokens, row.tokens_per_s = tokens, round(tokens / sum(pre_wall[label]), 1)
+        row.cpu_ms_per_token = round(1000 * sum(pre_cpu[label]) / tokens, 2)
+        rows.append(row)
+    return rows
+
+
+def paired_prefills(engine, prompts: list[list[int]], variants: dict[str, list[int]], reps: int,
+                    device: str) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU seconds of ``reps`` prefills of every prompt together per variant, interleaved as the steps."""
+    wall: dict[str, list[float]] = {label: [] for label in variants}
+    cpu: dict[str, list[float]] = {label: [] for label in variants}
+    labels = list(variants)
+    for rep in range(reps):
+        for label in labels if rep % 2 == 0 else labels[::-1]:
+            _sync(device)
+            t, c = time.perf_counter(), time.thread_time()
+            engine.prefill(prompts, variants[label])
+            _sync(device)
+            wall[label].append(time.perf_counter() - t)
+            cpu[label].append(time.thread_time() - c)
+    return wall, cpu
 
 
 def cached_step_row(service, prompts: list[list[int]], mixtures: list[str], kind: str, n: int, m: int,

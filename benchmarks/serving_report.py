@@ -21,7 +21,9 @@ def goals(rows: list) -> dict:
     out = {}
     for kind, cores in KIND_CORES.items():
         served = [r.ratio for r in rows if r.kind == kind and r.config in ("one", "cached")]
+        prefill = [r.ratio for r in rows if r.config == f"prefill:{kind}"]
         out[cores] = {"goal": GOALS[cores], "step_ratio": step[kind].ratio if kind in step else None,
+                      "prefill_ratio": prefill[0] if prefill else None,
                       "step_cpu_ratio": step[kind].cpu_ratio if kind in step else None,
                       "served_ratio_median": round(statistics.median(served), 3) if served else None}
         cached = [r for r in rows if r.kind == kind and r.config == "cached"]  # ratios: the base drifts with the load
@@ -81,7 +83,8 @@ def markdown(result: dict) -> str:
     for cores in ("diagonal", "dense"):
         d = g[cores]
         lines.append(f"- {cores} cores (≤ {d['goal']}×): decode step {_fmt(d['step_ratio'], '.3f')}× "
-                     f"(cpu {_fmt(d['step_cpu_ratio'], '.3f')}×); through the scheduler (one + cached runs, median) "
+                     f"(cpu {_fmt(d['step_cpu_ratio'], '.3f')}×); prefill {_fmt(d.get('prefill_ratio'), '.3f')}×; "
+                     "through the scheduler (one + cached runs, median) "
                      f"{_fmt(d['served_ratio_median'], '.3f')}×; over HTTP from `specfuse serve` (median) "
                      f"{_fmt(d.get('http_ratio_median'), '.3f')}×.")
         lines.append(f"  - flat in N and m (goal: within {GOALS['flat']:.0%}): the cached mixtures' decode steps, "
@@ -116,6 +119,8 @@ def markdown(result: dict) -> str:
         "",
         "- **step:** one decode step of every request's row together; `scale` rows each on their own diagonal "
         "mixture (the elementwise path), `rotation` rows on dense k×k cores (the gathered path).",
+        "- **prefill:** every prompt prefilled together (16 × 32 tokens), base vs the step rows' mixtures, "
+        "interleaved: the prompt side of a request's cost (tokens/s counts prompt tokens).",
         "- **step:cached**: the decode step of each `cached` run's mixtures (every row its own, in a slot), paired "
         "step by step with a base step: the flat-in-N-and-m measure with the machine's load taken out.",
         "- **base / one / new / cached**: whole runs through the scheduler (prefill, decode, sampling, text): "
@@ -140,7 +145,7 @@ def plot(result: dict, path: Path) -> Path:
     rows = result["rows"]
     labels = [f"{r['config']} {r['kind']} N={r['n_adapters']} m={r['m']}".replace("  ", " ") for r in rows]
     fig, ax = plt.subplots(figsize=(9, 0.28 * len(rows) + 1.5))
-    colors = ["#999" if r["config"] in ("base", "step:base", "hf:base", "http:base") else
+    colors = ["#999" if r["config"] in ("base", "step:base", "hf:base", "http:base", "prefill:base") else
               "#4c72b0" if r["kind"] == "scale" and r["config"] not in ("peft", "merge") else
               "#dd8452" if r["kind"] == "rotation" else "#c44e52" for r in rows]
     ax.barh(range(len(rows)), [r["ratio"] for r in rows], color=colors)

@@ -20,12 +20,13 @@ def test_quick_run_writes_every_row_and_the_goals(tmp_path):
                      ("one", "scale"), ("new", "scale"), ("cached", "scale"), ("one", "rotation"),
                      ("new", "rotation"), ("cached", "rotation"), ("hf:base", ""), ("peft", "scale"),
                      ("merge", "scale"), ("step:cached", "scale"), ("step:cached", "rotation"), ("http:base", ""),
-                     ("http:cached", "scale"), ("http:cached", "rotation")]:
+                     ("http:cached", "scale"), ("http:cached", "rotation"), ("prefill:base", ""),
+                     ("prefill:scale", "scale"), ("prefill:rotation", "rotation")]:
         assert expected in configs, expected
     settings = result["settings"]
     for r in rows:
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["ratio"] > 0 and r["cpu_ratio"] > 0
-        if not r["config"].startswith("step:"):
+        if not r["config"].startswith(("step:", "prefill:")):
             assert r["requests"] in (settings["requests"], settings["merge_requests"])
             assert r["ttft_p50_s"] is not None and r["ttft_p50_s"] <= r["p50_s"]
     engine_runs = [r for r in rows if r["config"] in ("one", "new", "cached")]
