@@ -386,13 +386,13 @@ def cached_step_row(service, prompts: list[list[int]], mixtures: list[str], kind
     cores = [service.prepare_mixture(mixture) for mixture in mixtures]  # cache hits: reduced already
     slots = [engine.slots.acquire(c) for c in cores]
     try:
-        wall, cpu = paired_steps(engine, prompts, {"base": [-1] * len(prompts), "mix": slots}, settings.steps,
+        wall, cpu = paired_steps(engine, prompts, {"base": [-1] * len(prompts), "mix": slots}, 2 * settings.steps,
                                  settings.device)
     finally:
         for slot in slots:
             engine.slots.release(slot)
-    return paired_row("step:cached", kind, n, m, len(prompts), settings.steps, wall["mix"], cpu["mix"], wall["base"],
-                      cpu["base"], "the cached run's mixtures, one per row; ratio: median of per-step ratios to "
+    return paired_row("step:cached", kind, n, m, len(prompts), 2 * settings.steps, wall["mix"], cpu["mix"],
+                      wall["base"], cpu["base"], "the cached run's mixtures, one per row; ratio: median of per-step ratios to "
                       "the base step beside it")
 
 
@@ -716,7 +716,8 @@ def run(settings: Settings, home: str | None = None) -> dict:
     base_tps = statistics.mean(r.tokens_per_s for r in engine_base)
     base_cpu = statistics.mean(r.cpu_ms_per_token for r in engine_base)
     for row in rows:  # outside the engine: against every engine base run
-        if not row.config.startswith(("step:", "http:")) and row.config not in ("base", "one", "new", "cached"):
+        if not row.config.startswith(("step:", "prefill:", "http:")) and row.config not in ("base", "one", "new",
+                                                                                              "cached"):
             row.ratio = round(base_tps / row.tokens_per_s, 3)
             row.cpu_ratio = round(row.cpu_ms_per_token / base_cpu, 3)
     return {

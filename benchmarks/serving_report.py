@@ -32,6 +32,11 @@ def goals(rows: list) -> dict:
         paired = [r for r in rows if r.kind == kind and r.config == "step:cached"]  # each step beside a base step
         out[f"{cores}_step_cached"] = {f"N={r.n_adapters} m={r.m}": r.ratio for r in paired}
         out[f"{cores}_step_spread"] = spread([r.ratio for r in paired])
+        # flat in N and flat in m, each over the other: the mean ratio at each N (each m), their spread
+        for axis, of in (("n", lambda r: r.n_adapters), ("m", lambda r: r.m)):
+            means = {v: statistics.mean(r.ratio for r in paired if of(r) == v) for v in sorted({of(r) for r in paired})}
+            out[f"{cores}_step_by_{axis}"] = {str(v): round(x, 3) for v, x in means.items()}
+            out[f"{cores}_step_spread_by_{axis}"] = spread(list(means.values()))
         out[f"{cores}_step_cpu_spread"] = spread([r.cpu_ratio for r in paired])
         http = [r.ratio for r in rows if r.kind == kind and r.config == "http:cached"]
         out[cores]["http_ratio_median"] = round(statistics.median(http), 3) if http else None
@@ -46,6 +51,10 @@ def goals(rows: list) -> dict:
 def spread(values: list[float]) -> float | None:
     """max / min - 1 over the rows that should be equal (None for fewer than two)."""
     return round(max(values) / min(values) - 1, 3) if len(values) > 1 else None
+
+
+def _pairs(means: dict | None) -> str:
+    return ", ".join(f"{key}: {value:.3f}×" for key, value in (means or {}).items()) or "–"
 
 
 def _fmt(x, spec: str) -> str:
@@ -91,7 +100,10 @@ def markdown(result: dict) -> str:
                      f"each beside a base step, spread {_fmt(g.get(f'{cores}_step_spread'), '.1%')} (wall), "
                      f"{_fmt(g.get(f'{cores}_step_cpu_spread'), '.1%')} (CPU) over "
                      + (", ".join(f"{key}: {v:.3f}×" for key, v in g.get(f"{cores}_step_cached", {}).items()) or "–")
-                     + f"; the whole cached runs spread {_fmt(g[f'{cores}_cached_spread'], '.1%')} (wall), "
+                     + f"; by N (mean over m) {_fmt(g.get(f'{cores}_step_spread_by_n'), '.1%')} "
+                     f"({_pairs(g.get(f'{cores}_step_by_n'))}), by m (mean over N) "
+                     f"{_fmt(g.get(f'{cores}_step_spread_by_m'), '.1%')} ({_pairs(g.get(f'{cores}_step_by_m'))}); "
+                     f"the whole cached runs spread {_fmt(g[f'{cores}_cached_spread'], '.1%')} (wall), "
                      f"{_fmt(g.get(f'{cores}_cached_cpu_spread'), '.1%')} (CPU).")
     if g.get("noise"):
         lines.append(f"- Noise floor: the base runs against the base runs beside them spread "

@@ -40,6 +40,9 @@ def test_quick_run_writes_every_row_and_the_goals(tmp_path):
             assert len(r["base_runs"]) == 2 and all(rows[i]["config"] == "http:base" for i in r["base_runs"])
     cached = {(r["kind"], r["n_adapters"], r["m"]) for r in rows if r["config"] == "cached"}
     assert cached == {(r["kind"], r["n_adapters"], r["m"]) for r in rows if r["config"] == "step:cached"}
+    prefill = [r for r in rows if r["config"] == "prefill:scale"][0]  # paired with the base prefill, not runs
+    assert result["goals"]["diagonal"]["prefill_ratio"] == prefill["ratio"] and 0.5 < prefill["ratio"] < 5
+    assert set(result["goals"]["diagonal_step_by_n"]) == {"1", "4"} and result["goals"]["diagonal_step_spread_by_m"]
     assert result["goals"]["diagonal"]["http_ratio_median"] > 0 and result["goals"]["diagonal_step_spread"] is not None
     assert {"diagonal", "dense", "diagonal_cached_spread", "fuse_ms_per_mixture"} <= set(result["goals"])
     assert result["machine"]["threads"] == 1 and len(result["machine"]["load_average_at_end"]) == 3
