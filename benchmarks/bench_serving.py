@@ -392,8 +392,8 @@ def cached_step_row(service, prompts: list[list[int]], mixtures: list[str], kind
         for slot in slots:
             engine.slots.release(slot)
     return paired_row("step:cached", kind, n, m, len(prompts), 2 * settings.steps, wall["mix"], cpu["mix"],
-                      wall["base"], cpu["base"], "the cached run's mixtures, one per row; ratio: median of per-step ratios to "
-                      "the base step beside it")
+                      wall["base"], cpu["base"], "the cached run's mixtures, one per row; ratio: median of per-step "
+                      "ratios to the base step beside it")
 
 
 def engine_plan(settings: Settings) -> list[tuple[str, str, int, int]]:
