@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import httpx
-from common import RESULTS, environment, environment_line, write_results
+from common import RESULTS, environment, environment_line, stop_process, write_results
 
 OUT = RESULTS / "smollm2"
 PROMPT = ("Customer: Maria Lopez\nCompany: Reed Group\nCity: Lake Tara\nOrder date: March 4, 2021\n"
@@ -67,11 +67,7 @@ def time_start(home: Path, timeout: float = 900) -> dict:
             time.sleep(0.5)
         seconds = round(time.perf_counter() - start, 1)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 20)
     return {"seconds_to_first_answer": seconds if answer is not None else None, "answer": answer, "log": lines}
 
 

@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from common import RESULTS, SCRATCH, environment, set_threads, write_results  # noqa: E402
+from common import RESULTS, SCRATCH, environment, set_threads, stop_process, write_results  # noqa: E402
 from serving_report import FETCHED, KIND_CORES, goals, markdown, plot  # noqa: E402
 
 SHAPES = {  # random-weight Llama shapes (speed does not depend on the weight values)
@@ -545,11 +545,7 @@ def http_rows(settings: Settings, model_dir: str, home: Path, prompts: list[list
                                  "CPU: the server process's"))
             print(line(rows[-1]), flush=True)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
     bases = [i for i, r in enumerate(rows) if r.config == "http:base"]
     for i, row in enumerate(rows):
         near = [j for j in bases if abs(j - i) <= len(KIND_CORES) + 1 and j != i] if row.config == "http:base" else \

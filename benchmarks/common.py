@@ -115,3 +115,13 @@ def write_cached(path: Path, key: dict[str, Any], value: Any) -> Any:
     tmp.write_text(json.dumps({"key": key, "value": value}, indent=1))
     tmp.replace(path)
     return value
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Terminate a child process (a server under test), killing it if it has not exited in ``timeout`` s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -45,7 +45,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from common import RESULTS, environment, environment_line, write_results
+from common import RESULTS, environment, environment_line, stop_process, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "soak-key"
@@ -146,11 +146,7 @@ class Server:
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+            stop_process(self.proc)
 
 
 # --------------------------------------------------------------------------- traffic
