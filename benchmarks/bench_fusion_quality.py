@@ -88,6 +88,7 @@ class Settings:
     quick: bool = False
     suites: tuple[str, ...] | None = None  # None: every suite of the zoo
     kinds: tuple[str, ...] | None = None  # zoo kinds; None: every kind of the zoo
+    subset_kinds: tuple[str, ...] | None = None  # kinds also fused in the smaller subsets; None: all (PEFT: always)
     variants: tuple[str, ...] | None = None  # fusion-ready variants trained here; None: all (char), none (chat)
     peft: bool = True
     methods: tuple[str, ...] = ALL_METHODS
@@ -184,6 +185,11 @@ def source_record(source: Source, alone: dict, zoo: Zoo) -> dict[str, Any]:
             "individual": individual, "zoo_accuracy": zoo_acc}
 
 
+def in_subsets(settings: Settings, source: Source) -> bool:
+    """Whether ``source`` is fused in the subsets smaller than its suite (the all-task fusion always is)."""
+    return source.family == "peft" or settings.subset_kinds is None or source.kind in settings.subset_kinds
+
+
 def measure_method(settings: Settings, evaluator: Evaluator, result: dict[str, Any], source: Source, method: str,
                    n: int, full: bool, fuser, alone: dict) -> None:
     """Every draw (and, for random methods on all tasks, every seed) of ``method`` on ``n`` tasks of a source."""
@@ -275,6 +281,8 @@ def run(settings: Settings) -> dict[str, Any]:
                 if is_distill(method) and settings.distill_all_only and not full:
                     continue
                 for source in suite_sources[suite]:
+                    if not full and not in_subsets(settings, source):
+                        continue
                     if method in methods_for(source, (method,)):
                         measure_method(settings, evaluator, result, source, method, n, full,
                                        peft_fuser if source.family == "peft" and method not in ON_SPECTRAL_FUSER
@@ -382,6 +390,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
     p.add_argument("--suites", help="comma-separated suites (default: the zoo's)")
     p.add_argument("--kinds", help="comma-separated zoo kinds to fuse (default: the zoo's)")
+    p.add_argument("--subset-kinds", help="comma-separated kinds also fused in the smaller subsets (default: all; "
+                   "PEFT always)")
     p.add_argument("--variants", help=f"comma-separated fusion-ready variants ({', '.join(VARIANTS)}; '' for none)")
     p.add_argument("--methods", help="comma-separated methods (default: all)")
     p.add_argument("--sizes", help="comma-separated numbers of tasks fused (default 2,4,8)")
@@ -417,7 +427,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         overrides["notes"] = Path(args.notes[1:]).read_text() if args.notes.startswith("@") else args.notes
     if args.interference is not None:
         overrides["interference"] = split(args.interference)
-    for name in ("suites", "kinds", "methods"):
+    for name in ("suites", "kinds", "subset_kinds", "methods"):
         if getattr(args, name):
             overrides[name] = split(getattr(args, name))
     if args.variants is not None:

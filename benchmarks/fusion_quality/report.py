@@ -316,7 +316,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"- Zoo: `{zoo['root']}` ({'quick' if zoo['quick'] else 'full'} build: {zoo['steps']} training steps per "
         f"adapter, basis k = {zoo['k']}, base `{zoo['base_fingerprint'][:12]}`, zoo seed {zoo['seed']}).",
         f"- Seeds: benchmark seed {s['seed']}; DARE and distill seeds {list(g['seeds'])} on the all-task fusion; "
-        f"{s['draws']} seeded draws per smaller subset size.",
+        f"{s['draws']} seeded draws per smaller subset size"
+        + (f" (sources fused in them: {', '.join(s['subset_kinds'])} and the PEFT LoRAs)." if s.get("subset_kinds")
+           else "."),
         f"- Hardware: {result['environment_line']}.",
         f"- Wall time of this invocation {result['seconds'] / 60:.1f} min: {result['cost']['generated']:,} examples "
         f"decoded by generation, {result['cost']['forwarded']:,} scored by one forward pass, "

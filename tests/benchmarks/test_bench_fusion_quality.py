@@ -149,6 +149,20 @@ def test_cached_only_writes_the_report_from_the_cache(miniature, tmp_path):
     assert "**Partial results**: 3 measurements" in paths[1].read_text()
 
 
+def test_subset_kinds_limit_the_smaller_fusions_only(miniature, tmp_path):
+    settings, first, _ = miniature
+    cut_settings = dataclasses.replace(settings, cached_only=True, subset_kinds=("scale",), out=tmp_path)
+    cut = bench.run(cut_settings)
+    assert cut["not_measured"] == 0
+    ran = {(r["source"], r["n"]) for r in cut["runs"]}
+    assert ("additive@slice+kl", 2) in ran and ("additive@slice+kl", 1) not in ran  # all tasks only
+    assert {("scale", 1), ("peft-lora", 1)} <= ran  # the kind asked for, and PEFT always
+    kept = [r for r in first["runs"] if r["source"] != "additive@slice+kl" or r["n"] == 2]
+    assert cut["runs"] == kept
+    md = bench.write(cut, cut_settings, "python benchmarks/bench_fusion_quality.py --subset-kinds scale")[1]
+    assert "(sources fused in them: scale and the PEFT LoRAs)." in md.read_text()
+
+
 # --------------------------------------------------------------------------- the pieces, on real adapters
 
 
