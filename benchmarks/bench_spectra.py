@@ -325,6 +325,20 @@ def verdict(runs: list[dict], k: int) -> list[str]:
     ]
 
 
+def verdict_lines(runs: list[dict], k: int) -> list[str]:
+    """The verdict as Markdown bullets: one group per learning rate when the runs have several."""
+    lrs = sorted({r["lr"] for r in runs})
+    if len(lrs) == 1:
+        return [f"- {v}" for v in verdict(runs, k)]
+    lines = []
+    for lr in lrs:
+        group = [r for r in runs if r["lr"] == lr]
+        strength = _span([_m(r, "rel_delta") for r in group], 2)
+        lines += [f"At lr {lr:g} ({len(group)} runs, ‖ΔW‖/‖W‖ {strength}):", "",
+                  *[f"- {v}" for v in verdict(group, k)], ""]
+    return lines[:-1]
+
+
 def _setup_line(record: dict) -> str:
     s, runs = record["settings"], record["runs"]
     shapes = ", ".join("×".join(map(str, sh)) for sh in runs[0]["shapes"])
@@ -357,7 +371,7 @@ def markdown(record: dict) -> str:
         "",
         "## Verdict",
         "",
-        *[f"- {v}" for v in verdict(runs, k)],
+        *verdict_lines(runs, k),
         "",
         "## Did the fine-tune learn the task?",
         "",

@@ -87,6 +87,19 @@ def test_a_rerun_reuses_every_finished_run(miniature, monkeypatch):
         bench.run(changed, "python benchmarks/bench_spectra.py (test)")
 
 
+def test_the_verdict_is_grouped_by_learning_rate(miniature):
+    _, record = miniature
+    (r,) = record["runs"]
+    assert bench.verdict_lines([r], 4) == [f"- {v}" for v in bench.verdict([r], 4)]  # one lr: no headings
+    stronger = json.loads(json.dumps(r)) | {"lr": 3e-2}
+    stronger["summary"]["all"]["sigma.top_ratio_mean"]["mean"] = 1.5
+    lines = bench.verdict_lines([stronger, r], 4)
+    headings = [line for line in lines if line.startswith("At lr")]
+    assert [h.split(" (")[0] for h in headings] == ["At lr 0.003", "At lr 0.03"]
+    first, second = lines.index(headings[0]), lines.index(headings[1])
+    assert "factor 1.5," in "".join(lines[second:]) and "factor 1.5," not in "".join(lines[first:second])
+
+
 def test_blocks_select_the_layers_analysed(tiny_llama_dir):
     names = bench.analysed_targets(tiny_llama_dir, (0, -1))
     assert names == [f"layers.{b}.{m}" for b in (0, 1) for m in bench.MODULES]
