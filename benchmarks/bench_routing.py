@@ -26,12 +26,15 @@ of the kind, once per prompt; each configuration's decision is ``routing.select`
 which is what ``Service.route`` does with that configuration's options (checked on a sample).
 Each distinct (prompt, mixture) pair is generated once, all in one mixed batch (greedy, cut
 at the end of turn), so an auto prompt routed right reuses the oracle's generation.
-Results: ``benchmarks/results/[smollm2/]routing[_quick].{json,md,png}``.
+Each finished kind is cached in ``benchmarks/results/tmp/routing/`` (keyed on the settings, the
+base and that kind's adapter files), so a rerun, or a run cut short and restarted, measures
+only the kinds not yet done. Results: ``benchmarks/results/[smollm2/]routing[_quick].{json,md,png}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -39,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from common import RESULTS, SCRATCH, environment, set_threads, write_results
+from common import RESULTS, SCRATCH, environment, read_cached, set_threads, write_cached, write_results
 from routing_report import NOTES, OFF, goal_lines, markdown, plot
 
 ROUTERS = ("prototype", "spectral")
@@ -86,6 +89,7 @@ class Settings:
     quick: bool = False
     bases_home: Path | None = None  # where the fetched base lives: None = the zoo's, else $SPECFUSE_HOME
     max_batch: int = 128
+    cache: Path | None = SCRATCH / "routing"  # one file per kind: a rerun (or a run cut short) keeps finished kinds
 
 
 # --------------------------------------------------------------------------- the zoo's data
@@ -445,6 +449,24 @@ def quantiles(values: list[float]) -> dict[str, float]:
 # --------------------------------------------------------------------------- main
 
 
+def kind_key(settings: Settings, zoo: Zoo, kind: str) -> dict:
+    """What one kind's result depends on: the settings, the base, the kind's adapter files, the off-task list."""
+    h = hashlib.sha256()
+    for path in sorted((zoo.path / "adapters").glob(f"*/{kind}/**/*")):
+        if path.is_file():
+            h.update(str(path.relative_to(zoo.path)).encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return {"kind": kind, "n": settings.n, "n_validation": settings.n_validation, "quick": settings.quick,
+            "max_batch": settings.max_batch, "base": zoo.base, "base_dir": str(zoo.base_dir),
+            "adapters": h.hexdigest()[:16], "off_task": hashlib.sha256("\n".join(OFF_TASK).encode()).hexdigest()[:16],
+            "routers": list(ROUTERS)}
+
+
+def kind_cache(settings: Settings, zoo: Zoo, kind: str) -> Path:
+    return settings.cache / f"{hashlib.sha256(str(zoo.path.resolve()).encode()).hexdigest()[:12]}-{kind}.json"
+
+
+
+
 def run(settings: Settings, command: str) -> dict:
     set_threads(settings.threads)
     zoo = open_zoo(settings.zoo, settings.bases_home)
@@ -455,12 +477,25 @@ def run(settings: Settings, command: str) -> dict:
     def log(text: str) -> None:
         print(f"bench_routing: {text}", file=sys.stderr, flush=True)
 
-    service = open_service(zoo, settings)
-    try:
-        results = [run_kind(service, zoo, kind, settings, log) for kind in kinds]
-    finally:
-        service.close()
-    plain = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}
+    results: dict[str, dict] = {}
+    for kind in kinds:
+        done = read_cached(kind_cache(settings, zoo, kind), kind_key(settings, zoo, kind)) if settings.cache else None
+        if done is not None:
+            log(f"{kind}: read from the cache")
+            results[kind] = done
+    missing = [k for k in kinds if k not in results]
+    if missing:
+        service = open_service(zoo, settings)
+        try:
+            for kind in missing:
+                results[kind] = run_kind(service, zoo, kind, settings, log)
+                if settings.cache:
+                    results[kind] = write_cached(kind_cache(settings, zoo, kind), kind_key(settings, zoo, kind),
+                                                 json.loads(json.dumps(results[kind])))
+        finally:
+            service.close()
+    results = [results[k] for k in kinds]
+    plain = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items() if k != "cache"}
     return {"settings": plain, "command": command,
             "environment": environment(), "base": zoo.base if zoo.chat else "the toy char base", "chat": zoo.chat,
             "max_new_tokens": zoo.max_new_tokens, "off_task_prompts": list(OFF_TASK) if zoo.chat else "pretraining ops",
@@ -478,12 +513,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bases-home", type=Path, default=None, help="where the fetched base lives (default: "
                    "the zoo's, else $SPECFUSE_HOME)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default results/smollm2 for a chat zoo)")
+    p.add_argument("--cache", type=Path, default=SCRATCH / "routing",
+                   help="one finished kind per file, reused by a rerun (default benchmarks/results/tmp/routing)")
+    p.add_argument("--no-cache", action="store_true", help="measure every kind again")
     p.add_argument("--markdown-only", action="store_true", help="rewrite the .md and .png from the .json")
     args = p.parse_args(argv)
     kinds = ("scale",) if args.quick and args.kinds == p.get_default("kinds") else tuple(args.kinds.split(","))
     settings = Settings(args.zoo, kinds, args.n or (8 if args.quick else 50),
                         args.n_validation or (8 if args.quick else 25), args.threads, args.quick,
-                        args.bases_home)
+                        args.bases_home, cache=None if args.no_cache else args.cache)
     chat = json.loads((args.zoo / "report.json").read_text())["settings"].get("base") != "char"
     out = args.out or (RESULTS / "smollm2" if chat else RESULTS)
     stem = "routing_quick" if args.quick else "routing"

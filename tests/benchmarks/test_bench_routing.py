@@ -40,8 +40,9 @@ def test_calibrate_picks_the_middle_of_the_best_interval():
 
 
 def test_quick_run_on_a_tiny_zoo_writes_every_file(zoo_dir, tmp_path):
-    assert bench.main(["--zoo", str(zoo_dir), "--quick", "--n", "4", "--n-validation", "4", "--threads", "1",
-                       "--out", str(tmp_path)]) == 0
+    argv = ["--zoo", str(zoo_dir), "--quick", "--n", "4", "--n-validation", "4", "--threads", "1",
+            "--out", str(tmp_path), "--cache", str(tmp_path / "cache")]
+    assert bench.main(argv) == 0
     result = json.loads((tmp_path / "routing_quick.json").read_text())
     assert not result["chat"] and result["command"].startswith("python benchmarks/bench_routing.py --zoo")
     [kind] = result["kinds"]
@@ -66,3 +67,23 @@ def test_quick_run_on_a_tiny_zoo_writes_every_file(zoo_dir, tmp_path):
     assert (tmp_path / "routing_quick.png").stat().st_size > 0
     assert bench.main(["--zoo", str(zoo_dir), "--quick", "--out", str(tmp_path), "--markdown-only"]) == 0
     assert (tmp_path / "routing_quick.md").read_text() == md
+
+
+def test_a_rerun_reads_finished_kinds_from_the_cache(zoo_dir, tmp_path, monkeypatch):
+    argv = ["--zoo", str(zoo_dir), "--quick", "--n", "3", "--n-validation", "3", "--threads", "1",
+            "--out", str(tmp_path), "--cache", str(tmp_path / "cache")]
+    assert bench.main(argv) == 0
+    first = json.loads((tmp_path / "routing_quick.json").read_text())
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished kind was measured again")
+
+    monkeypatch.setattr(bench, "run_kind", forbidden)
+    monkeypatch.setattr(bench, "open_service", forbidden)
+    assert bench.main(argv) == 0
+    again = json.loads((tmp_path / "routing_quick.json").read_text())
+    assert again["kinds"] == first["kinds"]
+    with pytest.raises(AssertionError, match="measured again"):  # other settings: another measurement
+        bench.main([*argv[:4], "4", *argv[5:]])
+    with pytest.raises(AssertionError, match="measured again"):
+        bench.main([*argv, "--no-cache"])
