@@ -330,7 +330,9 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("not_measured"):
         lines += [f"**Partial results**: {result['not_measured']} measurements (a run, a source's individual "
                   "scores or a per-request reference) were not made in the time available; this report holds what "
-                  "was measured. Rerunning the command completes it (every score is cached).", ""]
+                  "was measured. Rerunning the command"
+                  + (" without `--cached-only`" if s.get("cached_only") else "")
+                  + " completes it (every score is cached).", ""]
     if result.get("notes"):
         lines += [result["notes"].strip(), ""]
     lines += goals_markdown(result)

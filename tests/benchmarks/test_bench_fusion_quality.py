@@ -146,7 +146,9 @@ def test_cached_only_writes_the_report_from_the_cache(miniature, tmp_path):
     assert nothing["runs"] == nothing["sources"] == [] and nothing["not_measured"] == 3  # each source's scores
     assert nothing["cost"]["generated"] == nothing["cost"]["forwarded"] == nothing["cost"]["trained"] == 0
     paths = bench.write(nothing, empty, "python benchmarks/bench_fusion_quality.py --cached-only")
-    assert "**Partial results**: 3 measurements" in paths[1].read_text()
+    text = paths[1].read_text()
+    assert "**Partial results**: 3 measurements" in text
+    assert "Rerunning the command without `--cached-only` completes it" in text
 
 
 def test_subset_kinds_limit_the_smaller_fusions_only(miniature, tmp_path):
