@@ -41,7 +41,7 @@ from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_spectra: spinning threads on a busy machine
 
-from common import RESULTS, SCRATCH, environment, environment_line, read_cached, write_cached  # noqa: E402
+from common import RESULTS, SCRATCH, environment, environment_line, read_cached, set_threads, write_cached  # noqa: E402
 
 from adapters_zoo.zoo import (  # noqa: E402
     KIND_SETTINGS,
@@ -439,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(probe(_zoo_from_json(spec["zoo"]), spec["task"], spec["kind"], spec["steps"])))
         return 0
     zoo = ZooSettings(out=args.zoo, bases_home=args.bases_home, threads=args.threads)
+    set_threads(args.threads)  # what training used, so the report's environment line says it too
     kinds = tuple(args.kinds.split(","))
     timed = tuple(args.timed_tasks.split(",")) if args.timed_tasks else Settings.timed_tasks
     if args.quick:
