@@ -168,13 +168,18 @@ def plot(result: dict, path: Path) -> None:
     kinds = result["kinds"]
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6), gridspec_kw={"width_ratios": [2, 1, 1]})
     ax = axes[0]
-    groups = [(k["kind"], r) for k in kinds for r in k["suites"]]
-    configs = ["base", "best static", "oracle", *auto_configs(kinds[0])]
+    groups = [(k, r) for k in kinds for r in k["suites"]]
+    # a calibrated rule's label carries its threshold, which differs by kind: bars follow (router, rule)
+    roles = [(router, name) for router, v in kinds[0]["routers"].items() for name in v["rules"]]
+    configs = [("base", lambda k, r: "base"), ("best static", lambda k, r: r["best_static"]),
+               ("oracle", lambda k, r: "oracle")]
+    configs += [(f"auto/{router} {name}", lambda k, r, router=router, name=name:
+                 k["routers"][router]["rules"][name]["config"]) for router, name in roles]
     width = 0.8 / len(configs)
-    for j, c in enumerate(configs):
-        values = [r["mean"][r["best_static"] if c == "best static" else c] for _, r in groups]
-        ax.bar([i - 0.4 + width * (j + 0.5) for i in range(len(groups))], values, width, label=c)
-    ax.set_xticks(range(len(groups)), [f"{r['suite']}\n{kind}" for kind, r in groups])
+    for j, (label, config) in enumerate(configs):
+        values = [r["mean"][config(k, r)] for k, r in groups]
+        ax.bar([i - 0.4 + width * (j + 0.5) for i in range(len(groups))], values, width, label=label)
+    ax.set_xticks(range(len(groups)), [f"{r['suite']}\n{k['kind']}" for k, r in groups])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("test accuracy (mean over tasks)")
     ax.legend(fontsize=6, ncol=2)

@@ -87,3 +87,23 @@ def test_a_rerun_reads_finished_kinds_from_the_cache(zoo_dir, tmp_path, monkeypa
         bench.main([*argv[:4], "4", *argv[5:]])
     with pytest.raises(AssertionError, match="measured again"):
         bench.main([*argv, "--no-cache"])
+
+
+def test_the_plot_takes_kinds_whose_calibrated_thresholds_differ(zoo_dir, tmp_path):
+    from routing_report import plot
+
+    argv = ["--zoo", str(zoo_dir), "--quick", "--n", "3", "--n-validation", "3", "--threads", "1",
+            "--out", str(tmp_path), "--cache", str(tmp_path / "cache")]
+    assert bench.main(argv) == 0
+    result = json.loads((tmp_path / "routing_quick.json").read_text())
+    other = json.loads(json.dumps(result["kinds"][0]))  # a second kind, its calibrated rules relabelled
+    other["kind"] = "other"
+    for router in other["routers"].values():
+        for name, rule in router["rules"].items():
+            if name.startswith("calibrated"):
+                new = rule["config"] + " (other)"
+                for suite in other["suites"]:
+                    suite["mean"][new] = suite["mean"].pop(rule["config"])
+                rule["config"] = new
+    plot({**result, "kinds": [result["kinds"][0], other]}, tmp_path / "two.png")
+    assert (tmp_path / "two.png").stat().st_size > 0
