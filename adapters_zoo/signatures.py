@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters_zoo.errors import InvalidConfig
+from adapters_zoo.prompts import single_bos
 
 SIGNATURE_PROMPTS = 256  # prompts sampled per adapter; the centroid is stable well before
 
@@ -34,7 +35,8 @@ def prompt_features(model, tokenizer, prompts: list[str], batch_size: int = 64) 
     feats = []
     try:
         for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
+            texts = [single_bos(tokenizer, p) for p in prompts[start : start + batch_size]]
+            batch = tokenizer(texts, return_tensors="pt", padding=True).to(device)
             out = model(**batch, output_hidden_states=True)
             h = out.hidden_states[-1].float()  # (B, T, hidden)
             mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)  # (B, T, 1)

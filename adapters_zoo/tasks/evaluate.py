@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from adapters_zoo.prompts import single_bos
 from adapters_zoo.tasks.suites import Task, make_split
 
 NEWLINE = "\n"
@@ -39,7 +40,8 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
     texts: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
+            texts_in = [single_bos(tokenizer, p) for p in prompts[start : start + batch_size]]
+            batch = tokenizer(texts_in, return_tensors="pt", padding=True).to(device)
             out = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,

@@ -32,6 +32,7 @@ import torch
 
 from adapters_zoo.basis import Basis
 from adapters_zoo.format import Adapter
+from adapters_zoo.prompts import single_bos
 from adapters_zoo.tasks import answer_of, exact_match, generate_answers
 from adapters_zoo.tasks.chat import ChatTask, check, prompt_messages, reference_answer, render_prompt
 from fusion.merge import merged
@@ -86,7 +87,8 @@ def chat_forced_hits(model, tokenizer, examples: list[dict], max_new_tokens: int
     end of turn (unless the budget ends with the answer: generation stops there too)."""
     rows = []
     for ex in examples:
-        prompt = tokenizer(render_prompt(tokenizer, prompt_messages(ex)))["input_ids"]  # as generation sees it
+        text = single_bos(tokenizer, render_prompt(tokenizer, prompt_messages(ex)))
+        prompt = tokenizer(text)["input_ids"]  # as generation sees it
         rows.append((prompt, tokenizer(reference_answer(ex), add_special_tokens=False)["input_ids"]))
     return _forced_hits(model, rows, {tokenizer.eos_token_id}, _pad_id(tokenizer), max_new_tokens, batch_size)
 

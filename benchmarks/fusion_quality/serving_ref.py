@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from adapters_zoo.basis import Basis
+from adapters_zoo.prompts import single_bos
 from adapters_zoo.tasks import exact_match
 from adapters_zoo.tasks.chat import check, prompt_messages, reference_answer, render_prompt
 from fusion_quality.scoring import CHAT_MAX_NEW_TOKENS, MAX_NEW_TOKENS
@@ -54,10 +55,11 @@ class PerRequestServer:
             for task, exs in examples.items():
                 if i < len(exs):
                     rows.append((task, exs[i]))
-        def prompt(ex: dict) -> str:
-            return render_prompt(tokenizer, prompt_messages(ex)) if chat_tasks else ex["prompt"]
+        def prompt(ex: dict) -> list[int]:
+            text = render_prompt(tokenizer, prompt_messages(ex)) if chat_tasks else ex["prompt"]
+            return tokenizer(single_bos(tokenizer, text))["input_ids"]
 
-        requests = [GenerationRequest(tokenizer(prompt(ex))["input_ids"], params, mixtures[task]) for task, ex in rows]
+        requests = [GenerationRequest(prompt(ex), params, mixtures[task]) for task, ex in rows]
         scheduler = Scheduler(self.engine, SchedulerConfig(max_batch=MAX_BATCH, max_queue=len(requests) + 1)).start()
         try:
             events = generate(scheduler, requests, timeout=TIMEOUT_S)

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from adapters_zoo.basis import basis_from_model
 from adapters_zoo.errors import TrainingDataError
+from adapters_zoo.prompts import single_bos
 from adapters_zoo.signatures import signature_from_prompts, signature_of
 from adapters_zoo.train import (
     IGNORE_INDEX,
@@ -58,7 +59,7 @@ def test_a_completion_that_ends_with_eos_gets_no_second_one(tokenizer):
 
 
 def _greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
-    batch = tokenizer([prompt], return_tensors="pt")
+    batch = tokenizer([single_bos(tokenizer, prompt)], return_tensors="pt")  # a rendered chat has its own BOS
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return out[0, batch["input_ids"].shape[1]:].tolist()

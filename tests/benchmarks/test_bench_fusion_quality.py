@@ -291,7 +291,7 @@ def replies_42(tiny_llama_dir):
     task = chat_task("phone_digits")
     test = make_chat_split(task, "test", 6)
     examples = _answering(make_chat_split(task, "train", 10) + test, "42")
-    cfg = TrainConfig(kind="lora", kind_config={"rank": 8}, steps=100, lr=0.05, batch_size=16, signature=False)
+    cfg = TrainConfig(kind="lora", kind_config={"rank": 8}, steps=100, lr=0.02, batch_size=16, signature=False)
     adapter, _ = train_adapter(model, tokenizer, basis, examples, cfg, progress=False)
     with merged_weights(model, adapter, basis):
         yield model, tokenizer, task, test
