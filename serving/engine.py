@@ -16,6 +16,7 @@ where fastapi / pydantic are not installed.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ class Engine:
         self.eos_ids = _eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
         self.pad_id = int(pad)
+        self._cache_arg = cache_argument(model)
         self._check_cache()
 
     @classmethod
@@ -112,7 +114,7 @@ class Engine:
         cache = self.new_cache()
         ids = torch.tensor([[self.pad_id]], device=self.device)
         with torch.inference_mode():
-            self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
         try:
             BatchKV.check_layers(cache)
         except TypeError as err:
@@ -148,7 +150,7 @@ class Engine:
             self.context.begin(self.routing(row_slots))
             try:
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
+                                 use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
             finally:
                 self.context.end()
         return out.logits[:, -1]  # (rows, V)
@@ -213,6 +215,13 @@ class PromptProbe:
 def load_model_dir(model_dir: str | Path):
     """(model on the cpu in its stored dtype, for the fingerprint check; tokenizer): the Engine moves and casts it."""
     return train.load_model_dir(model_dir, "cpu")
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name under which the model's forward takes the KV cache: ``cache`` where transformers has
+    renamed it, ``past_key_values`` on the releases before (passing the old name to a new release warns)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:

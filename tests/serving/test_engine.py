@@ -194,3 +194,26 @@ def test_bfloat16_engine_follows_the_float32_one(model, tokenizer, basis, adapte
     assert bf16.model.dtype == torch.bfloat16 and bf16.slots.layers[next(iter(basis.layers))].cores.dtype == \
         torch.bfloat16
     torch.testing.assert_close(out[1], out[0], rtol=0.05, atol=0.1)
+
+
+def test_our_calls_into_transformers_raise_no_deprecation_warning(model, tokenizer, basis, adapters):
+    """Construction (the cache check), prefill, batched decode and the routing probe, with every
+    FutureWarning / DeprecationWarning recorded: transformers announces removals that way
+    (the KV cache's keyword, for one), and a call that warns today breaks on a later release."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = Engine(copy.deepcopy(model), tokenizer, basis, EngineConfig(slots=4, residual_slots=2))
+        scheduler = Scheduler(engine, SchedulerConfig(max_batch=4)).start()
+        try:
+            prompts = prompts_for(tokenizer, 3)
+            params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+            generate(scheduler, [GenerationRequest(p, params, single(engine, adapters, "scale") if i else None)
+                                 for i, p in enumerate(prompts)])
+        finally:
+            scheduler.stop()
+        engine.run_probe(prompts, projections=True)
+    deprecations = [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught
+                    if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert deprecations == []
