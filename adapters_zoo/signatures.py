@@ -38,13 +38,19 @@ def prompt_features(model, tokenizer, prompts: list[str], batch_size: int = 64) 
             texts = [single_bos(tokenizer, p) for p in prompts[start : start + batch_size]]
             batch = tokenizer(texts, return_tensors="pt", padding=True).to(device)
             out = model(**batch, output_hidden_states=True)
-            h = out.hidden_states[-1].float()  # (B, T, hidden)
-            mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)  # (B, T, 1)
-            pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, hidden)
-            feats.append(F.normalize(pooled, dim=-1).cpu())
+            feats.append(pool_features(out.hidden_states[-1], batch["attention_mask"]).cpu())
     finally:
         tokenizer.padding_side = side
     return torch.cat(feats)
+
+
+def pool_features(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A prompt's feature: its last hidden states (n, T, hidden) averaged over its real tokens
+    (``mask`` (n, T), 1 on them; either padding side), L2-normalised -> (n, hidden) float32.
+    The one pooling of signatures and of the serving router's probe."""
+    h = hidden.float()
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return F.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
 
 
 def signature_from_features(features: torch.Tensor) -> torch.Tensor:

@@ -103,26 +103,3 @@ def _register(registry, adapter: DemoAdapter) -> None:
 
     register_once(registry, adapter.path, adapter.name, tags=("demo", adapter.suite, DEMO_KIND),
                   description=f"demo {DEMO_KIND} adapter for the {adapter.suite} task {adapter.name}")
-
-
-def write_shipped(zoo: Path, out: Path = SHIPPED) -> dict:
-    """Copy a zoo's ``scale`` adapters into the shipped folder with their manifest (a maintainer's step)."""
-    import shutil
-
-    from adapters_zoo.format import load_adapter
-
-    out.mkdir(parents=True, exist_ok=True)
-    rows, fingerprint = [], None
-    for adapter in _zoo_adapters(zoo):
-        loaded = load_adapter(adapter.path)
-        fingerprint = fingerprint or loaded.base_fingerprint
-        if loaded.base_fingerprint != fingerprint:
-            raise ValueError(f"{adapter.path}: another base ({loaded.base_fingerprint}) than {fingerprint}")
-        shutil.copyfile(adapter.path, out / f"{adapter.name}.safetensors")
-        metrics = loaded.meta.get("metrics", {})
-        rows.append({"name": adapter.name, "suite": adapter.suite, "file": f"{adapter.name}.safetensors",
-                     "bytes": adapter.path.stat().st_size, "test_accuracy": metrics.get("test_accuracy")})
-    manifest = {"base": DEMO_BASE, "base_fingerprint": fingerprint, "basis_k": DEMO_RANK, "kind": DEMO_KIND,
-                "adapters": rows}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    return manifest

@@ -30,6 +30,7 @@ from adapters_zoo.basis import Basis, check_basis_matches_model
 from adapters_zoo.errors import IncompatibleAdapter, ModelDirError
 from adapters_zoo.format import Adapter
 from adapters_zoo.registry.mixture import MixtureSpec
+from adapters_zoo.signatures import pool_features
 from fusion.mixture import MixtureCores, reduce
 from serving.backend import (
     Backend,
@@ -191,10 +192,7 @@ class Engine:
             finally:
                 for hook in hooks:
                     hook.remove()
-        h = out.hidden_states[-1].float()  # (n, T, hidden)
-        m = mask.unsqueeze(-1).to(h.dtype)  # (n, T, 1)
-        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)  # (n, hidden): as adapters_zoo.signatures pools
-        features = torch.nn.functional.normalize(pooled, dim=-1)
+        features = pool_features(out.hidden_states[-1], mask)
         return PromptProbe(features.cpu(), mask.cpu(), {k: v.cpu() for k, v in captured.items()})
 
 

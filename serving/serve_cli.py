@@ -59,7 +59,6 @@ def _server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--public-reads", action="store_true",
                    help="with a key: let anyone GET /v1/models, /v1/adapters and /metrics (generation and writes "
                         "still need the key)")
-    p.add_argument("--protect-all", action="store_true", help=argparse.SUPPRESS)  # the default now; old scripts
     p.add_argument("--name", default=None, help="model name in responses (default: the model directory's name)")
     add_flags(p)
 

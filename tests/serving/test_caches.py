@@ -54,4 +54,5 @@ def test_serve_flags_for_keys_and_caches(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("SPECFUSE_API_KEY")
     with pytest.raises(InvalidConfig, match="needs an API key"):
         api_key_of(_args("--public-reads"))
-    assert _args("--protect-all").protect_all  # still accepted: guarding everything is the default now
+    with pytest.raises(SystemExit):  # the flag that guarded everything is gone: that is the default
+        _args("--protect-all")

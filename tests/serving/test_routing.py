@@ -226,6 +226,20 @@ def test_probe_features_equal_the_signature_features_and_ignore_padding(engine, 
     assert probe.layer_inputs(2, layers).shape == (len(layers), 2, engine.basis.rank)  # <s> x
 
 
+def test_a_rendered_chat_prompt_pools_alike_as_a_signature_and_as_a_served_request(engine, model, tokenizer):
+    """The tokenizer adds BOS and its chat template renders one too: the signature path and the
+    server's chat encoding must both see one BOS, so a signature and a request's probe agree."""
+    from adapters_zoo.signatures import prompt_features
+
+    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                              add_generation_prompt=True) for c in ("ab", "order:95341")]
+    assert all(t.startswith(tokenizer.bos_token) for t in rendered)
+    served = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in rendered]  # as serving encodes chat
+    assert all(ids[:2] == [tokenizer.bos_token_id, ids[1]] and ids[1] != tokenizer.bos_token_id for ids in served)
+    probe = engine.probe(served)
+    torch.testing.assert_close(prompt_features(model, tokenizer, rendered), probe.features, rtol=1e-5, atol=1e-5)
+
+
 def test_prototype_router_picks_each_task_adapter(engine, tokenizer, task_adapters):
     router = AutoRouter(engine)
     candidates = candidates_of(task_adapters)
