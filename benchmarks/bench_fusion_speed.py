@@ -36,8 +36,8 @@ from common import RESULTS, write_results  # benchmarks/ is the script folder: f
 
 from adapters_zoo.basis import Basis, LayerBasis
 from adapters_zoo.format import Adapter
-from fusion import fuse
 from fusion.cores import clear_cache
+from fusion.fuse import fuse
 
 SHAPES = {  # Llama-2-7B: leaf -> (out, in)
     "q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),

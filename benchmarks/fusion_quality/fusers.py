@@ -164,8 +164,8 @@ class SpectralFuser:
 
     def fuse(self, source: Source, tasks: list[str], method: str, weight: float, density: float | None = None,
              seed: int = 0):
-        from fusion import fuse
         from fusion.cores import clear_cache
+        from fusion.fuse import fuse
 
         if is_distill(method):
             return self.distill(source, tasks, method, seed)

@@ -164,7 +164,7 @@ def test_an_exported_mixture_loads_in_peft_with_our_logits(tmp_path, demo_home, 
     from peft import PeftModel
 
     from adapters_zoo.registry import Registry
-    from fusion import fuse
+    from fusion.fuse import fuse
 
     out = tmp_path / "lora"
     assert main(["export-lora", "phone_digits:0.5,order_date_iso:0.5", "--out", str(out),

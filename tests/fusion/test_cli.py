@@ -12,7 +12,7 @@ from peft import PeftModel
 from adapters_zoo.format import load_adapter
 from adapters_zoo.inject import attach
 from adapters_zoo.registry import Registry
-from fusion import fuse
+from fusion.fuse import fuse
 from serving.cli import main
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from fusion_helpers import core_adapter, diag_adapter, toy_basis
 
-from fusion import fuse
+from fusion.fuse import fuse
 
 K = 32
 

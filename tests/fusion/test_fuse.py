@@ -12,8 +12,9 @@ from fusion_helpers import add_deltas, core_adapter, diag_adapter, load_model, l
 from adapters_zoo.errors import IncompatibleAdapter, InvalidConfig, InvalidMixture
 from adapters_zoo.format import adapter_from_bytes, adapter_to_bytes
 from adapters_zoo.inject import attach, detach
-from fusion import METHODS, fuse
 from fusion.cores import adapter_cores
+from fusion.fuse import fuse
+from fusion.methods import METHODS
 
 
 def dense_sum(adapters, weights, basis, layer):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from fusion_helpers import diag_adapter, moved, toy_basis
 
-from fusion import fuse
+from fusion.fuse import fuse
 from fusion.methods.geodesic import fused_rotations
 
 K = 6

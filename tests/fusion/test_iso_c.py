@@ -6,7 +6,7 @@ import pytest
 import torch
 from fusion_helpers import core_adapter, diag_adapter, toy_basis
 
-from fusion import fuse
+from fusion.fuse import fuse
 
 
 def test_the_spectrum_of_the_sum_is_flattened_to_its_mean():

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from adapters_zoo.errors import AdapterFormatError, IncompatibleAdapter
 from adapters_zoo.inject import attach
-from fusion import export_peft_lora, fuse, import_peft_lora
+from fusion.fuse import fuse
+from fusion.lora_io import export_peft_lora, import_peft_lora
 
 
 def peft_logits(model_dir, peft_dir, ids):

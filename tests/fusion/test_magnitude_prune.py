@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from fusion_helpers import core_adapter, diag_adapter, toy_basis
 
-from fusion import fuse
+from fusion.fuse import fuse
 
 
 def test_keeps_the_top_density_of_each_core_then_sums():

@@ -14,8 +14,8 @@ from adapters_zoo.basis import compute_basis
 from adapters_zoo.checkpoint import Checkpoint
 from adapters_zoo.errors import BasisMismatch, ModelDirError
 from adapters_zoo.inject import attach, detach
-from fusion import fuse, merge_into_model, merge_model_dir
-from fusion.merge import MERGE_RECORD
+from fusion.fuse import fuse
+from fusion.merge import MERGE_RECORD, merge_into_model, merge_model_dir
 
 
 def attached_logits(model_dir, adapter, basis, ids):

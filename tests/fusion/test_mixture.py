@@ -9,7 +9,7 @@ from fusion_helpers import moved
 from adapters_zoo.errors import DeltaOutOfBounds, IncompatibleAdapter, InvalidMixture
 from adapters_zoo.registry import Registry
 from adapters_zoo.registry.mixture import MixtureSpec, resolve
-from fusion import fuse
+from fusion.fuse import fuse
 from fusion.mixture import fuse_mixture, reduce
 
 

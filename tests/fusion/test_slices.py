@@ -8,7 +8,7 @@ from fusion_helpers import core_adapter, moved, toy_basis
 
 from adapters_zoo.errors import InvalidMixture
 from adapters_zoo.format import Adapter
-from fusion import fuse
+from fusion.fuse import fuse
 
 
 def test_disjoint_slices_fuse_to_the_plain_sum():

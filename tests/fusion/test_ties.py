@@ -6,7 +6,7 @@ import pytest
 import torch
 from fusion_helpers import core_adapter, diag_adapter, toy_basis
 
-from fusion import fuse
+from fusion.fuse import fuse
 
 T1, T2, T3 = [4.0, -1.0, 2.0, 0.5], [-3.0, 2.0, 1.0, -0.2], [1.0, 3.0, -6.0, 0.1]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from fusion_helpers import core_adapter, toy_basis
 
-from fusion import fuse
+from fusion.fuse import fuse
 
 
 def _random_core(k: int, seed: int) -> torch.Tensor:

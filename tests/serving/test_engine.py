@@ -69,7 +69,7 @@ def test_batched_greedy_generation_equals_solo_reference(engine, model, tokenize
 
 
 def test_fused_mixtures_match_reference(engine, model, tokenizer, basis, adapters):
-    from fusion import fuse
+    from fusion.fuse import fuse
 
     prompt = prompts_for(tokenizer, 3)[2]
     linear = MixtureSpec.of([("scale", 0.6), ("lora", 0.3), ("rotation", 0.5)])
