@@ -38,7 +38,7 @@ import torch
 from adapters_zoo.errors import NumericalFailure, ServerBusy, ServiceUnavailable
 from serving.config import SchedulerConfig
 from serving.engine import Engine, PromptProbe
-from serving.generation import BatchKV, SamplingParams, TextStream, choose_tokens, make_generator
+from serving.generation import RowKV, SamplingParams, TextStream, make_generator, read_logits, sample_row
 from serving.heap import HeapTrimmer
 from serving.slots import MixtureCores, NoFreeSlot
 
@@ -113,6 +113,7 @@ class _Row:
     gen: torch.Generator
     last: int = -1  # the token the next step feeds
     generated: int = 0
+    kv_row: int = -1  # its row of the RowKV once it runs
 
     @property
     def params(self) -> SamplingParams:
@@ -130,12 +131,16 @@ class Scheduler:
         self._rows: list[_Row] = []
         self._newcomers: list[_Row] = []  # admitted (slot pinned), not yet in the running batch
         self._probes: deque[_Probe] = deque()
-        self._kv = BatchKV()
+        self._kv = self._new_kv()
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.heap = HeapTrimmer(self.config.heap_trim_s)
         self.steps = 0
+
+    def _new_kv(self) -> RowKV:
+        sdpa = getattr(self.engine.model.config, "_attn_implementation", None) == "sdpa"
+        return RowKV(mask_4d=sdpa)  # sdpa takes the (rows, 1, 1, span) mask view as it is: no mask build
 
     # ------------------------------------------------------------------ API
 
@@ -250,8 +255,8 @@ class Scheduler:
         for row in self._rows:
             if row.handle.cancelled:
                 self._finish(row, "cancelled", "")
+                self._kv.leave(row.kv_row)
         self._rows = [self._rows[i] for i in keep]
-        self._kv.keep(keep)
 
     def _admit(self) -> None:
         """Move waiting requests into ``_newcomers`` (their slots pinned) while there is room."""
@@ -295,48 +300,48 @@ class Scheduler:
             for row in rows:
                 self._fail(row, err)
             return
-        tokens = self._choose(rows, logits)
+        tokens = self._choose(rows, logits, list(range(len(rows))))
         self.observer.on_step("prefill", len(rows), time.perf_counter() - start)
         alive = [i for i, (row, token) in enumerate(zip(rows, tokens)) if not self._step_row(row, token)]
-        if alive:
-            block = BatchKV()
-            block.merge(cache, mask)
-            block.keep(alive)
-            self._kv.merge(block.cache, block.mask)
-            self._rows.extend(rows[i] for i in alive)
+        for i, kv_row in zip(alive, self._kv.join(cache, mask, alive)):  # only the newcomers' rows are written
+            rows[i].kv_row = kv_row
+            self._kv.set_next(kv_row, rows[i].last)
+            self._rows.append(rows[i])
 
     def _decode(self) -> None:
         start = time.perf_counter()
-        ids = torch.tensor([[row.last] for row in self._rows], device=self.engine.device)  # (rows, 1)
-        mask, positions = self._kv.step_inputs()
-        logits = self.engine.forward(ids, mask, positions, self._kv.cache, [row.slot for row in self._rows])
-        tokens = self._choose(self._rows, logits)
+        ids, mask, positions, cache = self._kv.step_inputs()  # rows [0, hi) of the KV; free ones run the base
+        slots = [-1] * self._kv.hi
+        for row in self._rows:
+            slots[row.kv_row] = row.slot
+        logits = self.engine.forward(ids, mask, positions, cache, slots)  # (hi, V)
+        self._kv.advance()
+        tokens = self._choose(self._rows, logits, [row.kv_row for row in self._rows])
         self.steps += 1
         self.observer.on_step("decode", len(self._rows), time.perf_counter() - start)
-        keep = [i for i, (row, token) in enumerate(zip(self._rows, tokens)) if not self._step_row(row, token)]
-        self._rows = [self._rows[i] for i in keep]
-        self._kv.keep(keep)
+        running = []
+        for row, token in zip(self._rows, tokens):
+            if self._step_row(row, token):
+                self._kv.leave(row.kv_row)
+            else:
+                self._kv.set_next(row.kv_row, row.last)
+                running.append(row)
+        self._rows = running
 
-    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[int | Exception]:
-        """Each row's next token, or the error that ends that row alone (non-finite logits, failed sampling)."""
-        finite = torch.isfinite(logits).all(dim=-1).tolist()  # (rows,): rows are independent, so is their NaN
-        out: list[int | Exception] = [0 if f else _non_finite(row) for row, f in zip(rows, finite)]
-        ok = [i for i, f in enumerate(finite) if f]
-        if not ok:
-            return out
-        picked = logits if len(ok) == len(rows) else logits[ok]  # (ok, V)
-        try:
-            tokens = choose_tokens(picked, [rows[i].params for i in ok], [rows[i].gen for i in ok])
-        except Exception:  # one row's sampling failed (e.g. a temperature that overflows): find it
-            tokens = []
-            for j, i in enumerate(ok):
-                try:
-                    tokens.append(choose_tokens(picked[j : j + 1], [rows[i].params], [rows[i].gen])[0])
-                except Exception as err:
-                    tokens.append(NumericalFailure(f"sampling failed for this request ({type(err).__name__}: "
-                                                   f"{err}); it was ended, other requests are unaffected"))
-        for i, token in zip(ok, tokens):
-            out[i] = token
+    def _choose(self, rows: list[_Row], logits: torch.Tensor, index: list[int]) -> list[int | Exception]:
+        """Each row's next token from its logits row ``index[i]``, or the error that ends that row alone
+        (non-finite logits, failed sampling). One device -> host transfer for the whole step."""
+        sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+        greedy, finite, host = read_logits(logits, [index[i] for i in sampled])
+        out: list[int | Exception] = [greedy[k] if finite[k] else _non_finite(row) for row, k in zip(rows, index)]
+        for j, i in enumerate(sampled):
+            if isinstance(out[i], Exception):
+                continue
+            try:
+                out[i] = sample_row(host[j], rows[i].params, rows[i].gen)
+            except Exception as err:  # e.g. a temperature that overflows: this row alone
+                out[i] = NumericalFailure(f"sampling failed for this request ({type(err).__name__}: "
+                                          f"{err}); it was ended, other requests are unaffected")
         return out
 
     def _step_row(self, row: _Row, token: int | Exception) -> bool:
@@ -384,7 +389,7 @@ class Scheduler:
             if not row.handle.finished:
                 self._fail(row, err)
         self._rows, self._newcomers = [], []
-        self._kv = BatchKV()
+        self._kv = self._new_kv()
         if pending:
             with self._cond:
                 waiting, self._pending = list(self._pending), deque()
