@@ -2,21 +2,20 @@
 
 KV cache layout (iteration-level batching on a transformers model): :class:`RowKV` holds
 one preallocated buffer of shape (rows, heads, columns, head_dim) per layer and per K/V,
-grown geometrically when a row or a column more is needed. A request owns one row from
-join to leave; its tokens sit **left aligned** in it (column c holds position c), with a
-length per row. A decode step writes every row's new key/value at that row's own length
+grown geometrically when a row or a column more is needed. A running request owns one
+row; its tokens sit **left aligned** in it (column c holds position c), with a length per
+row. A decode step writes every row's new key/value at that row's own length
 and attends over columns ``[0, span)`` (``span`` = the longest live row + 1) through a
 per-row mask, so masked columns take exactly zero attention weight and rotary positions
 are the ones a solo run would use: every row computes what it would compute alone (up to
 floating-point summation order, which can depend on the batch shape).
 
 - Newcomers are prefilled together (left padded among themselves, a ``DynamicCache``),
-  then only their real tokens are copied, left aligned, into free rows: the running rows
-  are not touched.
-- A decode step runs rows ``[0, hi)`` (``hi`` = the highest live row + 1; a free row in
-  between computes a throw-away token on its own column 0) and grows each live row by one.
-- A finished row is freed (its row goes back to the free list; nothing is copied); new
-  requests take the lowest free row, so ``hi`` follows the live rows.
+  then only their real tokens are copied, left aligned, into the rows after the live
+  ones: the running rows are not touched.
+- A decode step runs rows ``[0, rows)`` and grows each by one column, in place.
+- A finished row's place is taken by the last row (that one row's tokens are copied), so
+  the live rows stay ``[0, rows)`` and a step never computes a dead row.
 - Per-step inputs (ids, mask, positions, write index) are views of buffers allocated once.
 """
 
@@ -189,37 +188,33 @@ def positions_of(mask: torch.Tensor) -> torch.Tensor:
 
 
 class RowKV:
-    """The running rows' KV cache: one row per request, left aligned, a length per row.
+    """The running rows' KV cache: rows [0, rows) live, one per request, left aligned, a length per row.
 
         rows = kv.join(cache, mask, keep)    # prefilled block -> the rows its kept entries now own
         kv.set_next(row, token)              # the token each row feeds next
-        ids, mask, positions, cache = kv.step_inputs()   # views over rows [0, hi)
+        ids, mask, positions, cache = kv.step_inputs()   # views over rows [0, rows)
         logits = model(ids, mask, positions, cache)      # writes each row's new K/V at its length
-        kv.advance()                                     # every live row is one token longer
-        kv.leave(row)                                    # the row is free again; nothing is copied
+        kv.advance()                                     # every row is one token longer
+        moved = kv.leave(row)                            # the last row moves into the hole (or None)
     """
 
     def __init__(self, mask_4d: bool = False) -> None:
-        self.mask_4d = mask_4d  # hand attention a ready (hi, 1, 1, span) mask (sdpa), not a 2D one
+        self.mask_4d = mask_4d  # hand attention a ready (rows, 1, 1, span) mask (sdpa), not a 2D one
         self.layers: list[RowLayer] = []
-        self.lengths: list[int] = []  # host copy of every row's length (0 on a free row)
-        self.live: list[bool] = []
-        self.free: list[int] = []  # kept sorted: a newcomer takes the lowest free row
-        self.hi = 0  # rows [0, hi) take part in a step
+        self.lengths: list[int] = []  # host copy of every live row's length
+        self.capacity = 0  # rows the buffers hold
+        self.columns = 0  # columns they hold
         self.span = 0  # columns [0, span) take part in the step being run
-        self.columns = 0
         self._mask: torch.Tensor | None = None  # (R, C) bool, True on a row's real tokens
         self._length: torch.Tensor | None = None  # (R,) long, each row's length on the device
-        self._alive: torch.Tensor | None = None  # (R,) long, 1 on a live row
         self._ids: torch.Tensor | None = None  # (R,) long, the tokens fed next
         self._host_ids: np.ndarray | None = None  # (R,) staging for _ids
         self._host_ids_t: torch.Tensor | None = None  # the same memory as a (pinned) tensor
-        self.write: torch.Tensor | None = None  # (hi, H, 1, D) long: this step's column of every row
+        self.write: torch.Tensor | None = None  # (rows, H, 1, D) long: this step's column of every row
 
     @property
     def rows(self) -> int:
-        """Live rows."""
-        return sum(self.live)
+        return len(self.lengths)
 
     @staticmethod
     def check_layers(cache: DynamicCache) -> None:
@@ -230,54 +225,57 @@ class RowKV:
     # ------------------------------------------------------------------ join / leave
 
     def join(self, cache: DynamicCache, mask: torch.Tensor, keep: list[int]) -> list[int]:
-        """Copy the ``keep`` entries of a prefilled, left-padded block (cache and mask (n, T)) into free
-        rows, left aligned; return the row each now owns. The running rows are not touched."""
+        """Copy the ``keep`` entries of a prefilled, left-padded block (cache and mask (n, T)) into the rows
+        after the live ones, left aligned; return the row each now owns. The running rows are not touched."""
         self.check_layers(cache)
         if not keep:
             return []
-        first = cache.layers[0].keys
-        width = mask.shape[1]
-        self.ensure_layers(cache)
-        self._reserve(len(keep), width + 1)
-        rows = [self.free.pop(0) for _ in keep]
-        lengths = mask.sum(-1).tolist()  # prompt lengths (prefill time; not per step)
-        index = torch.tensor(keep, device=first.device)
-        row_index = torch.tensor(rows, device=first.device)
-        shift = torch.tensor([width - lengths[j] for j in keep], device=first.device)  # leading pad columns
-        cols = torch.arange(width, device=first.device)  # (T,)
+        device, width = cache.layers[0].keys.device, mask.shape[1]
+        self._ensure_layers(cache)
+        self._reserve(self.rows + len(keep), width + 1)
+        lengths = [int(n) for n in mask.sum(-1).tolist()]  # prompt lengths (prefill time; not per step)
+        kept = [lengths[j] for j in keep]
+        lo, hi = self.rows, self.rows + len(keep)
+        index = torch.tensor(keep, device=device)
+        cols = torch.arange(width, device=device)  # (T,)
+        shift = torch.tensor([width - n for n in kept], device=device)  # each entry's leading pad columns
         src = (cols + shift[:, None]).clamp(max=width - 1)  # (k, T): the block column of aligned column t
-        valid = cols < torch.tensor([lengths[j] for j in keep], device=first.device)[:, None]  # (k, T)
+        valid = cols < torch.tensor(kept, device=device)[:, None]  # (k, T)
         for layer, block in zip(self.layers, cache.layers):
             for buffer, states in ((layer.keys, block.keys), (layer.values, block.values)):
                 picked = states.index_select(0, index)  # (k, H, T, D)
                 gather = src[:, None, :, None].expand(-1, picked.shape[1], -1, picked.shape[3])
-                aligned = picked.gather(2, gather) * valid[:, None, :, None]  # (k, H, T, D), zeros after each row
-                buffer[row_index, :, :width] = aligned.to(buffer.dtype)
-                buffer[row_index, :, width:] = 0  # a previous owner's values (even NaN) never meet a mask's zero
-        self._mask[row_index] = False
-        self._mask[row_index, :width] = valid
-        self._length[row_index] = torch.tensor([lengths[j] for j in keep], device=first.device)
-        self._alive[row_index] = 1
-        for j, r in zip(keep, rows):
-            self.lengths[r] = lengths[j]
-            self.live[r] = True
-        self.hi = max(self.hi, max(rows) + 1)
-        return rows
+                buffer[lo:hi, :, :width] = picked.gather(2, gather) * valid[:, None, :, None]  # zeros past a row
+                buffer[lo:hi, :, width:] = 0  # a previous owner's values (even NaN) never meet a mask's zero
+        self._mask[lo:hi] = False
+        self._mask[lo:hi, :width] = valid
+        self._length[lo:hi] = torch.tensor(kept, device=device)
+        self.lengths += kept
+        return list(range(lo, hi))
 
-    def leave(self, row: int) -> None:
-        """Free ``row``: the next newcomer overwrites it."""
-        self.live[row] = False
-        self.lengths[row] = 0
-        self._alive[row] = 0
-        self._length[row] = 0
-        self._mask[row] = False
-        self._host_ids[row] = 0
-        self.free.append(row)
-        self.free.sort()
-        while self.hi and not self.live[self.hi - 1]:
-            self.hi -= 1
-        if self.hi == 0:
+    def leave(self, row: int) -> int | None:
+        """Free ``row``: the last live row moves into it (its tokens only, one row's copy), so rows
+        [0, rows) stay the live ones. Returns the row that moved (now ``row``), or None."""
+        last = self.rows - 1
+        if not 0 <= row <= last:
+            raise ValueError(f"row {row} is not live ({self.rows} rows)")
+        moved = None
+        if row != last:
+            n, old = self.lengths[last], self.lengths[row]
+            for layer in self.layers:
+                for buffer in (layer.keys, layer.values):
+                    buffer[row, :, :n] = buffer[last, :, :n]
+                    if old > n:
+                        buffer[row, :, n:old] = 0
+            self._mask[row] = self._mask[last]
+            self._length[row] = self._length[last]
+            self._host_ids[row] = self._host_ids[last]
+            self.lengths[row] = n
+            moved = last
+        self.lengths.pop()
+        if not self.lengths:
             self.__init__(self.mask_4d)  # empty: the memory goes back
+        return moved
 
     # ------------------------------------------------------------------ a step
 
@@ -285,53 +283,59 @@ class RowKV:
         self._host_ids[row] = token
 
     def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Cache]:
-        """input_ids (hi, 1), attention mask (hi, span) (or (hi, 1, 1, span)), position_ids (hi, 1) and
-        the cache for one decode step of rows [0, hi); every tensor a view of a buffer allocated once."""
-        if self.hi == 0:
+        """input_ids (rows, 1), attention mask (rows, span) (or (rows, 1, 1, span)), position_ids (rows, 1)
+        and the cache for one decode step; every tensor a view of a buffer allocated once."""
+        n = self.rows
+        if n == 0:
             raise ValueError("no running rows")
-        hi = self.hi
-        span = max(length for length, live in zip(self.lengths, self.live) if live) + 1
-        self._reserve(0, span)
+        span = max(self.lengths) + 1
+        self._reserve(n, span)
         self.span = span
-        self._ids[:hi].copy_(self._host_ids_t[:hi], non_blocking=True)
-        length = self._length[:hi].unsqueeze(1)  # (hi, 1): a row's length is its new token's position
-        self._mask[:hi].scatter_(1, length, True)  # the new column (a free row: its column 0)
+        self._ids[:n].copy_(self._host_ids_t[:n], non_blocking=True)
+        length = self._length[:n].unsqueeze(1)  # (rows, 1): a row's length is its new token's position
+        self._mask[:n].scatter_(1, length, True)  # the new column
         head = self.layers[0].keys
-        self.write = length[:, :, None, None].expand(hi, head.shape[1], 1, head.shape[3])  # (hi, H, 1, D)
-        mask = self._mask[:hi, :span]
+        self.write = length[:, :, None, None].expand(n, head.shape[1], 1, head.shape[3])  # (rows, H, 1, D)
+        mask = self._mask[:n, :span]
         if self.mask_4d:
-            mask = mask[:, None, None, :]  # (hi, 1, 1, span): attend where True
-        return self._ids[:hi, None], mask, length, RowCache(self)
+            mask = mask[:, None, None, :]  # (rows, 1, 1, span): attend where True
+        return self._ids[:n, None], mask, length, RowCache(self)
 
     def advance(self) -> None:
-        """After a step's forward: every live row holds one token more."""
-        self._length.add_(self._alive)
-        for r, live in enumerate(self.live):
-            if live:
-                self.lengths[r] += 1
+        """After a step's forward: every row holds one token more."""
+        self._length[: self.rows].add_(1)
+        self.lengths = [n + 1 for n in self.lengths]
 
     # ------------------------------------------------------------------ buffers
 
-    def _reserve(self, extra_rows: int, columns: int) -> None:
-        """Grow the buffers (doubling) so that ``extra_rows`` rows are free and rows hold ``columns`` columns."""
-        rows = len(self.live)
-        while rows - len(self.live) + len(self.free) < extra_rows:
-            rows = max(4, 2 * rows)
-        cols = max(self.columns, 16)
-        while cols < columns:
-            cols *= 2
-        if (rows, cols) != (len(self.live), self.columns):
-            self._allocate(rows, cols)
+    def _ensure_layers(self, cache: DynamicCache) -> None:
+        """One empty layer per layer of a prefilled block (its heads, head dim, dtype, device)."""
+        if self.layers:
+            return
+        for block in cache.layers:
+            k, v = block.keys, block.values
+            self.layers.append(RowLayer(self, k.new_zeros(0, k.shape[1], 0, k.shape[3]),
+                                        v.new_zeros(0, v.shape[1], 0, v.shape[3])))
+
+    def _reserve(self, rows: int, columns: int) -> None:
+        """Grow the buffers (doubling) to hold ``rows`` rows of ``columns`` columns."""
+        new_rows = max(self.capacity, 4)
+        while new_rows < rows:
+            new_rows *= 2
+        new_cols = max(self.columns, 16)
+        while new_cols < columns:
+            new_cols *= 2
+        if (new_rows, new_cols) != (self.capacity, self.columns):
+            self._allocate(new_rows, new_cols)
 
     def _allocate(self, rows: int, cols: int) -> None:
         """(Re)allocate every buffer at (rows, cols), keeping what the old ones held."""
         device = self.layers[0].keys.device
-        old_rows, old_cols = len(self.live), self.columns
         for layer in self.layers:
             for name in ("keys", "values"):
                 old = getattr(layer, name)
                 new = old.new_zeros(rows, old.shape[1], cols, old.shape[3])
-                new[:old_rows, :, :old_cols] = old
+                new[: old.shape[0], :, : old.shape[2]] = old
                 setattr(layer, name, new)
 
         def grow(old: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -342,25 +346,12 @@ class RowKV:
 
         self._mask = grow(self._mask, (rows, cols), torch.bool)
         self._length = grow(self._length, (rows,), torch.long)
-        self._alive = grow(self._alive, (rows,), torch.long)
         self._ids = grow(self._ids, (rows,), torch.long)
         host = torch.zeros(rows, dtype=torch.long, pin_memory=device.type == "cuda")
         if self._host_ids_t is not None:
-            host[:old_rows] = self._host_ids_t
+            host[: self.capacity] = self._host_ids_t
         self._host_ids_t, self._host_ids = host, host.numpy()  # one memory: numpy writes, torch copies
-        self.lengths += [0] * (rows - old_rows)
-        self.live += [False] * (rows - old_rows)
-        self.free = sorted(self.free + list(range(old_rows, rows)))
-        self.columns = cols
-
-    def ensure_layers(self, cache: DynamicCache) -> None:
-        """Create one empty layer per layer of a prefilled block (its heads, head dim, dtype, device)."""
-        if self.layers:
-            return
-        for block in cache.layers:
-            k, v = block.keys, block.values
-            self.layers.append(RowLayer(self, k.new_zeros(0, k.shape[1], 0, k.shape[3]),
-                                        v.new_zeros(0, v.shape[1], 0, v.shape[3])))
+        self.capacity, self.columns = rows, cols
 
 
 class RowLayer(CacheLayerMixin):
@@ -379,12 +370,12 @@ class RowLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        hi, span = self.kv.hi, self.kv.span
-        if key_states.shape[0] != hi or key_states.shape[2] != 1:
-            raise ValueError(f"a RowKV step takes one token for each of {hi} rows, got {tuple(key_states.shape)}")
-        self.keys[:hi].scatter_(2, self.kv.write, key_states.to(self.keys.dtype))
-        self.values[:hi].scatter_(2, self.kv.write, value_states.to(self.values.dtype))
-        return self.keys[:hi, :, :span], self.values[:hi, :, :span]  # (hi, H, span, D)
+        n, span = self.kv.rows, self.kv.span
+        if key_states.shape[0] != n or key_states.shape[2] != 1:
+            raise ValueError(f"a RowKV step takes one token for each of {n} rows, got {tuple(key_states.shape)}")
+        self.keys[:n].scatter_(2, self.kv.write, key_states.to(self.keys.dtype))
+        self.values[:n].scatter_(2, self.kv.write, value_states.to(self.values.dtype))
+        return self.keys[:n, :, :span], self.values[:n, :, :span]  # (rows, H, span, D)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.kv.span, 0

@@ -252,11 +252,11 @@ class Scheduler:
         keep = [i for i, row in enumerate(self._rows) if not row.handle.cancelled]
         if len(keep) == len(self._rows):
             return
-        for row in self._rows:
-            if row.handle.cancelled:
-                self._finish(row, "cancelled", "")
-                self._kv.leave(row.kv_row)
+        gone = [row for row in self._rows if row.handle.cancelled]
+        for row in gone:
+            self._finish(row, "cancelled", "")
         self._rows = [self._rows[i] for i in keep]
+        self._leave(gone)
 
     def _admit(self) -> None:
         """Move waiting requests into ``_newcomers`` (their slots pinned) while there is room."""
@@ -310,23 +310,36 @@ class Scheduler:
 
     def _decode(self) -> None:
         start = time.perf_counter()
-        ids, mask, positions, cache = self._kv.step_inputs()  # rows [0, hi) of the KV; free ones run the base
-        slots = [-1] * self._kv.hi
+        ids, mask, positions, cache = self._kv.step_inputs()  # KV row i: the running row whose kv_row is i
+        slots = [-1] * self._kv.rows
         for row in self._rows:
             slots[row.kv_row] = row.slot
-        logits = self.engine.forward(ids, mask, positions, cache, slots)  # (hi, V)
+        logits = self.engine.forward(ids, mask, positions, cache, slots)  # (rows, V)
         self._kv.advance()
         tokens = self._choose(self._rows, logits, [row.kv_row for row in self._rows])
         self.steps += 1
         self.observer.on_step("decode", len(self._rows), time.perf_counter() - start)
-        running = []
+        running, gone = [], []
         for row, token in zip(self._rows, tokens):
             if self._step_row(row, token):
-                self._kv.leave(row.kv_row)
+                gone.append(row)
             else:
                 self._kv.set_next(row.kv_row, row.last)
                 running.append(row)
         self._rows = running
+        self._leave(gone)
+
+    def _leave(self, gone: list[_Row]) -> None:
+        """Free the KV rows of rows that left the batch; a row that moves into a freed one follows."""
+        owner = {row.kv_row: row for row in [*self._rows, *gone]}
+        for row in gone:
+            moved = self._kv.leave(row.kv_row)  # the last KV row moved into this one, or None
+            del owner[row.kv_row]
+            if moved is not None:
+                mover = owner.pop(moved)
+                mover.kv_row = row.kv_row
+                owner[mover.kv_row] = mover
+            row.kv_row = -1
 
     def _choose(self, rows: list[_Row], logits: torch.Tensor, index: list[int]) -> list[int | Exception]:
         """Each row's next token from its logits row ``index[i]``, or the error that ends that row alone

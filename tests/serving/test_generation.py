@@ -73,7 +73,7 @@ def test_row_kv_joins_into_free_rows_without_touching_running_ones():
     b = torch.arange(2 * 1 * 6 * 2, dtype=torch.float32).reshape(2, 1, 6, 2) + 50
     assert kv.join(_cache([b]), torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1]]), [0, 1]) == [1, 2]
     assert layer.keys.data_ptr() == storage  # the running row was not recopied
-    assert kv.rows == 3 and kv.hi == 3 and kv.lengths[:3] == [3, 6, 2]
+    assert kv.rows == 3 and kv.lengths == [3, 6, 2]
     torch.testing.assert_close(layer.keys[0, :, :3], a[0, :, 1:])  # real tokens only, left aligned
     torch.testing.assert_close(layer.values[0, :, :3], a[0, :, 1:] + 100)
     torch.testing.assert_close(layer.keys[1, :, :6], b[0])
@@ -90,30 +90,35 @@ def test_row_kv_joins_into_free_rows_without_touching_running_ones():
     assert keys[2, 0, 2].tolist() == [-1, -1] and values[2, 0, 2].tolist() == [-2, -2]
     torch.testing.assert_close(keys[0, :, :3], a[0, :, 1:])  # the rest as it was
     kv.advance()
-    assert kv.lengths[:3] == [4, 7, 3]
+    assert kv.lengths == [4, 7, 3]
 
-    kv.leave(1)  # the long row goes: nothing moves, its row is free
-    assert kv.rows == 2 and kv.hi == 3 and kv.free[0] == 1
-    torch.testing.assert_close(layer.keys[2, :, :2], b[1, :, 4:])
+    assert kv.leave(1) == 2  # the long row goes: the last row moves into its place, alone
+    assert kv.rows == 2 and kv.lengths == [4, 3]
+    torch.testing.assert_close(layer.keys[0, :, :3], a[0, :, 1:])  # untouched
+    torch.testing.assert_close(layer.keys[1, :, :2], b[1, :, 4:])
+    assert layer.keys[1, 0, 2].tolist() == [-1, -1] and not layer.keys[1, :, 3:].any()
     c = torch.full((1, 1, 2, 2), 7.0)
-    assert kv.join(_cache([c]), torch.tensor([[1, 1]]), [0]) == [1]  # the lowest free row
+    assert kv.join(_cache([c]), torch.tensor([[1, 1]]), [0]) == [2]  # after the live rows
     assert layer.keys.data_ptr() == storage
-    assert layer.keys[1, 0, :2].eq(7).all() and not layer.keys[1, :, 2:].any()
+    assert layer.keys[2, 0, :2].eq(7).all() and not layer.keys[2, :, 2:].any()
     _, mask, positions, _ = kv.step_inputs()
-    assert positions.flatten().tolist() == [4, 2, 3] and mask.shape == (3, 5)
-    assert mask.int().tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]
+    assert positions.flatten().tolist() == [4, 3, 2] and mask.shape == (3, 5)
+    assert mask.int().tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]
 
-    kv.leave(2)
-    kv.leave(1)
-    assert kv.hi == 1 and kv.step_inputs()[1].shape == (1, 5)
+    assert kv.leave(2) is None  # the last row: nothing moves
+    assert kv.leave(0) == 1
+    assert kv.rows == 1 and kv.step_inputs()[1].shape == (1, 4)
+    torch.testing.assert_close(layer.keys[0, :, :2], b[1, :, 4:])
     kv.leave(0)
-    assert kv.rows == 0 and kv.hi == 0 and not kv.layers  # empty: the buffers are let go
+    assert kv.rows == 0 and not kv.layers  # empty: the buffers are let go
     with pytest.raises(ValueError, match="no running rows"):
         kv.step_inputs()
+    with pytest.raises(ValueError, match="not live"):
+        kv.leave(0)
 
 
 def test_row_kv_grows_rows_and_columns_keeping_what_it_holds():
-    kv = RowKV()
+    kv = RowKV(mask_4d=True)
     block = torch.randn(3, 2, 5, 4)
     kv.join(_cache([block]), torch.ones(3, 5, dtype=torch.long), [0, 1, 2])
     more = torch.randn(4, 2, 40, 4)  # four more rows (past the first 4) and a longer prompt (past 16 columns)
@@ -123,7 +128,8 @@ def test_row_kv_grows_rows_and_columns_keeping_what_it_holds():
     torch.testing.assert_close(layer.keys[:3, :, :5], block)
     torch.testing.assert_close(layer.keys[3:7, :, :40], more)
     _, mask, positions, _ = kv.step_inputs()
-    assert mask.shape == (7, 41) and positions.flatten().tolist() == [5] * 3 + [40] * 4
+    assert mask.shape == (7, 1, 1, 41) and positions.flatten().tolist() == [5] * 3 + [40] * 4
+    assert mask[:, 0, 0].sum(-1).tolist() == [6] * 3 + [41] * 4
 
 
 # --------------------------------------------------------------------------- incremental text
@@ -182,7 +188,8 @@ def test_incremental_text_equals_full_decoding_on_invalid_bytes_and_specials():
     check_equals_full_decode(tok, ids)
 
 
-@pytest.mark.parametrize("text,stop", [("héllo wörld", ("o wö",)), ("日本語のテキスト", ("のテ",)), ("a 😀 b", ("😀",))])
+@pytest.mark.parametrize("text,stop", [("héllo wörld", ("o wö",)), ("日本語のテキスト", ("のテ",)),
+                                       ("a 😀 b", ("😀",))])
 def test_stop_strings_across_byte_tokens(text, stop):
     tok = byte_tokenizer()
     got, hit, deltas, _ = streamed(tok, tok(text, add_special_tokens=False)["input_ids"], stop)
