@@ -742,16 +742,16 @@ def export_tree(ref: str) -> tuple[Path, str]:
 
 
 def decode_compare(base: str, home: str | None, against: str, threads: int, concurrency: tuple[int, ...],
-                   tokens: int, rounds: int) -> dict:
-    """The same closed-loop runs over this tree and over ``against``'s, each in its own process, alternating
-    (ABBA per concurrency, ``rounds`` times) so the shared machine's load hits both alike."""
+                   tokens: int, rounds: int, after: str = "HEAD") -> dict:
+    """The same closed-loop runs over the code of commit ``after`` and of ``against``, each exported and run
+    in its own process, alternating (ABBA per concurrency, ``rounds`` times) so the shared machine's load
+    hits both alike."""
     import subprocess
 
-    from common import git_commit
-
-    here = Path(__file__).resolve().parent.parent
-    ref_root, ref_commit = export_tree(against)
-    trees = {"before": (ref_root, f"{against}@{ref_commit}"), "after": (here, f"this tree@{git_commit(here)}")}
+    trees = {}
+    for label, ref in (("before", against), ("after", after)):
+        root, commit = export_tree(ref)
+        trees[label] = (root, f"{ref}@{commit}")
     runs: list[dict] = []
     for n in concurrency:
         order = ["before", "after"] * rounds
@@ -853,7 +853,7 @@ def decode_plot(result: dict, path: Path) -> Path:
 def decode_main(args) -> int:
     concurrency = tuple(int(n) for n in args.decode_concurrency.split(","))
     result = decode_compare(args.base, args.home, args.decode_against, args.threads, concurrency,
-                            args.decode_tokens, args.decode_rounds)
+                            args.decode_tokens, args.decode_rounds, args.decode_after)
     result["command"] = " ".join(["python benchmarks/bench_serving.py", *sys.argv[1:]])
     out = Path(args.out_dir) if args.out_dir else RESULTS / args.base
     paths = write_results("serving_decode", result, decode_markdown(result), out=out)
@@ -1007,8 +1007,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=None, help="default: benchmarks/results/{base}")
     p.add_argument("--render", default=None, metavar="JSON", help="only rewrite the .md and .png of a results file")
     p.add_argument("--decode", action="store_true",
-                   help="only the long-generation runs: this tree against --decode-against, side by side")
+                   help="only the long-generation runs: --decode-after against --decode-against, side by side")
     p.add_argument("--decode-against", default="main", help="the commit the long-generation runs compare with")
+    p.add_argument("--decode-after", default="HEAD", help="the commit compared with it (committed code only)")
     p.add_argument("--decode-concurrency", default=",".join(map(str, DECODE_CONCURRENCY)))
     p.add_argument("--decode-tokens", type=int, default=DECODE_TOKENS)
     p.add_argument("--decode-rounds", type=int, default=1, help="ABBA rounds per concurrency")
