@@ -27,6 +27,7 @@ thread; the HTTP layer forwards them to its event loop.
 from __future__ import annotations
 
 import itertools
+import queue
 import threading
 import time
 from collections import deque
@@ -105,15 +106,124 @@ class SchedulerObserver:
         pass
 
 
+class _Text:
+    """One request's text, made on the text thread from the ids the engine's thread hands it."""
+
+    def __init__(self, handle: RequestHandle, stream: TextStream):
+        self.handle, self.stream = handle, stream
+        self.stop_at: int | None = None  # tokens generated when a stop string was hit (read by the engine thread)
+        self.pending: Event | None = None  # the stop's "done", sent once the engine has let the row go
+        self.closed = False  # the final event went out
+
+
+class TextThread:
+    """Generated ids -> text events, off the thread that owns the device.
+
+    The engine's thread only appends ids (``token``); this thread detokenizes them
+    incrementally, holds back and cuts at stop strings, and sends every event of a
+    request, in order. A stop string is found here: the request's ``stop_at`` tells the
+    engine's thread, which drops the row at its next iteration (the tokens it generated
+    meanwhile are discarded) and then ``release``s it, so a "done" always follows the
+    release of its slot, as every final event does.
+    """
+
+    def __init__(self, observer: SchedulerObserver):
+        self.observer = observer
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="specfuse-text", daemon=True)
+        self._thread.start()
+
+    def token(self, text: _Text, token: int, end: str | None, generated: int) -> None:
+        """One generated token; ``end``: "eos" (the token is eos: not text), "length", or None (more follow)."""
+        self._queue.put((self._token, text, token, end, generated))
+
+    def release(self, text: _Text) -> None:
+        """The engine dropped a row that hit a stop string: its "done" may go."""
+        self._queue.put((self._release, text))
+
+    def end(self, text: _Text, error: Exception | None, generated: int) -> None:
+        """An end decided on the engine's thread: ``error``, or (None) the client went away."""
+        self._queue.put((self._end, text, error, generated))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Send what is queued, then end the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                item[0](*item[1:])
+            except Exception as err:  # a tokenizer that fails on these ids: this request alone ends
+                text = item[1]
+                if not text.closed:
+                    text.closed = True
+                    text.handle.emit(Event("error", error=err))
+
+    def _token(self, text: _Text, token: int, end: str | None, generated: int) -> None:
+        if text.closed:
+            return
+        if text.stop_at is not None:  # generated after the stop, before the engine saw it
+            if end is not None:  # the engine ended the row on its own meanwhile: the slot is free
+                self._send_pending(text)
+            return
+        stream = text.stream
+        if end == "eos":
+            self._done(text, "stop", stream.flush(), generated)
+            return
+        delta, hit = stream.push(token)
+        if hit:
+            text.stop_at = generated
+            text.pending = self._final(text, "stop", delta, generated)
+            if end is not None:
+                self._send_pending(text)
+        elif end == "length":
+            self._done(text, "length", delta + stream.flush(), generated)
+        elif delta:
+            text.handle.emit(Event("text", text=delta))
+
+    def _release(self, text: _Text) -> None:
+        self._send_pending(text)
+
+    def _end(self, text: _Text, error: Exception | None, generated: int) -> None:
+        if text.closed:
+            return
+        if text.pending is None:  # (else it had finished already: that "done" goes)
+            if error is not None:
+                text.closed = True
+                text.handle.emit(Event("error", error=error))
+                return
+            text.pending = self._final(text, "cancelled", "", generated)
+        self._send_pending(text)
+
+    def _final(self, text: _Text, reason: str, delta: str, generated: int) -> Event:
+        return Event("done", text=delta, finish_reason=reason, output=text.stream.text,
+                     token_ids=list(text.stream.ids), prompt_tokens=len(text.handle.request.prompt),
+                     completion_tokens=generated)
+
+    def _done(self, text: _Text, reason: str, delta: str, generated: int) -> None:
+        text.pending = self._final(text, reason, delta, generated)
+        self._send_pending(text)
+
+    def _send_pending(self, text: _Text) -> None:
+        if text.closed or text.pending is None:
+            return
+        text.closed = True
+        event = text.pending
+        text.handle.emit(event)
+        self.observer.on_finish(text.handle, event.finish_reason, event.prompt_tokens, event.completion_tokens)
+
+
 @dataclass
 class _Row:
     handle: RequestHandle
     slot: int
-    stream: TextStream
+    text: _Text
     gen: torch.Generator
     last: int = -1  # the token the next step feeds
     generated: int = 0
     kv_row: int = -1  # its row of the RowKV once it runs
+    ended: bool = False  # released; its final event is the text thread's to send
 
     @property
     def params(self) -> SamplingParams:
@@ -137,6 +247,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.heap = HeapTrimmer(self.config.heap_trim_s)
         self.steps = 0
+        self._text: TextThread | None = None
 
     def _new_kv(self) -> RowKV:
         sdpa = getattr(self.engine.model.config, "_attn_implementation", None) == "sdpa"
@@ -145,6 +256,7 @@ class Scheduler:
     # ------------------------------------------------------------------ API
 
     def start(self) -> Scheduler:
+        self._text = TextThread(self.observer)
         self._thread = threading.Thread(target=self._loop, name="specfuse-scheduler", daemon=True)
         self._thread.start()
         self.engine.prober = self.probe
@@ -158,6 +270,8 @@ class Scheduler:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._text is not None:
+            self._text.stop(timeout)
 
     @property
     def alive(self) -> bool:
@@ -213,7 +327,7 @@ class Scheduler:
             self.heap.maybe_trim()
             try:
                 self._run_probes()
-                self._drop_cancelled()
+                self._drop_finished()
                 self._admit()
                 admitted = bool(self._newcomers)
                 if admitted:
@@ -248,14 +362,18 @@ class Scheduler:
                 job.done.set()
             self.observer.on_step("probe", len(job.prompts), time.perf_counter() - start)
 
-    def _drop_cancelled(self) -> None:
-        keep = [i for i, row in enumerate(self._rows) if not row.handle.cancelled]
-        if len(keep) == len(self._rows):
+    def _drop_finished(self) -> None:
+        """Drop the rows whose client went away and those the text thread found a stop string in."""
+        gone = [row for row in self._rows if row.handle.cancelled or row.text.stop_at is not None]
+        if not gone:
             return
-        gone = [row for row in self._rows if row.handle.cancelled]
         for row in gone:
-            self._finish(row, "cancelled", "")
-        self._rows = [self._rows[i] for i in keep]
+            self._release(row)
+            if row.text.stop_at is not None:
+                self._text.release(row.text)
+            else:
+                self._text.end(row.text, None, row.generated)
+        self._rows = [row for row in self._rows if row not in gone]
         self._leave(gone)
 
     def _admit(self) -> None:
@@ -285,7 +403,7 @@ class Scheduler:
                 continue
             self._remove_pending(handle)
             budget -= len(request.prompt)
-            rows.append(_Row(handle, slot, TextStream(self.engine.tokenizer, request.params.stop),
+            rows.append(_Row(handle, slot, _Text(handle, TextStream(self.engine.tokenizer, request.params.stop)),
                              make_generator(request.params.seed)))
 
     def _remove_pending(self, handle: RequestHandle) -> None:
@@ -365,41 +483,36 @@ class Scheduler:
         return self._advance(row, token)
 
     def _advance(self, row: _Row, token: int) -> bool:
-        """Take one sampled token; return True when the row is finished (and released)."""
+        """Take one sampled token; return True when the row is finished (and released). Its text is made
+        on the text thread; a stop string found there ends the row at a later iteration."""
         row.generated += 1
         row.last = token
         params = row.params
-        if token in self.engine.eos_ids and not params.ignore_eos:
-            self._finish(row, "stop", row.stream.flush())
-            return True
-        delta, hit_stop = row.stream.push(token)
-        if hit_stop:
-            self._finish(row, "stop", delta)
-            return True
         at_limit = len(row.handle.request.prompt) + row.generated >= self.engine.max_positions
-        if row.generated >= params.max_tokens or at_limit:
-            self._finish(row, "length", delta + row.stream.flush())
-            return True
-        if delta:
-            row.handle.emit(Event("text", text=delta))
-        return False
+        if token in self.engine.eos_ids and not params.ignore_eos:
+            end = "eos"
+        elif row.generated >= params.max_tokens or at_limit:
+            end = "length"
+        else:
+            end = None
+        if end is not None:
+            self._release(row)  # before the text thread sends "done"
+        self._text.token(row.text, token, end, row.generated)
+        return end is not None
 
-    def _finish(self, row: _Row, reason: str, text: str) -> None:
-        self.engine.slots.release(row.slot)
-        prompt_tokens = len(row.handle.request.prompt)
-        row.handle.emit(Event("done", text=text, finish_reason=reason, output=row.stream.text,
-                              token_ids=list(row.stream.ids),
-                              prompt_tokens=prompt_tokens, completion_tokens=row.generated))
-        self.observer.on_finish(row.handle, reason, prompt_tokens, row.generated)
-
-    def _fail(self, row: _Row, err: Exception) -> None:
+    def _release(self, row: _Row) -> None:
+        """Unpin the row's slot, once (its final event goes out on the text thread, later)."""
         self.engine.slots.release(row.slot)
         row.slot = -1
-        row.handle.emit(Event("error", error=err))
+        row.ended = True
+
+    def _fail(self, row: _Row, err: Exception) -> None:
+        self._release(row)
+        self._text.end(row.text, err, row.generated)
 
     def _fail_all(self, err: Exception, pending: bool = False) -> None:
         for row in [*self._rows, *self._newcomers]:
-            if not row.handle.finished:
+            if not row.ended:
                 self._fail(row, err)
         self._rows, self._newcomers = [], []
         self._kv = self._new_kv()
