@@ -6,13 +6,21 @@ One thread owns the engine. Each iteration it
    budget, each on its own (so a probe's result never depends on other traffic); the
    thread that asked waits for its result. The probe is a phase of the loop, not a holder
    of the engine's lock that a decode step would wait on at an arbitrary moment,
-1. drops rows whose client went away (their slot is unpinned at once),
+1. drops rows whose client went away or whose text reached a stop string (their slot
+   is unpinned at once),
 2. admits waiting requests while there is room (``max_batch`` rows, a prefill token
    budget, a free slot for the request's mixture), prefills them together and samples
    their first token,
-3. runs one decode step for every running row (each row its own mixture and sampling),
-4. hands every row its new text; a row that hit eos, a stop string or ``max_tokens``
-   leaves the batch and unpins its slot, the others go on.
+3. runs one decode step for every running row (each row its own mixture and sampling;
+   one device -> host transfer for the step),
+4. hands every row's new token id to the text thread (:class:`TextThread`); a row that
+   hit eos or ``max_tokens`` leaves the batch and unpins its slot, the others go on.
+
+Text is made on that second thread: incremental detokenizing, stop strings (exact
+across token boundaries), every event of a request in order. A row whose text reached a
+stop string leaves at the engine thread's next iteration; the tokens it generated in
+between are discarded, so its output and counts are those of the token that completed
+the stop.
 
 One request's failure is its own: a row whose logits are NaN or infinite (a mixture
 that blew the model's numbers up), or whose sampling fails, gets an error event and
@@ -20,8 +28,9 @@ leaves; the other rows never see it. Every accepted request ends with exactly on
 ``done`` or ``error`` event, and its slot is unpinned when it does, whatever fails.
 
 The waiting queue is bounded (``ServerBusy`` past ``max_queue``). Events reach the
-caller through the ``on_event`` callback given at submit time, from the scheduler
-thread; the HTTP layer forwards them to its event loop.
+caller through the ``on_event`` callback given at submit time, from the text thread
+(a request refused while waiting: from the scheduler thread); the HTTP layer forwards
+them to its event loop.
 """
 
 from __future__ import annotations
