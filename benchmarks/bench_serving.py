@@ -640,7 +640,7 @@ def _sync(device: str) -> None:
 
 DECODE_CONCURRENCY = (16, 64)
 DECODE_TOKENS = 256
-DECODE_REQUESTS_PER_CLIENT = 2
+DECODE_REQUESTS_PER_CLIENT = 1  # 2 (the committed results) doubles the ≈ 13 min on a loaded 2-core box
 
 
 def decode_worker(base: str, home: str | None, concurrency: int, tokens: int, threads: int,
@@ -742,7 +742,8 @@ def export_tree(ref: str) -> tuple[Path, str]:
 
 
 def decode_compare(base: str, home: str | None, against: str, threads: int, concurrency: tuple[int, ...],
-                   tokens: int, rounds: int, after: str = "HEAD") -> dict:
+                   tokens: int, rounds: int, after: str = "HEAD",
+                   per_client: int = DECODE_REQUESTS_PER_CLIENT) -> dict:
     """The same closed-loop runs over the code of commit ``after`` and of ``against``, each exported and run
     in its own process, alternating (ABBA per concurrency, ``rounds`` times) so the shared machine's load
     hits both alike."""
@@ -762,6 +763,7 @@ def decode_compare(base: str, home: str | None, against: str, threads: int, conc
             root, name = trees[label]
             env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": str(threads)}
             cmd = [sys.executable, __file__, "--decode-worker", str(n), "--decode-tokens", str(tokens),
+                   "--decode-per-client", str(per_client),
                    "--base", base, "--threads", str(threads), *(["--home", home] if home else [])]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
             run_ = json.loads(out.strip().splitlines()[-1])
@@ -784,7 +786,7 @@ def decode_compare(base: str, home: str | None, against: str, threads: int, conc
         row["cpu_ratio"] = round(row["after_cpu_ms_per_token"] / row["before_cpu_ms_per_token"], 3)
         summary.append(row)
     return {"trees": {k: v[1] for k, v in trees.items()}, "tokens_per_request": tokens,
-            "requests_per_client": DECODE_REQUESTS_PER_CLIENT, "rounds": rounds,
+            "requests_per_client": per_client, "rounds": rounds,
             "summary": summary, "runs": runs, "environment": environment(),
             "machine": {"threads": threads, "logical_cpus": os.cpu_count(), "device": "cpu",
                         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}}
@@ -853,7 +855,7 @@ def decode_plot(result: dict, path: Path) -> Path:
 def decode_main(args) -> int:
     concurrency = tuple(int(n) for n in args.decode_concurrency.split(","))
     result = decode_compare(args.base, args.home, args.decode_against, args.threads, concurrency,
-                            args.decode_tokens, args.decode_rounds, args.decode_after)
+                            args.decode_tokens, args.decode_rounds, args.decode_after, args.decode_per_client)
     result["command"] = " ".join(["python benchmarks/bench_serving.py", *sys.argv[1:]])
     out = Path(args.out_dir) if args.out_dir else RESULTS / args.base
     paths = write_results("serving_decode", result, decode_markdown(result), out=out)
@@ -1013,10 +1015,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-concurrency", default=",".join(map(str, DECODE_CONCURRENCY)))
     p.add_argument("--decode-tokens", type=int, default=DECODE_TOKENS)
     p.add_argument("--decode-rounds", type=int, default=1, help="ABBA rounds per concurrency")
+    p.add_argument("--decode-per-client", type=int, default=DECODE_REQUESTS_PER_CLIENT,
+                   help="requests each client sends back to back")
     p.add_argument("--decode-worker", type=int, default=None, help=argparse.SUPPRESS)  # one run, JSON on stdout
     args = p.parse_args(argv)
     if args.decode_worker is not None:
-        print(json.dumps(decode_worker(args.base, args.home, args.decode_worker, args.decode_tokens, args.threads)))
+        print(json.dumps(decode_worker(args.base, args.home, args.decode_worker, args.decode_tokens, args.threads,
+                                       args.decode_per_client)))
         return 0
     if args.decode:
         return decode_main(args)
