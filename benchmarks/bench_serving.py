@@ -292,28 +292,32 @@ def paired_steps(engine, prompts: list[list[int]], variants: dict[str, list[int]
                  device: str) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Wall and CPU seconds of ``steps`` decode steps of the whole batch for each variant (label -> the
     rows' slots), the variants interleaved step by step, their order alternating, so load hits all alike."""
-    from serving.generation import BatchKV
+    from serving.generation import RowKV
 
     state = {}
+    sdpa = engine.model.config._attn_implementation == "sdpa"
     for label, slots in variants.items():
         logits, cache, mask = engine.prefill(prompts, slots)
-        kv = BatchKV()
-        kv.merge(cache, mask)
-        state[label] = (kv, logits.argmax(-1, keepdim=True))
+        kv = RowKV(mask_4d=sdpa)
+        for row, token in zip(kv.join(cache, mask, list(range(len(prompts)))), logits.argmax(-1).tolist()):
+            kv.set_next(row, token)
+        state[label] = kv
     wall: dict[str, list[float]] = {label: [] for label in variants}
     cpu: dict[str, list[float]] = {label: [] for label in variants}
     labels = list(variants)
     for step in range(steps):
         for label in labels if step % 2 == 0 else labels[::-1]:
-            kv, ids = state[label]
+            kv = state[label]
             _sync(device)
             t, c = time.perf_counter(), time.thread_time()
-            mask, positions = kv.step_inputs()
-            ids = engine.forward(ids, mask, positions, kv.cache, variants[label]).argmax(-1, keepdim=True)
+            ids, mask, positions, cache = kv.step_inputs()
+            tokens = engine.forward(ids, mask, positions, cache, variants[label]).argmax(-1).tolist()
+            kv.advance()
+            for row, token in enumerate(tokens):
+                kv.set_next(row, token)
             _sync(device)
             wall[label].append(time.perf_counter() - t)
             cpu[label].append(time.thread_time() - c)
-            state[label] = (kv, ids)
     return wall, cpu
 
 
@@ -632,6 +636,235 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+# --------------------------------------------------------------------------- long generations (decode loop)
+
+DECODE_CONCURRENCY = (16, 64)
+DECODE_TOKENS = 256
+DECODE_REQUESTS_PER_CLIENT = 1  # 2 (the committed results) doubles the ≈ 13 min on a loaded 2-core box
+
+
+def decode_worker(base: str, home: str | None, concurrency: int, tokens: int, threads: int,
+                  per_client: int = DECODE_REQUESTS_PER_CLIENT, seed: int = 0) -> dict:
+    """One closed-loop run of the serving scheduler, as imported from ``sys.path`` (this tree or an export of
+    another commit): ``concurrency`` clients, each sending ``per_client`` requests of ``tokens`` generated
+    tokens back to back (greedy, eos ignored, text streamed as the server makes it), client i starting at
+    decode step i * tokens / concurrency, so rows join and leave all along, as under steady load. Uses only
+    what every commit compared offers."""
+    import serving
+    from serving.engine import Engine, EngineConfig
+    from serving.generation import SamplingParams
+    from serving.scheduler import GenerationRequest, Scheduler, SchedulerConfig, SchedulerObserver, generate
+
+    class Steps(SchedulerObserver):
+        def __init__(self) -> None:
+            self.decode: list[tuple[int, float]] = []
+
+        def on_step(self, phase: str, rows: int, seconds: float) -> None:
+            if phase == "decode":
+                self.decode.append((rows, seconds))
+
+    set_threads(threads)
+    settings = settings_for(base, "cpu", False, threads)
+    model, tokenizer, _, cache_key = load_base(settings, home)
+    engine = Engine(model, tokenizer, basis_of(model, settings.k, cache_key), EngineConfig(device="cpu",
+                                                                                           dtype="float32"))
+    steps = Steps()
+    scheduler = Scheduler(engine, SchedulerConfig(max_batch=max(32, concurrency)), steps).start()
+    rng = random.Random(seed)
+    vocab = model.config.vocab_size
+    prompts = [[rng.randrange(4, vocab) for _ in range(16 + (7 * i) % 48)] for i in range(concurrency)]
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    try:
+        generate(scheduler, [GenerationRequest(prompts[0], SamplingParams(max_tokens=4, temperature=0))])  # warm up
+        steps.decode.clear()
+        counts = {"tokens": 0, "texts": 0, "ended": 0}
+        errors: list[Exception] = []
+        lock, finished = threading.Lock(), threading.Event()
+
+        def client(i: int, left: list[int]):
+            def on_event(event) -> None:
+                with lock:
+                    if event.kind == "text":
+                        counts["texts"] += 1
+                        return
+                    if event.kind == "error":
+                        errors.append(event.error)
+                    counts["tokens"] += event.completion_tokens
+                    counts["ended"] += 1
+                    if counts["ended"] == concurrency * per_client or errors:
+                        finished.set()
+                        return
+                    left[0] -= 1
+                if left[0]:  # the client's next request, at once (from the scheduler's thread, as a callback)
+                    scheduler.submit(GenerationRequest(prompts[i], params), on_event)
+            return on_event
+
+        clock = scheduler_clock()
+        start, cpu = time.perf_counter(), time.clock_gettime(clock)
+        first = scheduler.steps
+        for i, prompt in enumerate(prompts):
+            while scheduler.steps - first < i * tokens // concurrency:
+                time.sleep(0.0005)
+            scheduler.submit(GenerationRequest(prompt, params), client(i, [per_client]))
+        if not finished.wait(3600):
+            raise TimeoutError("the engine did not finish")
+        seconds, cpu_seconds = time.perf_counter() - start, time.clock_gettime(clock) - cpu
+    finally:
+        scheduler.stop()
+    if errors:
+        raise RuntimeError(f"a request failed: {errors[0]}")
+    if counts["tokens"] != concurrency * per_client * tokens:
+        raise RuntimeError(f"{counts['tokens']} tokens generated, expected {concurrency * per_client * tokens}")
+    full = [s for rows, s in steps.decode if rows == concurrency]
+    return {"code": str(Path(serving.__file__).resolve().parent.parent), "concurrency": concurrency,
+            "tokens_per_request": tokens, "requests_per_client": per_client, "tokens": counts["tokens"],
+            "text_events": counts["texts"],
+            "seconds": round(seconds, 2), "tokens_per_s": round(counts["tokens"] / seconds, 1),
+            "cpu_ms_per_token": round(1000 * cpu_seconds / counts["tokens"], 3),
+            "decode_steps": len(steps.decode), "full_batch_steps": len(full),
+            "full_batch_step_ms_p50": round(1000 * statistics.median(full), 2) if full else None,
+            "load_average": round(os.getloadavg()[0], 2)}
+
+
+def export_tree(ref: str) -> tuple[Path, str]:
+    """``git archive`` of ``ref`` into a scratch folder (once per commit): (its root, its short commit)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    commit = subprocess.run(["git", "rev-parse", "--short", ref], cwd=repo, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    root = SCRATCH / f"tree-{commit}"
+    if not (root / "serving").is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", commit], cwd=repo, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    return root, commit
+
+
+def decode_compare(base: str, home: str | None, against: str, threads: int, concurrency: tuple[int, ...],
+                   tokens: int, rounds: int, after: str = "HEAD",
+                   per_client: int = DECODE_REQUESTS_PER_CLIENT) -> dict:
+    """The same closed-loop runs over the code of commit ``after`` and of ``against``, each exported and run
+    in its own process, alternating (ABBA per concurrency, ``rounds`` times) so the shared machine's load
+    hits both alike."""
+    import subprocess
+
+    trees = {}
+    for label, ref in (("before", against), ("after", after)):
+        root, commit = export_tree(ref)
+        trees[label] = (root, f"{ref}@{commit}")
+    runs: list[dict] = []
+    for n in concurrency:
+        order = ["before", "after"] * rounds
+        for r in range(rounds):
+            if r % 2:
+                order[2 * r], order[2 * r + 1] = order[2 * r + 1], order[2 * r]
+        for label in order:
+            root, name = trees[label]
+            env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": str(threads)}
+            cmd = [sys.executable, __file__, "--decode-worker", str(n), "--decode-tokens", str(tokens),
+                   "--decode-per-client", str(per_client),
+                   "--base", base, "--threads", str(threads), *(["--home", home] if home else [])]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            run_ = json.loads(out.strip().splitlines()[-1])
+            if Path(run_["code"]) != root.resolve():
+                raise RuntimeError(f"the {label} run imported {run_['code']}, not {root}")
+            run_.update(label=label, tree=name)
+            runs.append(run_)
+            print(f"{label:6s} {name:24s} n={n:<3d} {run_['tokens_per_s']:7.1f} tok/s "
+                  f"{run_['cpu_ms_per_token']:7.2f} CPU ms/token  step p50 {run_['full_batch_step_ms_p50']} ms  "
+                  f"load {run_['load_average']}", flush=True)
+    summary = []
+    for n in concurrency:
+        row = {"concurrency": n}
+        for label in trees:
+            mine = [r for r in runs if r["concurrency"] == n and r["label"] == label]
+            row[f"{label}_tokens_per_s"] = round(statistics.median(r["tokens_per_s"] for r in mine), 1)
+            row[f"{label}_cpu_ms_per_token"] = round(statistics.median(r["cpu_ms_per_token"] for r in mine), 3)
+            row[f"{label}_step_ms_p50"] = statistics.median(r["full_batch_step_ms_p50"] for r in mine)
+        row["speedup"] = round(row["after_tokens_per_s"] / row["before_tokens_per_s"], 3)
+        row["cpu_ratio"] = round(row["after_cpu_ms_per_token"] / row["before_cpu_ms_per_token"], 3)
+        summary.append(row)
+    return {"trees": {k: v[1] for k, v in trees.items()}, "tokens_per_request": tokens,
+            "requests_per_client": per_client, "rounds": rounds,
+            "summary": summary, "runs": runs, "environment": environment(),
+            "machine": {"threads": threads, "logical_cpus": os.cpu_count(), "device": "cpu",
+                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}}
+
+
+def decode_markdown(result: dict) -> str:
+    t = result["trees"]
+    lines = [
+        "# Long generations: the decode loop before and after",
+        "",
+        f"`{result['command']}`",
+        "",
+        f"Before: {t['before']}; after: {t['after']}. Each run: N clients, each sending "
+        f"{result['requests_per_client']} requests of {result['tokens_per_request']} generated tokens back to back "
+        "(greedy, eos ignored, text streamed as the server does), "
+        f"client i starting at decode step i·{result['tokens_per_request']}/N, so rows join and leave throughout; "
+        "base model rows, SmolLM2-135M-Instruct float32. The two trees run alternately (ABBA), each in its own "
+        "process; figures are medians over the rounds. CPU ms/token: the scheduler thread's CPU time "
+        "(the thread that owns the model). Step p50: decode steps with all N rows running.",
+        "",
+        f"Machine: {result['environment'].get('cpu')}, {result['machine']['logical_cpus']} logical CPUs (shared), "
+        f"{result['machine']['threads']} torch thread(s), device {result['machine']['device']}.",
+        "",
+        "| N | before tok/s | after tok/s | speedup | before CPU ms/tok | after CPU ms/tok | before step ms "
+        "| after step ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["summary"]:
+        lines.append(f"| {r['concurrency']} | {r['before_tokens_per_s']} | {r['after_tokens_per_s']} | "
+                     f"{r['speedup']}× | {r['before_cpu_ms_per_token']} | {r['after_cpu_ms_per_token']} | "
+                     f"{r['before_step_ms_p50']} | {r['after_step_ms_p50']} |")
+    lines += ["", "Every run:", "", "| tree | N | tok/s | CPU ms/tok | step ms p50 | seconds | load |",
+              "|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        lines.append(f"| {r['tree']} | {r['concurrency']} | {r['tokens_per_s']} | {r['cpu_ms_per_token']} | "
+                     f"{r['full_batch_step_ms_p50']} | {r['seconds']} | {r['load_average']} |")
+    return "\n".join(lines) + "\n"
+
+
+def decode_plot(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = result["summary"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = range(len(summary))
+    ax.bar([i - 0.2 for i in x], [r["before_tokens_per_s"] for r in summary], 0.4, color="#999",
+           label=result["trees"]["before"])
+    ax.bar([i + 0.2 for i in x], [r["after_tokens_per_s"] for r in summary], 0.4, color="#4c72b0",
+           label=result["trees"]["after"])
+    for i, r in zip(x, summary):
+        ax.text(i + 0.2, r["after_tokens_per_s"], f"{r['speedup']}×", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(x), [f"{r['concurrency']} concurrent" for r in summary])
+    ax.set_ylabel("generated tokens/s")
+    ax.set_title(f"Long generations ({result['tokens_per_request']} tokens), cpu, "
+                 f"{result['machine']['threads']} thread(s)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def decode_main(args) -> int:
+    concurrency = tuple(int(n) for n in args.decode_concurrency.split(","))
+    result = decode_compare(args.base, args.home, args.decode_against, args.threads, concurrency,
+                            args.decode_tokens, args.decode_rounds, args.decode_after, args.decode_per_client)
+    result["command"] = " ".join(["python benchmarks/bench_serving.py", *sys.argv[1:]])
+    out = Path(args.out_dir) if args.out_dir else RESULTS / args.base
+    paths = write_results("serving_decode", result, decode_markdown(result), out=out)
+    paths.append(decode_plot(result, out / "serving_decode.png"))
+    print(decode_markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -775,7 +1008,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a small sweep in a few minutes (and the smoke test)")
     p.add_argument("--out-dir", default=None, help="default: benchmarks/results/{base}")
     p.add_argument("--render", default=None, metavar="JSON", help="only rewrite the .md and .png of a results file")
+    p.add_argument("--decode", action="store_true",
+                   help="only the long-generation runs: --decode-after against --decode-against, side by side")
+    p.add_argument("--decode-against", default="main", help="the commit the long-generation runs compare with")
+    p.add_argument("--decode-after", default="HEAD", help="the commit compared with it (committed code only)")
+    p.add_argument("--decode-concurrency", default=",".join(map(str, DECODE_CONCURRENCY)))
+    p.add_argument("--decode-tokens", type=int, default=DECODE_TOKENS)
+    p.add_argument("--decode-rounds", type=int, default=1, help="ABBA rounds per concurrency")
+    p.add_argument("--decode-per-client", type=int, default=DECODE_REQUESTS_PER_CLIENT,
+                   help="requests each client sends back to back")
+    p.add_argument("--decode-worker", type=int, default=None, help=argparse.SUPPRESS)  # one run, JSON on stdout
     args = p.parse_args(argv)
+    if args.decode_worker is not None:
+        print(json.dumps(decode_worker(args.base, args.home, args.decode_worker, args.decode_tokens, args.threads,
+                                       args.decode_per_client)))
+        return 0
+    if args.decode:
+        return decode_main(args)
     if args.render:
         path = Path(args.render)
         result = json.loads(path.read_text())

@@ -43,7 +43,7 @@ from serving.backend import (
     shared_input_groups,
 )
 from serving.config import EngineConfig
-from serving.generation import BatchKV, left_pad, positions_of
+from serving.generation import RowKV, left_pad, positions_of
 from serving.slots import MixtureCache, SlotTable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config.DTYPE_NAMES
@@ -117,7 +117,7 @@ class Engine:
         with torch.inference_mode():
             self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
         try:
-            BatchKV.check_layers(cache)
+            RowKV.check_layers(cache)
         except TypeError as err:
             raise ModelDirError(f"this model cannot be served with per-row batching: {err}") from err
 

@@ -6,13 +6,21 @@ One thread owns the engine. Each iteration it
    budget, each on its own (so a probe's result never depends on other traffic); the
    thread that asked waits for its result. The probe is a phase of the loop, not a holder
    of the engine's lock that a decode step would wait on at an arbitrary moment,
-1. drops rows whose client went away (their slot is unpinned at once),
+1. drops rows whose client went away or whose text reached a stop string (their slot
+   is unpinned at once),
 2. admits waiting requests while there is room (``max_batch`` rows, a prefill token
    budget, a free slot for the request's mixture), prefills them together and samples
    their first token,
-3. runs one decode step for every running row (each row its own mixture and sampling),
-4. hands every row its new text; a row that hit eos, a stop string or ``max_tokens``
-   leaves the batch and unpins its slot, the others go on.
+3. runs one decode step for every running row (each row its own mixture and sampling;
+   one device -> host transfer for the step),
+4. hands every row's new token id to the text thread (:class:`TextThread`); a row that
+   hit eos or ``max_tokens`` leaves the batch and unpins its slot, the others go on.
+
+Text is made on that second thread: incremental detokenizing, stop strings (exact
+across token boundaries), every event of a request in order. A row whose text reached a
+stop string leaves at the engine thread's next iteration; the tokens it generated in
+between are discarded, so its output and counts are those of the token that completed
+the stop.
 
 One request's failure is its own: a row whose logits are NaN or infinite (a mixture
 that blew the model's numbers up), or whose sampling fails, gets an error event and
@@ -20,13 +28,15 @@ leaves; the other rows never see it. Every accepted request ends with exactly on
 ``done`` or ``error`` event, and its slot is unpinned when it does, whatever fails.
 
 The waiting queue is bounded (``ServerBusy`` past ``max_queue``). Events reach the
-caller through the ``on_event`` callback given at submit time, from the scheduler
-thread; the HTTP layer forwards them to its event loop.
+caller through the ``on_event`` callback given at submit time, from the text thread
+(a request refused while waiting: from the scheduler thread); the HTTP layer forwards
+them to its event loop.
 """
 
 from __future__ import annotations
 
 import itertools
+import queue
 import threading
 import time
 from collections import deque
@@ -38,7 +48,7 @@ import torch
 from adapters_zoo.errors import NumericalFailure, ServerBusy, ServiceUnavailable
 from serving.config import SchedulerConfig
 from serving.engine import Engine, PromptProbe
-from serving.generation import BatchKV, SamplingParams, TextStream, choose_tokens, make_generator
+from serving.generation import RowKV, SamplingParams, TextStream, make_generator, read_logits, sample_row
 from serving.heap import HeapTrimmer
 from serving.slots import MixtureCores, NoFreeSlot
 
@@ -105,14 +115,124 @@ class SchedulerObserver:
         pass
 
 
+class _Text:
+    """One request's text, made on the text thread from the ids the engine's thread hands it."""
+
+    def __init__(self, handle: RequestHandle, stream: TextStream):
+        self.handle, self.stream = handle, stream
+        self.stop_at: int | None = None  # tokens generated when a stop string was hit (read by the engine thread)
+        self.pending: Event | None = None  # the stop's "done", sent once the engine has let the row go
+        self.closed = False  # the final event went out
+
+
+class TextThread:
+    """Generated ids -> text events, off the thread that owns the device.
+
+    The engine's thread only appends ids (``token``); this thread detokenizes them
+    incrementally, holds back and cuts at stop strings, and sends every event of a
+    request, in order. A stop string is found here: the request's ``stop_at`` tells the
+    engine's thread, which drops the row at its next iteration (the tokens it generated
+    meanwhile are discarded) and then ``release``s it, so a "done" always follows the
+    release of its slot, as every final event does.
+    """
+
+    def __init__(self, observer: SchedulerObserver):
+        self.observer = observer
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="specfuse-text", daemon=True)
+        self._thread.start()
+
+    def token(self, text: _Text, token: int, end: str | None, generated: int) -> None:
+        """One generated token; ``end``: "eos" (the token is eos: not text), "length", or None (more follow)."""
+        self._queue.put((self._token, text, token, end, generated))
+
+    def release(self, text: _Text) -> None:
+        """The engine dropped a row that hit a stop string: its "done" may go."""
+        self._queue.put((self._release, text))
+
+    def end(self, text: _Text, error: Exception | None, generated: int) -> None:
+        """An end decided on the engine's thread: ``error``, or (None) the client went away."""
+        self._queue.put((self._end, text, error, generated))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Send what is queued, then end the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                item[0](*item[1:])
+            except Exception as err:  # a tokenizer that fails on these ids: this request alone ends
+                text = item[1]
+                if not text.closed:
+                    text.closed = True
+                    text.handle.emit(Event("error", error=err))
+
+    def _token(self, text: _Text, token: int, end: str | None, generated: int) -> None:
+        if text.closed:
+            return
+        if text.stop_at is not None:  # generated after the stop, before the engine saw it
+            if end is not None:  # the engine ended the row on its own meanwhile: the slot is free
+                self._send_pending(text)
+            return
+        stream = text.stream
+        if end == "eos":
+            self._done(text, "stop", stream.flush(), generated)
+            return
+        delta, hit = stream.push(token)
+        if hit:
+            text.stop_at = generated
+            text.pending = self._final(text, "stop", delta, generated)
+            if end is not None:
+                self._send_pending(text)
+        elif end == "length":
+            self._done(text, "length", delta + stream.flush(), generated)
+        elif delta:
+            text.handle.emit(Event("text", text=delta))
+
+    def _release(self, text: _Text) -> None:
+        self._send_pending(text)
+
+    def _end(self, text: _Text, error: Exception | None, generated: int) -> None:
+        if text.closed:
+            return
+        if text.pending is None:  # (else it had finished already: that "done" goes)
+            if error is not None:
+                text.closed = True
+                text.handle.emit(Event("error", error=error))
+                return
+            text.pending = self._final(text, "cancelled", "", generated)
+        self._send_pending(text)
+
+    def _final(self, text: _Text, reason: str, delta: str, generated: int) -> Event:
+        return Event("done", text=delta, finish_reason=reason, output=text.stream.text,
+                     token_ids=list(text.stream.ids), prompt_tokens=len(text.handle.request.prompt),
+                     completion_tokens=generated)
+
+    def _done(self, text: _Text, reason: str, delta: str, generated: int) -> None:
+        text.pending = self._final(text, reason, delta, generated)
+        self._send_pending(text)
+
+    def _send_pending(self, text: _Text) -> None:
+        if text.closed or text.pending is None:
+            return
+        text.closed = True
+        event = text.pending
+        text.handle.emit(event)
+        self.observer.on_finish(text.handle, event.finish_reason, event.prompt_tokens, event.completion_tokens)
+
+
 @dataclass
 class _Row:
     handle: RequestHandle
     slot: int
-    stream: TextStream
+    text: _Text
     gen: torch.Generator
     last: int = -1  # the token the next step feeds
     generated: int = 0
+    kv_row: int = -1  # its row of the RowKV once it runs
+    ended: bool = False  # released; its final event is the text thread's to send
 
     @property
     def params(self) -> SamplingParams:
@@ -130,16 +250,22 @@ class Scheduler:
         self._rows: list[_Row] = []
         self._newcomers: list[_Row] = []  # admitted (slot pinned), not yet in the running batch
         self._probes: deque[_Probe] = deque()
-        self._kv = BatchKV()
+        self._kv = self._new_kv()
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.heap = HeapTrimmer(self.config.heap_trim_s)
         self.steps = 0
+        self._text: TextThread | None = None
+
+    def _new_kv(self) -> RowKV:
+        sdpa = getattr(self.engine.model.config, "_attn_implementation", None) == "sdpa"
+        return RowKV(mask_4d=sdpa)  # sdpa takes the (rows, 1, 1, span) mask view as it is: no mask build
 
     # ------------------------------------------------------------------ API
 
     def start(self) -> Scheduler:
+        self._text = TextThread(self.observer)
         self._thread = threading.Thread(target=self._loop, name="specfuse-scheduler", daemon=True)
         self._thread.start()
         self.engine.prober = self.probe
@@ -153,6 +279,8 @@ class Scheduler:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._text is not None:
+            self._text.stop(timeout)
 
     @property
     def alive(self) -> bool:
@@ -208,7 +336,7 @@ class Scheduler:
             self.heap.maybe_trim()
             try:
                 self._run_probes()
-                self._drop_cancelled()
+                self._drop_finished()
                 self._admit()
                 admitted = bool(self._newcomers)
                 if admitted:
@@ -243,15 +371,19 @@ class Scheduler:
                 job.done.set()
             self.observer.on_step("probe", len(job.prompts), time.perf_counter() - start)
 
-    def _drop_cancelled(self) -> None:
-        keep = [i for i, row in enumerate(self._rows) if not row.handle.cancelled]
-        if len(keep) == len(self._rows):
+    def _drop_finished(self) -> None:
+        """Drop the rows whose client went away and those the text thread found a stop string in."""
+        gone = [row for row in self._rows if row.handle.cancelled or row.text.stop_at is not None]
+        if not gone:
             return
-        for row in self._rows:
-            if row.handle.cancelled:
-                self._finish(row, "cancelled", "")
-        self._rows = [self._rows[i] for i in keep]
-        self._kv.keep(keep)
+        for row in gone:
+            self._release(row)
+            if row.text.stop_at is not None:
+                self._text.release(row.text)
+            else:
+                self._text.end(row.text, None, row.generated)
+        self._rows = [row for row in self._rows if row not in gone]
+        self._leave(gone)
 
     def _admit(self) -> None:
         """Move waiting requests into ``_newcomers`` (their slots pinned) while there is room."""
@@ -280,7 +412,7 @@ class Scheduler:
                 continue
             self._remove_pending(handle)
             budget -= len(request.prompt)
-            rows.append(_Row(handle, slot, TextStream(self.engine.tokenizer, request.params.stop),
+            rows.append(_Row(handle, slot, _Text(handle, TextStream(self.engine.tokenizer, request.params.stop)),
                              make_generator(request.params.seed)))
 
     def _remove_pending(self, handle: RequestHandle) -> None:
@@ -295,48 +427,61 @@ class Scheduler:
             for row in rows:
                 self._fail(row, err)
             return
-        tokens = self._choose(rows, logits)
+        tokens = self._choose(rows, logits, list(range(len(rows))))
         self.observer.on_step("prefill", len(rows), time.perf_counter() - start)
         alive = [i for i, (row, token) in enumerate(zip(rows, tokens)) if not self._step_row(row, token)]
-        if alive:
-            block = BatchKV()
-            block.merge(cache, mask)
-            block.keep(alive)
-            self._kv.merge(block.cache, block.mask)
-            self._rows.extend(rows[i] for i in alive)
+        for i, kv_row in zip(alive, self._kv.join(cache, mask, alive)):  # only the newcomers' rows are written
+            rows[i].kv_row = kv_row
+            self._kv.set_next(kv_row, rows[i].last)
+            self._rows.append(rows[i])
 
     def _decode(self) -> None:
         start = time.perf_counter()
-        ids = torch.tensor([[row.last] for row in self._rows], device=self.engine.device)  # (rows, 1)
-        mask, positions = self._kv.step_inputs()
-        logits = self.engine.forward(ids, mask, positions, self._kv.cache, [row.slot for row in self._rows])
-        tokens = self._choose(self._rows, logits)
+        ids, mask, positions, cache = self._kv.step_inputs()  # KV row i: the running row whose kv_row is i
+        slots = [-1] * self._kv.rows
+        for row in self._rows:
+            slots[row.kv_row] = row.slot
+        logits = self.engine.forward(ids, mask, positions, cache, slots)  # (rows, V)
+        self._kv.advance()
+        tokens = self._choose(self._rows, logits, [row.kv_row for row in self._rows])
         self.steps += 1
         self.observer.on_step("decode", len(self._rows), time.perf_counter() - start)
-        keep = [i for i, (row, token) in enumerate(zip(self._rows, tokens)) if not self._step_row(row, token)]
-        self._rows = [self._rows[i] for i in keep]
-        self._kv.keep(keep)
+        running, gone = [], []
+        for row, token in zip(self._rows, tokens):
+            if self._step_row(row, token):
+                gone.append(row)
+            else:
+                self._kv.set_next(row.kv_row, row.last)
+                running.append(row)
+        self._rows = running
+        self._leave(gone)
 
-    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[int | Exception]:
-        """Each row's next token, or the error that ends that row alone (non-finite logits, failed sampling)."""
-        finite = torch.isfinite(logits).all(dim=-1).tolist()  # (rows,): rows are independent, so is their NaN
-        out: list[int | Exception] = [0 if f else _non_finite(row) for row, f in zip(rows, finite)]
-        ok = [i for i, f in enumerate(finite) if f]
-        if not ok:
-            return out
-        picked = logits if len(ok) == len(rows) else logits[ok]  # (ok, V)
-        try:
-            tokens = choose_tokens(picked, [rows[i].params for i in ok], [rows[i].gen for i in ok])
-        except Exception:  # one row's sampling failed (e.g. a temperature that overflows): find it
-            tokens = []
-            for j, i in enumerate(ok):
-                try:
-                    tokens.append(choose_tokens(picked[j : j + 1], [rows[i].params], [rows[i].gen])[0])
-                except Exception as err:
-                    tokens.append(NumericalFailure(f"sampling failed for this request ({type(err).__name__}: "
-                                                   f"{err}); it was ended, other requests are unaffected"))
-        for i, token in zip(ok, tokens):
-            out[i] = token
+    def _leave(self, gone: list[_Row]) -> None:
+        """Free the KV rows of rows that left the batch; a row that moves into a freed one follows."""
+        owner = {row.kv_row: row for row in [*self._rows, *gone]}
+        for row in gone:
+            moved = self._kv.leave(row.kv_row)  # the last KV row moved into this one, or None
+            del owner[row.kv_row]
+            if moved is not None:
+                mover = owner.pop(moved)
+                mover.kv_row = row.kv_row
+                owner[mover.kv_row] = mover
+            row.kv_row = -1
+
+    def _choose(self, rows: list[_Row], logits: torch.Tensor, index: list[int]) -> list[int | Exception]:
+        """Each row's next token from its logits row ``index[i]``, or the error that ends that row alone
+        (non-finite logits, failed sampling). One device -> host transfer for the whole step."""
+        sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+        greedy, finite, host = read_logits(logits, [index[i] for i in sampled])
+        out: list[int | Exception] = [greedy[k] if finite[k] else _non_finite(row) for row, k in zip(rows, index)]
+        for j, i in enumerate(sampled):
+            if isinstance(out[i], Exception):
+                continue
+            try:
+                out[i] = sample_row(host[j], rows[i].params, rows[i].gen)
+            except Exception as err:  # e.g. a temperature that overflows: this row alone
+                out[i] = NumericalFailure(f"sampling failed for this request ({type(err).__name__}: "
+                                          f"{err}); it was ended, other requests are unaffected")
         return out
 
     def _step_row(self, row: _Row, token: int | Exception) -> bool:
@@ -347,44 +492,39 @@ class Scheduler:
         return self._advance(row, token)
 
     def _advance(self, row: _Row, token: int) -> bool:
-        """Take one sampled token; return True when the row is finished (and released)."""
+        """Take one sampled token; return True when the row is finished (and released). Its text is made
+        on the text thread; a stop string found there ends the row at a later iteration."""
         row.generated += 1
         row.last = token
         params = row.params
-        if token in self.engine.eos_ids and not params.ignore_eos:
-            self._finish(row, "stop", row.stream.flush())
-            return True
-        delta, hit_stop = row.stream.push(token)
-        if hit_stop:
-            self._finish(row, "stop", delta)
-            return True
         at_limit = len(row.handle.request.prompt) + row.generated >= self.engine.max_positions
-        if row.generated >= params.max_tokens or at_limit:
-            self._finish(row, "length", delta + row.stream.flush())
-            return True
-        if delta:
-            row.handle.emit(Event("text", text=delta))
-        return False
+        if token in self.engine.eos_ids and not params.ignore_eos:
+            end = "eos"
+        elif row.generated >= params.max_tokens or at_limit:
+            end = "length"
+        else:
+            end = None
+        if end is not None:
+            self._release(row)  # before the text thread sends "done"
+        self._text.token(row.text, token, end, row.generated)
+        return end is not None
 
-    def _finish(self, row: _Row, reason: str, text: str) -> None:
-        self.engine.slots.release(row.slot)
-        prompt_tokens = len(row.handle.request.prompt)
-        row.handle.emit(Event("done", text=text, finish_reason=reason, output=row.stream.text,
-                              token_ids=list(row.stream.ids),
-                              prompt_tokens=prompt_tokens, completion_tokens=row.generated))
-        self.observer.on_finish(row.handle, reason, prompt_tokens, row.generated)
-
-    def _fail(self, row: _Row, err: Exception) -> None:
+    def _release(self, row: _Row) -> None:
+        """Unpin the row's slot, once (its final event goes out on the text thread, later)."""
         self.engine.slots.release(row.slot)
         row.slot = -1
-        row.handle.emit(Event("error", error=err))
+        row.ended = True
+
+    def _fail(self, row: _Row, err: Exception) -> None:
+        self._release(row)
+        self._text.end(row.text, err, row.generated)
 
     def _fail_all(self, err: Exception, pending: bool = False) -> None:
         for row in [*self._rows, *self._newcomers]:
-            if not row.handle.finished:
+            if not row.ended:
                 self._fail(row, err)
         self._rows, self._newcomers = [], []
-        self._kv = BatchKV()
+        self._kv = self._new_kv()
         if pending:
             with self._cond:
                 waiting, self._pending = list(self._pending), deque()
