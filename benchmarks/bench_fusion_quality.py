@@ -71,8 +71,19 @@ from fusion_quality.protocol import (  # noqa: E402
     run_method,
     subsets,
 )
-from fusion_quality.sources import PEFT, VARIANTS, Source, Zoo, open_zoo, peft_source, trained_source, zoo_source  # noqa: E402
+from fusion_quality.sources import (  # noqa: E402
+    PEFT,
+    VARIANTS,
+    Source,
+    Zoo,
+    open_zoo,
+    peft_source,
+    trained_source,
+    variant,
+    zoo_source,
+)
 
+from adapters_zoo.errors import InvalidConfig  # noqa: E402
 from fusion.distill import DistillConfig  # noqa: E402
 
 ALL_METHODS = SPECTRAL_METHODS + PEFT_METHODS
@@ -146,7 +157,7 @@ def build_sources(settings: Settings, zoo: Zoo, suite: str, model, tokenizer) ->
     cache_dir = (settings.cache or SCRATCH / "fusion_quality") / "adapters" / zoo.basis.fingerprint[:12]
     for name in variants_of(settings, zoo):
         start = time.perf_counter()
-        source, count = trained_source(zoo, suite, VARIANTS[name], model, tokenizer, cache_dir,
+        source, count = trained_source(zoo, suite, variant(name), model, tokenizer, cache_dir,
                                        lambda message: log(settings, message), train=not settings.cached_only)
         if source is None:
             skipped += 1
@@ -392,7 +403,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--kinds", help="comma-separated zoo kinds to fuse (default: the zoo's)")
     p.add_argument("--subset-kinds", help="comma-separated kinds also fused in the smaller subsets (default: all; "
                    "PEFT always)")
-    p.add_argument("--variants", help=f"comma-separated fusion-ready variants ({', '.join(VARIANTS)}; '' for none)")
+    p.add_argument("--variants", help="comma-separated fusion-ready variants KIND[@slice][+kl[WEIGHT]] (default: "
+                   f"{', '.join(VARIANTS)} on char zoos, none on chat zoos; '' for none)")
     p.add_argument("--methods", help="comma-separated methods (default: all)")
     p.add_argument("--sizes", help="comma-separated numbers of tasks fused (default 2,4,8)")
     p.add_argument("--draws", type=int, help="random subsets per size (default 3)")
@@ -468,9 +480,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     unknown = [m for m in settings.methods if m not in ALL_METHODS]
     if unknown:
         p.error(f"unknown method {unknown[0]!r} (known: {', '.join(ALL_METHODS)})")
-    unknown = [v for v in settings.variants or () if v not in VARIANTS]
-    if unknown:
-        p.error(f"unknown variant {unknown[0]!r} (known: {', '.join(VARIANTS)})")
+    for name in settings.variants or ():
+        try:
+            variant(name)
+        except InvalidConfig as err:
+            p.error(str(err))
     return settings
 
 
