@@ -6,8 +6,10 @@ PEFT LoRA baselines; on the real base SmolLM2-135M-Instruct the chat suites *rec
 a *compatible* suite of 8):
 
 1. sources: the zoo's adapters of every kind (trained plainly), fusion-ready variants
-   trained here (``+kl``: KL to the base on other tasks' and pretraining prompts;
-   ``@slice``: disjoint basis directions per task; cached on disk), and the PEFT LoRAs;
+   trained here (``--variants KIND[@slice][+kl[WEIGHT]]``: ``+kl`` adds KL to the base on
+   the other tasks' prompts and general ones, weighed WEIGHT (default 1); ``@slice`` gives
+   each task its own disjoint basis directions; on char and chat zoos alike; cached on
+   disk), and the PEFT LoRAs;
 2. individual accuracy of every adapter (validation and test);
 3. fusion of all tasks and of random subsets (2, 4, …) with every method: the spectral
    ones of ``fusion.methods`` on cores, PEFT's ``add_weighted_adapter`` combinations on
