@@ -6,8 +6,10 @@ PEFT LoRA baselines; on the real base SmolLM2-135M-Instruct the chat suites *rec
 a *compatible* suite of 8):
 
 1. sources: the zoo's adapters of every kind (trained plainly), fusion-ready variants
-   trained here (``+kl``: KL to the base on other tasks' and pretraining prompts;
-   ``@slice``: disjoint basis directions per task; cached on disk), and the PEFT LoRAs;
+   trained here (``--variants KIND[@slice][+kl[WEIGHT]]``: ``+kl`` adds KL to the base on
+   the other tasks' prompts and general ones, weighed WEIGHT (default 1); ``@slice`` gives
+   each task its own disjoint basis directions; on char and chat zoos alike; cached on
+   disk), and the PEFT LoRAs;
 2. individual accuracy of every adapter (validation and test);
 3. fusion of all tasks and of random subsets (2, 4, …) with every method: the spectral
    ones of ``fusion.methods`` on cores, PEFT's ``add_weighted_adapter`` combinations on
@@ -71,8 +73,19 @@ from fusion_quality.protocol import (  # noqa: E402
     run_method,
     subsets,
 )
-from fusion_quality.sources import PEFT, VARIANTS, Source, Zoo, open_zoo, peft_source, trained_source, zoo_source  # noqa: E402
+from fusion_quality.sources import (  # noqa: E402
+    PEFT,
+    VARIANTS,
+    Source,
+    Zoo,
+    open_zoo,
+    peft_source,
+    trained_source,
+    variant,
+    zoo_source,
+)
 
+from adapters_zoo.errors import InvalidConfig  # noqa: E402
 from fusion.distill import DistillConfig  # noqa: E402
 
 ALL_METHODS = SPECTRAL_METHODS + PEFT_METHODS
@@ -146,7 +159,7 @@ def build_sources(settings: Settings, zoo: Zoo, suite: str, model, tokenizer) ->
     cache_dir = (settings.cache or SCRATCH / "fusion_quality") / "adapters" / zoo.basis.fingerprint[:12]
     for name in variants_of(settings, zoo):
         start = time.perf_counter()
-        source, count = trained_source(zoo, suite, VARIANTS[name], model, tokenizer, cache_dir,
+        source, count = trained_source(zoo, suite, variant(name), model, tokenizer, cache_dir,
                                        lambda message: log(settings, message), train=not settings.cached_only)
         if source is None:
             skipped += 1
@@ -392,7 +405,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--kinds", help="comma-separated zoo kinds to fuse (default: the zoo's)")
     p.add_argument("--subset-kinds", help="comma-separated kinds also fused in the smaller subsets (default: all; "
                    "PEFT always)")
-    p.add_argument("--variants", help=f"comma-separated fusion-ready variants ({', '.join(VARIANTS)}; '' for none)")
+    p.add_argument("--variants", help="comma-separated fusion-ready variants KIND[@slice][+kl[WEIGHT]] (default: "
+                   f"{', '.join(VARIANTS)} on char zoos, none on chat zoos; '' for none)")
     p.add_argument("--methods", help="comma-separated methods (default: all)")
     p.add_argument("--sizes", help="comma-separated numbers of tasks fused (default 2,4,8)")
     p.add_argument("--draws", type=int, help="random subsets per size (default 3)")
@@ -468,9 +482,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     unknown = [m for m in settings.methods if m not in ALL_METHODS]
     if unknown:
         p.error(f"unknown method {unknown[0]!r} (known: {', '.join(ALL_METHODS)})")
-    unknown = [v for v in settings.variants or () if v not in VARIANTS]
-    if unknown:
-        p.error(f"unknown variant {unknown[0]!r} (known: {', '.join(VARIANTS)})")
+    for name in settings.variants or ():
+        try:
+            variant(name)
+        except InvalidConfig as err:
+            p.error(str(err))
     return settings
 
 

@@ -13,9 +13,13 @@ variants separate what fusion can do from what training for fusion adds:
 - ``@slice`` (``--slice``): task i trains only basis directions [w·i, w·i + w), w = k / tasks,
   so the adapters of a suite occupy disjoint directions (Spectral Adapter's route to fusion).
 
+A variant is named ``KIND[@slice][+kl[WEIGHT]]`` (:func:`variant`): ``scale@slice``,
+``rotation@slice+kl``, ``scale+kl0.1`` (KL weight 0.1; ``+kl`` alone weighs it 1).
+
 A zoo on the real base (``zoo.chat``: its settings name a fetched base, not ``char``) has
 the chat suites of :mod:`adapters_zoo.tasks.chat`; its base model is the fetched directory.
-Fusion-ready variants are trained on the char suites only.
+There the preserve set is the other tasks of the suite (their training conversations) and,
+for the base's own behaviour, conversations of the other chat suites' tasks.
 
 They train with the zoo's steps, batch size, data and per-kind learning rate, and are
 cached on disk (a file is reused when its recorded settings match).
@@ -186,17 +190,46 @@ class Variant:
     kind: str
     slices: bool  # disjoint direction slices per task
     preserve: bool  # KL to the base on other tasks' and pretraining prompts
+    kl_weight: float = KL_WEIGHT
 
     @property
     def training(self) -> str:
         return "+".join(p for p, on in (("slices", self.slices), ("preserve", self.preserve)) if on) or "plain"
 
 
-VARIANTS = {v.name: v for v in (
+VARIANT_KINDS = ("scale", "svft", "rotation", "additive")
+VARIANTS = {v.name: v for v in (  # the char run's default set
     Variant("scale+kl", "scale", slices=False, preserve=True),
     Variant("additive@slice", "additive", slices=True, preserve=False),
     Variant("additive@slice+kl", "additive", slices=True, preserve=True),
 )}
+
+
+def variant(name: str) -> Variant:
+    """The variant named ``KIND[@slice][+kl[WEIGHT]]`` (``scale@slice``, ``rotation@slice+kl0.1``)."""
+    rest, plus, kl = name.partition("+")
+    kind, at, where = rest.partition("@")
+    weight = KL_WEIGHT
+    problem = None
+    if kind not in VARIANT_KINDS:
+        problem = f"its kind {kind!r} is not one of {', '.join(VARIANT_KINDS)}"
+    elif at and where != "slice":
+        problem = f"'@{where}' is not '@slice'"
+    elif plus and not kl.startswith("kl"):
+        problem = f"'+{kl}' is not '+kl' or '+klWEIGHT'"
+    elif plus and kl != "kl":
+        try:
+            weight = float(kl[2:])
+        except ValueError:
+            problem = f"the KL weight {kl[2:]!r} is not a number"
+        else:
+            if not weight > 0:
+                problem = f"the KL weight must be > 0, got {kl[2:]}"
+    if not (at or plus) and problem is None:
+        problem = "it names neither @slice nor +kl (plain adapters come from the zoo: --kinds)"
+    if problem is not None:
+        raise InvalidConfig(f"variant {name!r}: {problem} (form KIND[@slice][+kl[WEIGHT]], e.g. scale@slice+kl0.1)")
+    return Variant(name, kind, slices=bool(at), preserve=bool(plus), kl_weight=weight)
 
 
 def slice_of(index: int, n_tasks: int, k: int) -> tuple[int, int]:
@@ -205,6 +238,18 @@ def slice_of(index: int, n_tasks: int, k: int) -> tuple[int, int]:
     if width < 1:
         raise InvalidConfig(f"a basis of k={k} cannot give {n_tasks} tasks a direction each")
     return width * index, width * (index + 1)
+
+
+def chat_preserve_examples(zoo: Zoo, suite: str, task: str) -> list[Example]:
+    """On a chat zoo: the other tasks' training conversations, and some of the other suites' tasks'."""
+    from adapters_zoo.tasks.chat import CHAT_SUITES, make_chat_split
+
+    examples = [ex for other in zoo.tasks(suite) if other.name != task
+                for ex in zoo.split(suite, other.name, "train")[:PRESERVE_PER_TASK]]
+    general = [t for s in CHAT_SUITES if s != suite for t in chat_suite_tasks(s)]
+    per_task = max(1, PRESERVE_PRETRAIN // max(len(general), 1))
+    examples += [ex for t in general for ex in make_chat_split(t, "train", per_task, zoo.settings["seed"])]
+    return examples
 
 
 def preserve_examples(suite: str, task: str, seed: int) -> list[Example]:
@@ -222,12 +267,12 @@ def variant_settings(zoo: Zoo, suite: str, variant: Variant, index: int) -> dict
     kind_settings = zoo.report["kind_settings"][variant.kind]
     config = dict(kind_settings["config"], seed=zoo.settings["seed"])
     if variant.slices:
-        config = {"slice": list(slice_of(index, len(suite_tasks(suite)), int(zoo.basis.rank))),
-                  "seed": zoo.settings["seed"]}
+        n_tasks = len(chat_suite_tasks(suite) if zoo.chat else suite_tasks(suite))
+        config = {"slice": list(slice_of(index, n_tasks, int(zoo.basis.rank))), "seed": zoo.settings["seed"]}
     return {
         "format": VARIANT_FORMAT, "variant": variant.name, "kind": variant.kind, "kind_config": config,
         "lr": kind_settings["lr"], "steps": zoo.settings["steps"], "batch_size": zoo.settings["batch_size"],
-        "seed": zoo.settings["seed"], "preserve": variant.preserve, "kl_weight": KL_WEIGHT,
+        "seed": zoo.settings["seed"], "preserve": variant.preserve, "kl_weight": variant.kl_weight,
         "base_fingerprint": zoo.basis.fingerprint,
     }
 
@@ -241,12 +286,9 @@ def trained_source(zoo: Zoo, suite: str, variant: Variant, model, tokenizer, cac
     """
     from adapters_zoo.train import TrainConfig, train_adapter
 
-    if zoo.chat:
-        raise InvalidConfig(f"fusion-ready variants ({variant.name}) train on the char suites only; "
-                            f"{zoo.root} is a {zoo.base_name} zoo (pass --variants '')")
     adapters = {}
     trained = 0
-    suite_names = [t.name for t in suite_tasks(suite)]
+    suite_names = [t.name for t in (chat_suite_tasks(suite) if zoo.chat else suite_tasks(suite))]
     for task in zoo.tasks(suite):
         settings = variant_settings(zoo, suite, variant, suite_names.index(task.name))
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
@@ -260,8 +302,11 @@ def trained_source(zoo: Zoo, suite: str, variant: Variant, model, tokenizer, cac
             return None, 0
         cfg = TrainConfig(kind=variant.kind, kind_config=settings["kind_config"], steps=settings["steps"],
                           lr=settings["lr"], batch_size=settings["batch_size"], seed=settings["seed"],
-                          kl_weight=KL_WEIGHT, device="cpu")
-        preserve = preserve_examples(suite, task.name, settings["seed"]) if variant.preserve else None
+                          kl_weight=variant.kl_weight, device="cpu")
+        preserve = None
+        if variant.preserve:
+            preserve = (chat_preserve_examples(zoo, suite, task.name) if zoo.chat
+                        else preserve_examples(suite, task.name, settings["seed"]))
         adapter, stats = train_adapter(model, tokenizer, zoo.basis, zoo.split(suite, task.name, "train"), cfg,
                                        preserve_examples=preserve, progress=False, verify_basis=False)
         adapter.meta["train"]["stats"].pop("seconds", None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -393,3 +394,79 @@ def test_chat_goals_read_the_numbers():
     summary[2]["mean_normalized"] = 0.39
     keep, beat = report.goals(summary, ["records"], {"records": 4}, chat=True)
     assert not keep["met"] and not beat["met"]
+
+
+# --------------------------------------------------------------------------- fusion-ready variants by name, on chat
+
+
+def test_variant_names_parse_and_bad_names_are_rejected(tmp_path, capsys):
+    from fusion_quality.sources import VARIANTS, variant
+
+    assert variant("additive@slice+kl") == VARIANTS["additive@slice+kl"]
+    sliced = variant("scale@slice")
+    assert (sliced.kind, sliced.slices, sliced.preserve, sliced.training) == ("scale", True, False, "slices")
+    kept = variant("rotation@slice+kl0.1")
+    assert (kept.kind, kept.slices, kept.preserve, kept.kl_weight) == ("rotation", True, True, 0.1)
+    assert variant("scale+kl").kl_weight == 1.0 and variant("scale+kl").training == "preserve"
+    for bad, why in (("lora@slice", "kind 'lora'"), ("scale@top", "'@top'"), ("scale+l2", "'+l2'"),
+                     ("scale+klx", "'x' is not a number"), ("scale+kl0", "must be > 0"), ("scale", "neither")):
+        with pytest.raises(InvalidConfig, match=re.escape(why)):
+            variant(bad)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--zoo", str(tmp_path), "--variants", "scale@slice,rotation@top"])
+    assert "'@top' is not '@slice'" in capsys.readouterr().err
+    assert bench.parse_args(["--zoo", str(tmp_path), "--variants", "scale@slice,scale+kl0.3"]).variants == (
+        "scale@slice", "scale+kl0.3")
+
+
+@pytest.fixture(scope="module")
+def chat_zoo(tiny_llama_dir, tmp_path_factory):
+    """A chat zoo's files (report, basis, data of two records tasks) on the tiny llama: what trained_source reads."""
+    from fusion_quality.sources import Zoo
+
+    from adapters_zoo.basis import basis_from_model, save_basis
+    from adapters_zoo.tasks.chat import chat_suite_tasks, make_chat_split
+
+    root = tmp_path_factory.mktemp("chat-zoo")
+    model, tokenizer = load_model_dir(tiny_llama_dir, "cpu")
+    basis = basis_from_model(model, 8)
+    save_basis(basis, root / "basis.safetensors")
+    tasks = chat_suite_tasks("records")[:2]
+    for task in tasks:
+        (root / "data" / "records").mkdir(parents=True, exist_ok=True)
+        rows = make_chat_split(task, "train", 8)
+        (root / "data" / "records" / f"{task.name}.train.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows))
+    report_ = {"settings": {"base": "smollm2-135m-instruct", "seed": 0, "steps": 2, "batch_size": 4},
+               "kind_settings": {"scale": {"config": {"rank": 8}, "lr": 0.05}},
+               "entries": [{"suite": "records", "task": t.name, "kind": "scale"} for t in tasks],
+               "base_fingerprint": basis.fingerprint}
+    return Zoo(root, report_, basis), model, tokenizer
+
+
+def test_sliced_and_preserve_variants_train_on_a_chat_zoo(chat_zoo, tmp_path):
+    from fusion_quality.sources import PRESERVE_PER_TASK, chat_preserve_examples, trained_source, variant
+
+    from adapters_zoo.tasks.chat import CHAT_SUITES, chat_suite_tasks
+
+    zoo, model, tokenizer = chat_zoo
+    names = [t.name for t in zoo.tasks("records")]
+    source, trained = trained_source(zoo, "records", variant("scale@slice+kl0.5"), model, tokenizer, tmp_path)
+    assert trained == 2 and source.tasks == names and source.training == "slices+preserve"
+    n_suite = len(chat_suite_tasks("records"))  # slices are cut for the whole suite: k=8, 4 tasks → 2 each
+    for i, name in enumerate(names):
+        adapter = source.adapters[name]
+        assert adapter.meta["bench_settings"]["kind_config"]["slice"] == list(slice_of(i, n_suite, 8)) == [2 * i,
+                                                                                                           2 * i + 2]
+        assert adapter.meta["bench_settings"]["kl_weight"] == 0.5
+        assert adapter.meta["train"]["stats"]["final_kl"] is not None  # the KL term was trained
+    # the preserve set: the other task's training conversations, then the other chat suites' tasks
+    preserve = chat_preserve_examples(zoo, "records", names[0])
+    others = [t for s in CHAT_SUITES if s != "records" for t in chat_suite_tasks(s)]
+    own = zoo.split("records", names[1], "train")[:PRESERVE_PER_TASK]
+    assert preserve[:len(own)] == own and len(preserve) > len(own) and others
+    assert all(ex not in preserve for ex in zoo.split("records", names[0], "train"))
+    again, trained = trained_source(zoo, "records", variant("scale@slice+kl0.5"), model, tokenizer, tmp_path)
+    assert trained == 0 and again.digest == source.digest  # read back from the cache
+    other, trained = trained_source(zoo, "records", variant("scale@slice+kl0.25"), model, tokenizer, tmp_path)
+    assert trained == 2 and other.digest != source.digest  # the KL weight is part of the cache key
