@@ -20,7 +20,7 @@ sources by name@version.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ import torch
 from adapters_zoo.basis import Basis
 from adapters_zoo.errors import InvalidMixture
 from adapters_zoo.format import Adapter, check_delta
-from adapters_zoo.registry.mixture import MAX_MIXTURE, resolve
+from adapters_zoo.registry.mixture import MAX_MIXTURE, MixtureSpec, resolve
 from fusion.cores import adapter_cores
 from fusion.fuse import fuse_cores
 
@@ -92,18 +92,34 @@ def reduce(pairs: Sequence[tuple[Adapter, float]], basis: Basis, method: str = "
     return MixtureCores(key, host_cores, host_residuals, diagonal, rank)
 
 
+def canonical_pairs(spec: MixtureSpec, load: Callable[[str], Adapter]) -> list[tuple[Adapter, float]]:
+    """The (Adapter, weight) pairs of ``spec`` in its key's order (by ref): the one order every
+    reduction goes in, so that order-dependent methods (DARE's masks) give one result per mixture."""
+    return [(load(ref), weight) for ref, weight in spec.components]
+
+
 def fuse_mixture(registry, mixture: str | Mapping[str, float], method: str = "linear",
                  params: Mapping[str, Any] | None = None, project: bool = False, *, fingerprint: str | None = None,
                  max_entries: int = MAX_MIXTURE) -> tuple[Adapter, Basis, list[tuple[str, float]]]:
-    """(fused ``core`` adapter, its basis, [(name@version, weight)]) of a registry mixture, in the order given."""
+    """(fused ``core`` adapter, its basis, [(name@version, weight)]) of a registry mixture.
+
+    The cores are those the server serves for the same mixture (fused in the key's order,
+    whatever order it was typed in); ``meta["fusion"]`` lists the sources in the order given.
+    """
     resolved = resolve(registry, mixture, fingerprint=fingerprint, max_entries=max_entries)
     basis = registry.basis(resolved[0][0].base_fingerprint)
-    adapters = [registry.load_record(rec) for rec, _ in resolved]
-    fused = fuse_cores(adapters, [w for _, w in resolved], basis, method, project, dict(params or {}))
+    spec = MixtureSpec.resolved(resolved, method, params)
+    records = {rec.ref: rec for rec, _ in resolved}
+    pairs = canonical_pairs(spec, lambda ref: registry.load_record(records[ref]))
+    fused = fuse_cores([a for a, _ in pairs], [w for _, w in pairs], basis, method, project, spec.fusion_params)
+    info = fused.meta["fusion"]
+    at = {ref: i for i, (ref, _) in enumerate(spec.components)}
+    typed = [at[rec.ref] for rec, _ in resolved]  # key order -> the order given
+    info["sources"] = [info["sources"][i] for i in typed]
+    info["weights"] = [info["weights"][i] for i in typed]
     refs = [rec.ref for rec, _ in resolved]
-    for source, ref in zip(fused.meta["fusion"]["sources"], refs):
+    for source, ref in zip(info["sources"], refs):
         source["name"] = ref
-    fused.meta["fusion"]["refs"] = refs
-    fused.meta["fusion"]["mixture"] = mixture if isinstance(mixture, str) else ",".join(
-        f"{ref}:{w:g}" for ref, w in mixture.items())
+    info["refs"] = refs
+    info["mixture"] = mixture if isinstance(mixture, str) else ",".join(f"{ref}:{w:g}" for ref, w in mixture.items())
     return fused.to_adapter(basis), basis, [(rec.ref, w) for rec, w in resolved]

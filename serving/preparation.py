@@ -24,7 +24,7 @@ from adapters_zoo.errors import InvalidMixture, InvalidRequest, PayloadTooLarge
 from adapters_zoo.format import Adapter
 from adapters_zoo.registry import Registry
 from adapters_zoo.registry.mixture import MixtureSpec, resolve
-from fusion.mixture import MixtureCores
+from fusion.mixture import MixtureCores, canonical_pairs
 from serving.config import Limits
 from serving.engine import Engine
 from serving.generation import SamplingParams
@@ -125,10 +125,7 @@ class RequestPreparer:
             rec = records[ref]
             return self.adapters.get(rec.sha256, lambda: self.registry.load_record(rec))
 
-        def load() -> list[tuple[Adapter, float]]:
-            return [(adapter(ref), weight) for ref, weight in spec.components]  # the key's order
-
-        return spec, load
+        return spec, lambda: canonical_pairs(spec, adapter)
 
     def prepare_mixture(self, model: str, adapters=None, method=None, params=None) -> MixtureCores | None:
         """Resolve and reduce a mixture (blocking: registry reads, maybe fusion). None: the base model."""
@@ -142,7 +139,7 @@ class RequestPreparer:
             return None
         spec = MixtureSpec.of(decision.pairs, "linear" if method is None else method, params,
                               {ref: by_ref[ref].sha256 for ref, _ in decision.pairs})
-        return self.engine.prepare(spec, lambda: [(by_ref[ref].adapter, w) for ref, w in spec.components])
+        return self.engine.prepare(spec, lambda: canonical_pairs(spec, lambda ref: by_ref[ref].adapter))
 
     def route(self, prompts: list[list[int]], spec: AutoSpec) -> list[RouteDecision]:
         """The mixture ``spec`` picks for each prompt (token ids): base-model probe, then a router."""

@@ -55,7 +55,7 @@ def export_mixture(registry, mixture: str | Mapping[str, float], out_root: str |
     temporary directory and renamed, so a crash or a concurrent export never leaves half of one.
     """
     from fusion.lora_io import export_peft_lora
-    from fusion.mixture import reduce
+    from fusion.mixture import canonical_pairs, reduce
 
     resolved = resolve(registry, mixture, fingerprint=base_fingerprint, max_entries=max_entries)
     spec = MixtureSpec.resolved(resolved, method, params)
@@ -66,7 +66,7 @@ def export_mixture(registry, mixture: str | Mapping[str, float], out_root: str |
     fingerprint = resolved[0][0].base_fingerprint
     basis = registry.basis(fingerprint)
     records = {rec.ref: rec for rec, _ in resolved}
-    pairs = [(registry.load_record(records[ref]), w) for ref, w in spec.components]  # the key's order
+    pairs = canonical_pairs(spec, lambda ref: registry.load_record(records[ref]))
     fused = reduce(pairs, basis, spec.method, spec.fusion_params, key=spec).to_adapter(basis)
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = out_root / f".tmp-{uuid.uuid4().hex}"
