@@ -120,11 +120,19 @@ class Pack:
 
 
 def layer_groups(basis: Basis) -> dict[int, tuple[str, ...]]:
-    """The basis's layers grouped by k, each group in the basis's order."""
-    groups: dict[int, list[str]] = {}
-    for name, lb in basis.layers.items():
-        groups.setdefault(lb.k, []).append(name)
-    return {k: tuple(layers) for k, layers in groups.items()}
+    """The basis's layers grouped by k, each group in the basis's order (cached per basis)."""
+    hit = _GROUPS.get(id(basis))
+    if hit is None or hit[0]() is not basis:
+        groups: dict[int, list[str]] = {}
+        for name, lb in basis.layers.items():
+            groups.setdefault(lb.k, []).append(name)
+        hit = (weakref.ref(basis), {k: tuple(layers) for k, layers in groups.items()})
+        _GROUPS[id(basis)] = hit
+        weakref.finalize(basis, _GROUPS.pop, id(basis), None)
+    return hit[1]
+
+
+_GROUPS: dict[int, tuple[weakref.ref, dict[int, tuple[str, ...]]]] = {}
 
 
 _CACHE: dict[tuple[int, int], tuple[weakref.ref, weakref.ref, AdapterCores]] = {}

@@ -128,8 +128,8 @@ def _linear(pairs: Sequence[tuple[Adapter, float]], basis: Basis, key: Hashable)
         ref = xs[0]
         summed = weighted_sum(xs, torch.tensor(weights, dtype=ref.dtype, device=ref.device))
         summed = summed.detach().to("cpu", torch.float32)
-        norms = torch.linalg.vector_norm(summed.double(), dim=tuple(range(1, summed.dim())))
-        bad = ~(norms <= _bounds(basis, k, layers))  # NaN is bad too
+        norms = torch.linalg.vector_norm(summed, dim=tuple(range(1, summed.dim())))  # float32: a screen,
+        bad = ~(norms <= _bounds(basis, k, layers))  # NaN fails it too; check_delta decides exactly
         dense = torch.diag_embed(summed) if diagonal else summed
         for layer, core, has in zip(layers, dense.unbind(0), present.tolist()):
             cores[layer] = core if has else None
@@ -141,15 +141,18 @@ def _linear(pairs: Sequence[tuple[Adapter, float]], basis: Basis, key: Hashable)
 
 
 _BOUNDS: dict[tuple[int, int], tuple[weakref.ref, torch.Tensor]] = {}
+SCREEN_MARGIN = 1e-3  # layers this close to the bound are checked in float64
 
 
 def _bounds(basis: Basis, k: int, layers: tuple[str, ...]) -> torch.Tensor:
-    """format.check_delta's bound of every layer of a group (L,), float64 on the host; cached per basis."""
+    """format.check_delta's bound of every layer of a group (L,), less a margin for float32 rounding; cached
+    per basis."""
     hit = _BOUNDS.get((id(basis), k))
     if hit is None or hit[0]() is not basis:
         norms = [float(torch.linalg.vector_norm(basis[layer].S.double())) for layer in layers]
-        hit = (weakref.ref(basis), MAX_DELTA_RATIO * torch.tensor(norms, dtype=torch.float64))
+        hit = (weakref.ref(basis), (1 - SCREEN_MARGIN) * MAX_DELTA_RATIO * torch.tensor(norms))
         _BOUNDS[(id(basis), k)] = hit
+        weakref.finalize(basis, _BOUNDS.pop, (id(basis), k), None)
     return hit[1]
 
 
