@@ -20,6 +20,7 @@ sources by name@version.
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ class MixtureCores:
     residuals: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (B (out, q), A (q, in))
     diagonal: bool  # every core is diagonal: the elementwise path serves it
     residual_rank: int  # the largest q over layers; 0 = no residual anywhere
+    reduce_seconds: float = 0.0  # the time ``reduce`` took (the host's part of a new mixture's readiness)
+    ready: bool = False  # written into a device slot once already (serving.slots)
 
     @property
     def nbytes(self) -> int:
@@ -80,9 +83,15 @@ def reduce(pairs: Sequence[tuple[Adapter, float]], basis: Basis, method: str = "
     """
     if not pairs:
         raise InvalidMixture("the mixture names no adapter")
-    params = dict(params or {})
-    if method == "linear" and not params:
-        return _linear(pairs, basis, key)
+    start = time.perf_counter()
+    mixture = _linear(pairs, basis, key) if method == "linear" and not params else _fused(pairs, basis, method,
+                                                                                          dict(params or {}), key)
+    mixture.reduce_seconds = time.perf_counter() - start
+    return mixture
+
+
+def _fused(pairs: Sequence[tuple[Adapter, float]], basis: Basis, method: str, params: dict[str, Any],
+           key: Hashable) -> MixtureCores:
     fused = fuse_cores([a for a, _ in pairs], [w for _, w in pairs], basis, method, params=params)
     cores = {layer: torch.diag(c) if fused.diagonal else c for layer, c in fused.cores.items()}
     host_cores = {layer: None if cores.get(layer) is None else _host(cores[layer]) for layer in basis.layer_names()}
