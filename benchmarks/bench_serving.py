@@ -467,7 +467,8 @@ class Served:
     """``specfuse serve`` on 127.0.0.1 in its own process (the server a user starts, default settings), and
     timed runs of concurrent streamed HTTP requests against it."""
 
-    def __init__(self, settings: Settings, model_dir: str, home: Path, prompts: list[list[int]]):
+    def __init__(self, settings: Settings, model_dir: str, home: Path, prompts: list[list[int]],
+                 extra: tuple[str, ...] = ()):
         import socket
         import subprocess
 
@@ -480,7 +481,7 @@ class Served:
         self.url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-c", "import sys; from serving.cli import main; sys.exit(main())", "serve",
                model_dir, "--home", str(home), "--host", "127.0.0.1", "--port", str(port), "--device",
-               settings.device]
+               settings.device, *extra]
         env = os.environ | {"OMP_NUM_THREADS": str(settings.threads), "PYTHONPATH": str(Path(__file__).parents[1])}
         env.pop("SPECFUSE_API_KEY", None)
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -611,6 +612,7 @@ def http_rows(settings: Settings, model_dir: str, home: Path, prompts: list[list
 
 
 NEW_COUNTS, NEW_SIZES = (16, 256), (2, 4, 8)
+SERVE_FLAGS = ("--adapter-cache-mb", "1024")  # 256 dense-core adapters of SmolLM2 are ~450 MB parsed
 READY_GOAL_MS = {"scale": 2.0, "rotation": 10.0}
 RATIO_GOAL = {"scale": 1.15, "rotation": 1.25}
 
@@ -620,7 +622,12 @@ def new_mixture_rows(served: Served, prompts: list[list[int]], rng: random.Rando
     """Every request a mixture never seen before, of m of N registered adapters (random weights), base runs
     in between; then, per kind, the first N's m=2 mixtures again (cached) between base runs."""
     base = ["base"] * len(prompts)
-    served.run(base)  # warm up
+    served.run(base)  # warm up; then every adapter once (parsed and evaluated: the mixtures below are new, the
+    for kind in KIND_CORES:  # adapters are not)
+        names = [f"{kind}{i}" for i in range(max(counts))]
+        warm = [",".join(f"{n}:0.5" for n in names[i:i + 8]) for i in range(0, len(names), 8)]
+        for i in range(0, len(warm), len(prompts)):
+            served.run((warm[i:i + len(prompts)] * len(prompts))[:len(prompts)])
     rows: list[Row] = []
 
     def record(config: str, kind: str, n: int, m: int, models: list[str], note: str) -> None:
@@ -672,14 +679,14 @@ def run_new_mixtures(settings: Settings, home: str | None, counts: tuple[int, ..
                     registry.add(adapter, f"{kind}{i}")
             register_s = time.perf_counter() - t
         del model
-        with Served(settings, model_dir, workdir / "home", prompts) as served:
+        with Served(settings, model_dir, workdir / "home", prompts, SERVE_FLAGS) as served:
             rows = new_mixture_rows(served, prompts, rng, counts, sizes)
     return {"settings": asdict(settings), "command": None, "environment": environment(),
             "counts": list(counts), "sizes": list(sizes),
             "machine": {"threads": torch.get_num_threads(), "logical_cpus": os.cpu_count(),
                         "load_average_at_start": load_at_start,
                         "load_average_at_end": [round(x, 1) for x in os.getloadavg()], "device": settings.device},
-            "setup_seconds": {"register_adapters": round(register_s, 1)},
+            "setup_seconds": {"register_adapters": round(register_s, 1)}, "serve_flags": list(SERVE_FLAGS),
             "rows": [asdict(r) for r in rows], "total_seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -689,7 +696,8 @@ def new_markdown(result: dict) -> str:
     rows = [Row(**r) for r in result["rows"]]
     out = ["# Every request a new mixture, over HTTP", "",
            f"`{result['command']}`", "", environment_line(result["environment"]), "",
-           f"{result['settings']['requests']} concurrent streamed requests to `specfuse serve`, "
+           f"{result['settings']['requests']} concurrent streamed requests to `specfuse serve "
+           f"{' '.join(result.get('serve_flags', []))}`, "
            f"{result['settings']['prompt_tokens']} prompt tokens, {result['settings']['max_tokens']} generated; "
            "each run's ratio is its time per token over the base runs just before and after it. "
            f"Load average {result['machine']['load_average_at_start']} at start, "

@@ -39,6 +39,9 @@ class EngineConfig:
     mixture_cache: int = _opt(1024, "reduced mixtures kept on the host (LRU)")
     mixture_cache_bytes: int = _opt(256 << 20, "host memory for reduced mixtures, LRU (the device slot table is "
                                     "fixed by --slots)", flag="mixture-cache-mb", unit=1 << 20)
+    adapter_cache_bytes: int = _opt(64 << 20, "host memory for parsed registry adapters and their cores, LRU (a "
+                                    "mixture of adapters not held re-reads and re-evaluates them)",
+                                    flag="adapter-cache-mb", unit=1 << 20)
 
     def validate(self) -> None:
         if self.slots < 1:
@@ -47,6 +50,8 @@ class EngineConfig:
             raise InvalidConfig(f"residual_slots must be in [0, slots={self.slots}], got {self.residual_slots}")
         if self.max_residual_rank < 0 or self.mixture_cache < 1 or self.mixture_cache_bytes < 1:
             raise InvalidConfig("max_residual_rank must be ≥ 0, mixture_cache and mixture_cache_bytes ≥ 1")
+        if self.adapter_cache_bytes < 1:
+            raise InvalidConfig(f"adapter_cache_bytes must be ≥ 1, got {self.adapter_cache_bytes}")
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise InvalidConfig(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.device is not None and self.device.split(":")[0] not in DEVICES:

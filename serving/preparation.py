@@ -32,7 +32,6 @@ from serving.routing import AutoRouter, AutoSpec, Candidate, RouteDecision, auto
 
 BASE = "base"
 ADAPTER_CACHE = 1024  # parsed registry adapters kept in memory (they are small: k-sized tensors per layer)
-ADAPTER_CACHE_BYTES = 64 << 20  # ... and the memory they may take
 
 Mixtures = MixtureCores | None | list[MixtureCores | None]  # one for every prompt, or one per prompt (auto)
 
@@ -57,7 +56,7 @@ class Job:
 class AdapterCache:
     """Parsed registry adapters by content hash (blobs are content-addressed: never stale), bounded in bytes."""
 
-    def __init__(self, capacity: int = ADAPTER_CACHE, max_bytes: int = ADAPTER_CACHE_BYTES):
+    def __init__(self, capacity: int = ADAPTER_CACHE, max_bytes: int = 64 << 20):
         self.capacity, self.max_bytes = capacity, max_bytes
         self._items: OrderedDict[str, tuple[Adapter, int]] = OrderedDict()  # sha256 -> (adapter, bytes)
         self.nbytes = 0
@@ -86,7 +85,7 @@ class RequestPreparer:
         self.limits = limits
         self.served_names = (BASE, model_name)
         self.fingerprint = engine.basis.fingerprint
-        self.adapters = AdapterCache()
+        self.adapters = AdapterCache(max_bytes=engine.config.adapter_cache_bytes)
         self.router = AutoRouter(engine)
 
     def prepare(self, job: Job) -> tuple[list[list[int]], Mixtures]:
