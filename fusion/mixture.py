@@ -31,7 +31,7 @@ import torch
 from adapters_zoo.basis import Basis
 from adapters_zoo.errors import InvalidMixture
 from adapters_zoo.format import MAX_DELTA_RATIO, Adapter, check_delta
-from adapters_zoo.registry.mixture import MAX_MIXTURE, MixtureSpec, resolve
+from adapters_zoo.registry.mixture import MAX_MIXTURE, MixtureSpec, format_pairs, resolve
 from fusion.cores import adapter_cores, layer_groups
 from fusion.fuse import _concat_residual, fuse_cores
 from fusion.methods.linear import weighted_sum
@@ -65,6 +65,11 @@ class MixtureCores:
             if layer_params:
                 params[layer] = layer_params
         return Adapter("core", {"diagonal": False}, basis.fingerprint, basis.rank, params, {})
+
+
+def mixture_label(mixture: MixtureCores | None) -> str:
+    """How logs, headers and errors name a reduced mixture (``base`` for None)."""
+    return "base" if mixture is None else getattr(mixture.key, "label", str(mixture.key))
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
@@ -194,5 +199,5 @@ def fuse_mixture(registry, mixture: str | Mapping[str, float], method: str = "li
     for source, ref in zip(info["sources"], refs):
         source["name"] = ref
     info["refs"] = refs
-    info["mixture"] = mixture if isinstance(mixture, str) else ",".join(f"{ref}:{w:g}" for ref, w in mixture.items())
+    info["mixture"] = mixture if isinstance(mixture, str) else format_pairs(mixture.items())
     return fused.to_adapter(basis), basis, [(rec.ref, w) for rec, w in resolved]

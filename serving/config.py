@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters_zoo.errors import InvalidConfig
+from adapters_zoo.registry.mixture import SERVED_MIXTURE
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
@@ -78,7 +79,7 @@ class SchedulerConfig:
 class Limits:
     max_prompt_tokens: int = _opt(2048, "tokens in one prompt; past it: 413")
     max_tokens: int = _opt(1024, "bound on a request's max_tokens; past it: 400")
-    max_mixture: int = _opt(16, "adapters in one mixture; past it: 400")
+    max_mixture: int = _opt(SERVED_MIXTURE, "adapters in one mixture; past it: 400")
     max_body_bytes: int = _opt(1 << 20, "bytes of a JSON body; past it: 413")
     max_upload_bytes: int = _opt(64 << 20, "bytes of an adapter upload; past it: 413")
     default_completion_tokens: int = _opt(16, "max_tokens of a completion that names none (OpenAI's default)")
