@@ -111,6 +111,7 @@ class Row:
     cpu_ratio: float = 1.0  # the same on CPU time
     load_average: float = 0.0  # 1-minute, at the end of the run
     fuse_ms_per_mixture: float | None = None
+    ready_ms_p50: float | None = None  # new mixtures: reduced + written to a slot (the server's histogram)
     note: str = ""
     base_runs: list[int] = field(default_factory=list)  # indices of the base rows it is compared to
 
@@ -466,42 +467,81 @@ def engine_rows(service, prompts: list[list[int]], settings: Settings,
 # --------------------------------------------------------------------------- over HTTP
 
 
-def http_rows(settings: Settings, model_dir: str, home: Path, prompts: list[list[int]],
-              rng: random.Random) -> list[Row]:
-    """The same requests through ``specfuse serve`` on 127.0.0.1 (the server a user starts, in its own
-    process, default settings), from concurrent HTTP clients: base runs and every request its own cached
-    2-adapter mixture, interleaved; each mixture run against the base runs just before and after it."""
-    import asyncio
-    import socket
-    import subprocess
+class Served:
+    """``specfuse serve`` on 127.0.0.1 in its own process (the server a user starts, default settings), and
+    timed runs of concurrent streamed HTTP requests against it."""
 
-    import httpx
+    def __init__(self, settings: Settings, model_dir: str, home: Path, prompts: list[list[int]],
+                 extra: tuple[str, ...] = ()):
+        import socket
+        import subprocess
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-c", "import sys; from serving.cli import main; sys.exit(main())", "serve", model_dir,
-           "--home", str(home), "--host", "127.0.0.1", "--port", str(port), "--device", settings.device]
-    env = os.environ | {"OMP_NUM_THREADS": str(settings.threads), "PYTHONPATH": str(Path(__file__).parents[1])}
-    env.pop("SPECFUSE_API_KEY", None)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    mixtures = {kind: mixture_strings([f"{kind}{i}" for i in range(len(prompts))], 2, len(prompts), rng)
-                for kind in KIND_CORES}
+        import httpx
 
-    def cpu_seconds() -> float:
-        fields_ = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        self.settings, self.prompts, self.httpx = settings, prompts, httpx
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-c", "import sys; from serving.cli import main; sys.exit(main())", "serve",
+               model_dir, "--home", str(home), "--host", "127.0.0.1", "--port", str(port), "--device",
+               settings.device, *extra]
+        env = os.environ | {"OMP_NUM_THREADS": str(settings.threads), "PYTHONPATH": str(Path(__file__).parents[1])}
+        env.pop("SPECFUSE_API_KEY", None)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def __enter__(self) -> Served:
+        deadline = time.time() + 600
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"the server exited with {self.proc.returncode}: "
+                                       f"{self.proc.stderr.read().decode()[-2000:]}")
+                try:
+                    if self.httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                        return self
+                except self.httpx.HTTPError:
+                    pass
+                if time.time() > deadline:
+                    raise RuntimeError("the server did not start in 600 s")
+                time.sleep(0.5)
+        except BaseException:
+            stop_process(self.proc)
+            raise
+
+    def __exit__(self, *exc) -> None:
+        stop_process(self.proc)
+
+    def cpu_seconds(self) -> float:
+        fields_ = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
-    async def one_run(models: list[str]) -> Run:
-        start, cpu = time.perf_counter(), cpu_seconds()
+    def metric_buckets(self, name: str) -> dict[float, float]:
+        """A histogram's cumulative buckets from /metrics: upper bound -> count."""
+        out = {}
+        for text in self.httpx.get(self.url + "/metrics", timeout=30).text.splitlines():
+            if text.startswith(name + "_bucket{"):
+                le = text.split('le="', 1)[1].split('"', 1)[0]
+                out[float("inf") if le == "+Inf" else float(le)] = float(text.rsplit(" ", 1)[1])
+        return out
+
+    def run(self, models: list[str]) -> Run:
+        import asyncio
+
+        return asyncio.run(self._run(models))
+
+    async def _run(self, models: list[str]) -> Run:
+        import asyncio
+
+        httpx, settings, prompts = self.httpx, self.settings, self.prompts
+        start, cpu = time.perf_counter(), self.cpu_seconds()
         first: dict[int, float] = {}
 
         async def request(client, i: int, model: str) -> tuple[float, int]:
             body = {"model": model, "prompt": prompts[i], "max_tokens": settings.max_tokens, "temperature": 0,
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
             tokens = 0
-            async with client.stream("POST", url + "/v1/completions", json=body) as response:
+            async with client.stream("POST", self.url + "/v1/completions", json=body) as response:
                 if response.status_code != 200:
                     raise RuntimeError(f"{response.status_code}: {(await response.aread())[:300]!r}")
                 async for line_ in response.aiter_lines():
@@ -518,47 +558,195 @@ def http_rows(settings: Settings, model_dir: str, home: Path, prompts: list[list
         async with httpx.AsyncClient(timeout=600, limits=limits) as client:
             done = await asyncio.gather(*(request(client, i, model) for i, model in enumerate(models)))
         return Run([t for t, _ in done], [first.get(i, done[i][0]) for i in range(len(models))],
-                   sum(n for _, n in done), time.perf_counter() - start, cpu_seconds() - cpu)
+                   sum(n for _, n in done), time.perf_counter() - start, self.cpu_seconds() - cpu)
 
-    try:
-        deadline = time.time() + 600
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("the server did not start in 600 s")
-            time.sleep(0.5)
+
+def bucket_median(before: dict[float, float], after: dict[float, float]) -> float | None:
+    """The median of the observations between two scrapes of a histogram, interpolated within its bucket."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    half, low, below = counts[-1] / 2, 0.0, 0.0
+    for bound, cum in zip(bounds, counts):
+        if cum >= half:
+            if bound == float("inf"):
+                return low
+            return low + (bound - low) * (half - below) / max(cum - below, 1e-12)
+        low, below = bound, cum
+    return None
+
+
+def pair_with_bases(rows: list[Row], window: int) -> None:
+    """Each run's ratio to the base runs just before and after it (base runs: to their neighbours)."""
+    bases = [i for i, r in enumerate(rows) if r.config == "http:base"]
+    for i, row in enumerate(rows):
+        near = [j for j in bases if abs(j - i) <= window and j != i] if row.config == "http:base" else \
+            [max(j for j in bases if j < i), min(j for j in bases if j > i)]
+        row.base_runs = sorted(set(near or [i]))
+        row.ratio = round(statistics.mean(rows[j].tokens_per_s for j in row.base_runs) / row.tokens_per_s, 3)
+        row.cpu_ratio = round(row.cpu_ms_per_token / statistics.mean(rows[j].cpu_ms_per_token for j in row.base_runs),
+                              3)
+
+
+def http_rows(settings: Settings, model_dir: str, home: Path, prompts: list[list[int]],
+              rng: random.Random) -> list[Row]:
+    """The same requests through ``specfuse serve`` from concurrent HTTP clients: base runs and every request
+    its own cached 2-adapter mixture, interleaved; each mixture run against the base runs just before and after it."""
+    mixtures = {kind: mixture_strings([f"{kind}{i}" for i in range(len(prompts))], 2, len(prompts), rng)
+                for kind in KIND_CORES}
+    with Served(settings, model_dir, home, prompts) as served:
         base = ["base"] * len(prompts)
         for models in (base, *mixtures.values()):  # warm up: the first use of each mixture resolves and fuses it
-            asyncio.run(one_run(models))
+            served.run(models)
         plan = [("base", "")]
         for _ in range(settings.http_rounds):
             plan += [("cached", kind) for kind in KIND_CORES] + [("base", "")]
         rows: list[Row] = []
         for config, kind in plan:
-            run_ = asyncio.run(one_run(base if config == "base" else mixtures[kind]))
+            run_ = served.run(base if config == "base" else mixtures[kind])
             note = ("every request the base model" if config == "base" else
                     f"every request its own cached 2-adapter mixture of {len(prompts)} `{kind}` adapters")
             rows.append(make_row(f"http:{config}", kind, 0 if config == "base" else len(prompts),
                                  0 if config == "base" else 2, run_, note + "; streamed, from concurrent clients; "
                                  "CPU: the server process's"))
             print(line(rows[-1]), flush=True)
-    finally:
-        stop_process(proc)
-    bases = [i for i, r in enumerate(rows) if r.config == "http:base"]
-    for i, row in enumerate(rows):
-        near = [j for j in bases if abs(j - i) <= len(KIND_CORES) + 1 and j != i] if row.config == "http:base" else \
-            [max(j for j in bases if j < i), min(j for j in bases if j > i)]
-        row.base_runs = sorted(set(near or [i]))
-        row.ratio = round(statistics.mean(rows[j].tokens_per_s for j in row.base_runs) / row.tokens_per_s, 3)
-        row.cpu_ratio = round(row.cpu_ms_per_token / statistics.mean(rows[j].cpu_ms_per_token for j in row.base_runs),
-                              3)
+    pair_with_bases(rows, len(KIND_CORES) + 1)
     return rows
+
+
+NEW_COUNTS, NEW_SIZES = (16, 256), (2, 4, 8)
+SERVE_FLAGS = ("--adapter-cache-mb", "1024")  # 256 dense-core adapters of SmolLM2 are ~450 MB parsed
+READY_GOAL_MS = {"scale": 2.0, "rotation": 10.0}
+RATIO_GOAL = {"scale": 1.15, "rotation": 1.25}
+
+
+def new_mixture_rows(served: Served, prompts: list[list[int]], rng: random.Random, counts: tuple[int, ...],
+                     sizes: tuple[int, ...]) -> list[Row]:
+    """Every request a mixture never seen before, of m of N registered adapters (random weights), base runs
+    in between; then, per kind, the first N's m=2 mixtures again (cached) between base runs."""
+    base = ["base"] * len(prompts)
+    served.run(base)  # warm up; then every adapter once (parsed and evaluated: the mixtures below are new, the
+    for kind in KIND_CORES:  # adapters are not)
+        names = [f"{kind}{i}" for i in range(max(counts))]
+        warm = [",".join(f"{n}:0.5" for n in names[i:i + 8]) for i in range(0, len(names), 8)]
+        for i in range(0, len(warm), len(prompts)):
+            served.run((warm[i:i + len(prompts)] * len(prompts))[:len(prompts)])
+    rows: list[Row] = []
+
+    def record(config: str, kind: str, n: int, m: int, models: list[str], note: str) -> None:
+        before = served.metric_buckets("specfuse_mixture_ready_seconds")
+        run_ = served.run(models)
+        row = make_row(f"http:{config}", kind, n, m, run_, note + "; streamed, 16 concurrent clients; CPU: the "
+                       "server process's")
+        median = bucket_median(before, served.metric_buckets("specfuse_mixture_ready_seconds"))
+        row.ready_ms_p50 = None if median is None else round(1000 * median, 3)
+        rows.append(row)
+        print(line(row), f"ready p50 {row.ready_ms_p50} ms", flush=True)
+
+    record("base", "", 0, 0, base, "every request the base model")
+    again = {}
+    for kind in KIND_CORES:
+        for n in counts:
+            for m in sizes:
+                models = mixture_strings([f"{kind}{i}" for i in range(n)], m, len(prompts), rng)
+                again.setdefault(kind, models)
+                record("new", kind, n, m, models, f"every request a new {m}-adapter mixture of {n} `{kind}` adapters")
+                record("base", "", 0, 0, base, "every request the base model")
+    for kind, models in again.items():
+        record("cached", kind, counts[0], sizes[0], models, f"the first new {sizes[0]}-adapter mixtures again, cached")
+        record("base", "", 0, 0, base, "every request the base model")
+    pair_with_bases(rows, 1)
+    return rows
+
+
+def run_new_mixtures(settings: Settings, home: str | None, counts: tuple[int, ...], sizes: tuple[int, ...]) -> dict:
+    """``--new-mixtures-only``: the real server over HTTP, every request a new mixture (``new_mixture_rows``)."""
+    from adapters_zoo.registry import Registry
+
+    started, load_at_start = time.perf_counter(), [round(x, 1) for x in os.getloadavg()]
+    rng = random.Random(settings.seed)
+    model, tokenizer, model_dir, cache_key = load_base(settings, home)
+    basis = basis_of(model, settings.k, cache_key)
+    prompts = make_prompts(settings, model.config.vocab_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        if model_dir is None:
+            from adapters_zoo.demo_model import save_model
+
+            model_dir = str(save_model(model, tokenizer, workdir / "base"))
+        with Registry(workdir / "home") as registry:
+            registry.add_basis(basis)
+            t = time.perf_counter()
+            for kind in KIND_CORES:
+                for i, adapter in enumerate(make_adapters(kind, basis, max(counts), settings.seed)):
+                    registry.add(adapter, f"{kind}{i}")
+            register_s = time.perf_counter() - t
+        del model
+        with Served(settings, model_dir, workdir / "home", prompts, SERVE_FLAGS) as served:
+            rows = new_mixture_rows(served, prompts, rng, counts, sizes)
+    return {"settings": asdict(settings), "command": None, "environment": environment(),
+            "counts": list(counts), "sizes": list(sizes),
+            "machine": {"threads": torch.get_num_threads(), "logical_cpus": os.cpu_count(),
+                        "load_average_at_start": load_at_start,
+                        "load_average_at_end": [round(x, 1) for x in os.getloadavg()], "device": settings.device},
+            "setup_seconds": {"register_adapters": round(register_s, 1)}, "serve_flags": list(SERVE_FLAGS),
+            "rows": [asdict(r) for r in rows], "total_seconds": round(time.perf_counter() - started, 1)}
+
+
+def new_markdown(result: dict) -> str:
+    from common import environment_line
+
+    rows = [Row(**r) for r in result["rows"]]
+    out = ["# Every request a new mixture, over HTTP", "",
+           f"`{result['command']}`", "", environment_line(result["environment"]), "",
+           f"{result['settings']['requests']} concurrent streamed requests to `specfuse serve "
+           f"{' '.join(result.get('serve_flags', []))}`, "
+           f"{result['settings']['prompt_tokens']} prompt tokens, {result['settings']['max_tokens']} generated; "
+           "each run's ratio is its time per token over the base runs just before and after it. "
+           f"Load average {result['machine']['load_average_at_start']} at start, "
+           f"{result['machine']['load_average_at_end']} at end (a shared machine: other jobs move every figure).", "",
+           "| run | kind | N | m | tok/s | × base (wall) | × base (CPU) | ready p50 ms | goal | load |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        goal = ""
+        if r.config in ("http:new", "http:cached") and r.kind in RATIO_GOAL:
+            ok = r.ratio <= RATIO_GOAL[r.kind] and (r.config == "http:cached" or (
+                r.ready_ms_p50 is not None and r.ready_ms_p50 <= READY_GOAL_MS[r.kind]))
+            goal = ("met" if ok else "missed") + f" (≤{RATIO_GOAL[r.kind]}×" + (
+                f", ≤{READY_GOAL_MS[r.kind]:g} ms)" if r.config == "http:new" else ")")
+        ready = "" if r.ready_ms_p50 is None else f"{r.ready_ms_p50:.2f}"
+        out.append(f"| {r.config} | {r.kind or '-'} | {r.n_adapters} | {r.m} | {r.tokens_per_s:.1f} | {r.ratio:.3f} | "
+                   f"{r.cpu_ratio:.3f} | {ready} | {goal} | {r.load_average:.1f} |")
+    bases = [r.tokens_per_s for r in rows if r.config == "http:base"]
+    out += ["", f"Base runs: {min(bases):.1f}–{max(bases):.1f} tok/s (spread {max(bases) / min(bases):.2f}×: the "
+            "noise floor of every ratio above).", ""]
+    return "\n".join(out) + "\n"
+
+
+def new_plot(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [Row(**r) for r in result["rows"] if r["config"] in ("http:new", "http:cached")]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    labels = [f"{r.config[5:]} {r.kind}\nN={r.n_adapters} m={r.m}" for r in rows]
+    colors = ["tab:blue" if r.kind == "scale" else "tab:orange" for r in rows]
+    ax.bar(range(len(rows)), [r.ratio for r in rows], color=colors)
+    for kind, goal in RATIO_GOAL.items():
+        ax.axhline(goal, ls="--", color="tab:blue" if kind == "scale" else "tab:orange", lw=1,
+                   label=f"goal {kind} ≤{goal}×")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(range(len(rows)), labels, fontsize=6)
+    ax.set_ylabel("time per token / base (wall)")
+    ax.set_title("specfuse serve, every request a new mixture (16 clients)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 # --------------------------------------------------------------------------- transformers, PEFT, merge
@@ -1018,6 +1206,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-per-client", type=int, default=DECODE_REQUESTS_PER_CLIENT,
                    help="requests each client sends back to back")
     p.add_argument("--decode-worker", type=int, default=None, help=argparse.SUPPRESS)  # one run, JSON on stdout
+    p.add_argument("--new-mixtures-only", action="store_true",
+                   help="only the HTTP runs where every request is a never-seen mixture (serving_{device}_new.*)")
+    p.add_argument("--counts", default=None, help="with --new-mixtures-only: N registered per kind, e.g. 16,256")
+    p.add_argument("--sizes", default=None, help="with --new-mixtures-only: m per mixture, e.g. 2,4,8")
     args = p.parse_args(argv)
     if args.decode_worker is not None:
         print(json.dumps(decode_worker(args.base, args.home, args.decode_worker, args.decode_tokens, args.threads,
@@ -1025,6 +1217,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.decode:
         return decode_main(args)
+    if args.new_mixtures_only:
+        set_threads(args.threads)
+        settings = settings_for(args.base, args.device, args.quick, args.threads)
+        counts = tuple(int(x) for x in args.counts.split(",")) if args.counts else NEW_COUNTS
+        sizes = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else NEW_SIZES
+        result = run_new_mixtures(settings, args.home, counts, sizes)
+        result["command"] = " ".join(["python benchmarks/bench_serving.py", *(sys.argv[1:] if argv is None else argv)])
+        out = Path(args.out_dir) if args.out_dir else RESULTS / args.base
+        stem = f"serving_{args.device}_new" + ("_quick" if args.quick else "")
+        paths = write_results(stem, result, new_markdown(result), out=out)
+        paths.append(new_plot(result, out / f"{stem}.png"))
+        print(new_markdown(result))
+        print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+        return 0
     if args.render:
         path = Path(args.render)
         result = json.loads(path.read_text())

@@ -29,6 +29,7 @@ class AdapterCores:
     diagonal: dict[str, bool]  # layer -> the core has no off-diagonal entry
     projected: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> U_kᵀ B A V_k (k, k), lazily
     stacks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # see ``stack``
+    packs: dict[int, Pack] | None = None  # see ``packed``
 
     @cached_property
     def all_diagonal(self) -> bool:
@@ -82,6 +83,56 @@ class AdapterCores:
                 self.stacks.pop(next(iter(self.stacks)))
             self.stacks[key] = (torch.stack([zero if c is None else c for c in cores]), present)
         return self.stacks[key]
+
+
+    def packed(self, basis: Basis) -> dict[int, Pack]:
+        """Every core of the adapter stacked per group of the basis's layers (``layer_groups``),
+        zeros where it has none: a linear mixture is then one weighted add per group and source.
+        Computed once (the entry is cached per adapter and basis)."""
+        if self.packs is None:
+            packs = {}
+            for k, layers in layer_groups(basis).items():
+                lb = basis[layers[0]]
+                cores = [self.cores.get(layer) for layer in layers]
+                present = torch.tensor([c is not None for c in cores])
+                if self.all_diagonal:
+                    zero = torch.zeros(k, dtype=lb.U.dtype, device=lb.U.device)
+                    diag = torch.stack([zero if c is None else c.diagonal() for c in cores])
+                    packs[k] = Pack(None, diag, present)
+                else:
+                    zero = torch.zeros(k, k, dtype=lb.U.dtype, device=lb.U.device)
+                    packs[k] = Pack(torch.stack([zero if c is None else c for c in cores]), None, present)
+            self.packs = packs
+        return self.packs
+
+
+@dataclass
+class Pack:
+    """One adapter's cores on one group of layers: dense (L, k, k), or only their diagonals (L, k)
+    when every core of the adapter is diagonal; ``present`` (L,) marks the layers it has a core on."""
+
+    dense: torch.Tensor | None
+    diag: torch.Tensor | None
+    present: torch.Tensor
+
+    def as_dense(self) -> torch.Tensor:
+        return torch.diag_embed(self.diag) if self.dense is None else self.dense
+
+
+def layer_groups(basis: Basis) -> dict[int, tuple[str, ...]]:
+    """The basis's layers grouped by k, each group in the basis's order (cached per basis)."""
+    hit = _GROUPS.get(id(basis))
+    if hit is None or hit[0]() is not basis:
+        groups: dict[int, list[str]] = {}
+        for name, lb in basis.layers.items():
+            groups.setdefault(lb.k, []).append(name)
+        hit = (weakref.ref(basis), {k: tuple(layers) for k, layers in groups.items()})
+        _GROUPS[id(basis)] = hit
+        weakref.finalize(basis, _GROUPS.pop, id(basis), None)
+    return hit[1]
+
+
+_GROUPS: dict[int, tuple[weakref.ref, dict[int, tuple[str, ...]]]] = {}
 
 
 _CACHE: dict[tuple[int, int], tuple[weakref.ref, weakref.ref, AdapterCores]] = {}

@@ -20,7 +20,9 @@ sources by name@version.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+import time
+import weakref
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +30,11 @@ import torch
 
 from adapters_zoo.basis import Basis
 from adapters_zoo.errors import InvalidMixture
-from adapters_zoo.format import Adapter, check_delta
-from adapters_zoo.registry.mixture import MAX_MIXTURE, resolve
-from fusion.cores import adapter_cores
-from fusion.fuse import fuse_cores
+from adapters_zoo.format import MAX_DELTA_RATIO, Adapter, check_delta
+from adapters_zoo.registry.mixture import MAX_MIXTURE, MixtureSpec, format_pairs, resolve
+from fusion.cores import adapter_cores, layer_groups
+from fusion.fuse import _concat_residual, fuse_cores
+from fusion.methods.linear import weighted_sum
 
 
 @dataclass
@@ -43,6 +46,8 @@ class MixtureCores:
     residuals: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (B (out, q), A (q, in))
     diagonal: bool  # every core is diagonal: the elementwise path serves it
     residual_rank: int  # the largest q over layers; 0 = no residual anywhere
+    reduce_seconds: float = 0.0  # the time ``reduce`` took (the host's part of a new mixture's readiness)
+    ready: bool = False  # written into a device slot once already (serving.slots)
 
     @property
     def nbytes(self) -> int:
@@ -62,6 +67,11 @@ class MixtureCores:
         return Adapter("core", {"diagonal": False}, basis.fingerprint, basis.rank, params, {})
 
 
+def mixture_label(mixture: MixtureCores | None) -> str:
+    """How logs, headers and errors name a reduced mixture (``base`` for None)."""
+    return "base" if mixture is None else getattr(mixture.key, "label", str(mixture.key))
+
+
 def _host(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", torch.float32)
 
@@ -71,39 +81,123 @@ def reduce(pairs: Sequence[tuple[Adapter, float]], basis: Basis, method: str = "
     """The mixture Σ wₙ adapterₙ (combined by ``method``) as per-layer cores and residuals.
 
     Weights are taken as given (checked where the mixture was parsed); every adapter is
-    checked against ``basis`` when its cores are first evaluated.
+    checked against ``basis`` when its cores are first evaluated. A linear mixture is summed
+    on every adapter's packed cores (``AdapterCores.packed``: one weighted add per layer group
+    and source, no per-layer work); other methods fuse (:func:`fusion.fuse.fuse_cores`). The
+    cores carry their diagonal flag from the sources and the method.
     """
     if not pairs:
         raise InvalidMixture("the mixture names no adapter")
-    params = dict(params or {})
-    if len(pairs) == 1 and pairs[0][1] == 1.0 and method == "linear" and not params:
-        entry = adapter_cores(pairs[0][0], basis)  # one adapter at weight 1: it is its own mixture, exactly
-        cores, residuals = entry.cores, entry.residuals
-    else:
-        fused = fuse_cores([a for a, _ in pairs], [w for _, w in pairs], basis, method, params=params)
-        cores = {layer: torch.diag(c) if fused.diagonal else c for layer, c in fused.cores.items()}
-        residuals = fused.residuals
+    start = time.perf_counter()
+    mixture = _linear(pairs, basis, key) if method == "linear" and not params else _fused(pairs, basis, method,
+                                                                                          dict(params or {}), key)
+    mixture.reduce_seconds = time.perf_counter() - start
+    return mixture
+
+
+def _fused(pairs: Sequence[tuple[Adapter, float]], basis: Basis, method: str, params: dict[str, Any],
+           key: Hashable) -> MixtureCores:
+    fused = fuse_cores([a for a, _ in pairs], [w for _, w in pairs], basis, method, params=params)
+    cores = {layer: torch.diag(c) if fused.diagonal else c for layer, c in fused.cores.items()}
     host_cores = {layer: None if cores.get(layer) is None else _host(cores[layer]) for layer in basis.layer_names()}
-    host_residuals = {layer: (_host(r[0]), _host(r[1])) for layer, r in residuals.items() if r is not None}
+    host_residuals = {layer: (_host(r[0]), _host(r[1])) for layer, r in fused.residuals.items() if r is not None}
     for layer, core in host_cores.items():  # a mixture that would blow the numbers up is a 400, not NaN
         check_delta(layer, core, host_residuals.get(layer), basis[layer])
-    diagonal = all(c is None or not bool((c - torch.diag(c.diagonal())).any()) for c in host_cores.values())
-    rank = max((B.shape[1] for B, _ in host_residuals.values()), default=0)
-    return MixtureCores(key, host_cores, host_residuals, diagonal, rank)
+    return _mixture(key, host_cores, host_residuals, fused.diagonal)
+
+
+def _mixture(key, cores, residuals, diagonal: bool) -> MixtureCores:
+    rank = max((B.shape[1] for B, _ in residuals.values()), default=0)
+    return MixtureCores(key, cores, residuals, diagonal, rank)
+
+
+def _linear(pairs: Sequence[tuple[Adapter, float]], basis: Basis, key: Hashable) -> MixtureCores:
+    """Σ wₙ Cₙ on packed cores: per layer group one add per source, the delta bound checked on
+    the whole group at once; residuals concatenated on the layers that have one."""
+    entries = [adapter_cores(a, basis) for a, _ in pairs]
+    weights = [w for _, w in pairs]
+    diagonal = all(e.all_diagonal for e in entries)
+    residuals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if len(pairs) == 1 and weights[0] == 1.0:  # one adapter at weight 1: it is its own mixture, exactly
+        res = entries[0].residuals
+        residuals = {layer: (_host(r[0]), _host(r[1])) for layer, r in res.items() if r is not None}
+    else:
+        for layer in sorted(set().union(*(e.layers_with_residual for e in entries)), key=list(basis.layers).index):
+            B, A = _concat_residual(entries, weights, layer)
+            residuals[layer] = (_host(B).contiguous(), _host(A).contiguous())
+    cores: dict[str, torch.Tensor | None] = {}
+    suspects: list[str] = []
+    for k, layers in layer_groups(basis).items():
+        packs = [e.packed(basis)[k] for e in entries]
+        present = packs[0].present
+        for p in packs[1:]:
+            present = present | p.present
+        if not bool(present.any()):
+            cores.update(dict.fromkeys(layers))
+            continue
+        if diagonal:
+            xs = [p.diag for p in packs]
+        else:
+            xs = [p.as_dense() for p in packs]
+        ref = xs[0]
+        summed = weighted_sum(xs, torch.tensor(weights, dtype=ref.dtype, device=ref.device))
+        summed = summed.detach().to("cpu", torch.float32)
+        norms = torch.linalg.vector_norm(summed, dim=tuple(range(1, summed.dim())))  # float32: a screen,
+        bad = ~(norms <= _bounds(basis, k, layers))  # NaN fails it too; check_delta decides exactly
+        dense = torch.diag_embed(summed) if diagonal else summed
+        for layer, core, has in zip(layers, dense.unbind(0), present.tolist()):
+            cores[layer] = core if has else None
+        suspects += [layers[i] for i in bad.nonzero().flatten().tolist()]
+    for layer in basis.layer_names():  # a mixture that would blow the numbers up is a 400, not NaN
+        if layer in residuals or layer in suspects:
+            check_delta(layer, cores[layer], residuals.get(layer), basis[layer])
+    return _mixture(key, cores, residuals, diagonal)
+
+
+_BOUNDS: dict[tuple[int, int], tuple[weakref.ref, torch.Tensor]] = {}
+SCREEN_MARGIN = 1e-3  # layers this close to the bound are checked in float64
+
+
+def _bounds(basis: Basis, k: int, layers: tuple[str, ...]) -> torch.Tensor:
+    """format.check_delta's bound of every layer of a group (L,), less a margin for float32 rounding; cached
+    per basis."""
+    hit = _BOUNDS.get((id(basis), k))
+    if hit is None or hit[0]() is not basis:
+        norms = [float(torch.linalg.vector_norm(basis[layer].S.double())) for layer in layers]
+        hit = (weakref.ref(basis), (1 - SCREEN_MARGIN) * MAX_DELTA_RATIO * torch.tensor(norms))
+        _BOUNDS[(id(basis), k)] = hit
+        weakref.finalize(basis, _BOUNDS.pop, (id(basis), k), None)
+    return hit[1]
+
+
+def canonical_pairs(spec: MixtureSpec, load: Callable[[str], Adapter]) -> list[tuple[Adapter, float]]:
+    """The (Adapter, weight) pairs of ``spec`` in its key's order (by ref): the one order every
+    reduction goes in, so that order-dependent methods (DARE's masks) give one result per mixture."""
+    return [(load(ref), weight) for ref, weight in spec.components]
 
 
 def fuse_mixture(registry, mixture: str | Mapping[str, float], method: str = "linear",
                  params: Mapping[str, Any] | None = None, project: bool = False, *, fingerprint: str | None = None,
                  max_entries: int = MAX_MIXTURE) -> tuple[Adapter, Basis, list[tuple[str, float]]]:
-    """(fused ``core`` adapter, its basis, [(name@version, weight)]) of a registry mixture, in the order given."""
+    """(fused ``core`` adapter, its basis, [(name@version, weight)]) of a registry mixture.
+
+    The cores are those the server serves for the same mixture (fused in the key's order,
+    whatever order it was typed in); ``meta["fusion"]`` lists the sources in the order given.
+    """
     resolved = resolve(registry, mixture, fingerprint=fingerprint, max_entries=max_entries)
     basis = registry.basis(resolved[0][0].base_fingerprint)
-    adapters = [registry.load_record(rec) for rec, _ in resolved]
-    fused = fuse_cores(adapters, [w for _, w in resolved], basis, method, project, dict(params or {}))
+    spec = MixtureSpec.resolved(resolved, method, params)
+    records = {rec.ref: rec for rec, _ in resolved}
+    pairs = canonical_pairs(spec, lambda ref: registry.load_record(records[ref]))
+    fused = fuse_cores([a for a, _ in pairs], [w for _, w in pairs], basis, method, project, spec.fusion_params)
+    info = fused.meta["fusion"]
+    at = {ref: i for i, (ref, _) in enumerate(spec.components)}
+    typed = [at[rec.ref] for rec, _ in resolved]  # key order -> the order given
+    info["sources"] = [info["sources"][i] for i in typed]
+    info["weights"] = [info["weights"][i] for i in typed]
     refs = [rec.ref for rec, _ in resolved]
-    for source, ref in zip(fused.meta["fusion"]["sources"], refs):
+    for source, ref in zip(info["sources"], refs):
         source["name"] = ref
-    fused.meta["fusion"]["refs"] = refs
-    fused.meta["fusion"]["mixture"] = mixture if isinstance(mixture, str) else ",".join(
-        f"{ref}:{w:g}" for ref, w in mixture.items())
+    info["refs"] = refs
+    info["mixture"] = mixture if isinstance(mixture, str) else format_pairs(mixture.items())
     return fused.to_adapter(basis), basis, [(rec.ref, w) for rec, w in resolved]

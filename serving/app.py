@@ -57,6 +57,7 @@ from adapters_zoo.errors import (
     SpecfuseError,
     Unauthorized,
 )
+from fusion.mixture import mixture_label
 from serving.schemas import (
     ChatRequest,
     CompletionRequest,
@@ -311,7 +312,7 @@ MAX_HEADER_CHARS = 2048
 def mixture_header(mixture) -> str:
     """What served the request: ``base``, ``name@version:weight,…``; per prompt, ``;``-separated, for auto."""
     mixtures = mixture if isinstance(mixture, list) else [mixture]
-    text = ";".join("base" if m is None else getattr(m.key, "label", str(m.key)) for m in mixtures)
+    text = ";".join(mixture_label(m) for m in mixtures)
     return text if len(text) <= MAX_HEADER_CHARS else text[: MAX_HEADER_CHARS - 3] + "..."
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters_zoo.errors import InvalidConfig
+from adapters_zoo.registry.mixture import SERVED_MIXTURE
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
@@ -39,6 +40,9 @@ class EngineConfig:
     mixture_cache: int = _opt(1024, "reduced mixtures kept on the host (LRU)")
     mixture_cache_bytes: int = _opt(256 << 20, "host memory for reduced mixtures, LRU (the device slot table is "
                                     "fixed by --slots)", flag="mixture-cache-mb", unit=1 << 20)
+    adapter_cache_bytes: int = _opt(64 << 20, "host memory for parsed registry adapters and their cores, LRU (a "
+                                    "mixture of adapters not held re-reads and re-evaluates them)",
+                                    flag="adapter-cache-mb", unit=1 << 20)
 
     def validate(self) -> None:
         if self.slots < 1:
@@ -47,6 +51,8 @@ class EngineConfig:
             raise InvalidConfig(f"residual_slots must be in [0, slots={self.slots}], got {self.residual_slots}")
         if self.max_residual_rank < 0 or self.mixture_cache < 1 or self.mixture_cache_bytes < 1:
             raise InvalidConfig("max_residual_rank must be ≥ 0, mixture_cache and mixture_cache_bytes ≥ 1")
+        if self.adapter_cache_bytes < 1:
+            raise InvalidConfig(f"adapter_cache_bytes must be ≥ 1, got {self.adapter_cache_bytes}")
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise InvalidConfig(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.device is not None and self.device.split(":")[0] not in DEVICES:
@@ -73,7 +79,7 @@ class SchedulerConfig:
 class Limits:
     max_prompt_tokens: int = _opt(2048, "tokens in one prompt; past it: 413")
     max_tokens: int = _opt(1024, "bound on a request's max_tokens; past it: 400")
-    max_mixture: int = _opt(16, "adapters in one mixture; past it: 400")
+    max_mixture: int = _opt(SERVED_MIXTURE, "adapters in one mixture; past it: 400")
     max_body_bytes: int = _opt(1 << 20, "bytes of a JSON body; past it: 413")
     max_upload_bytes: int = _opt(64 << 20, "bytes of an adapter upload; past it: 413")
     default_completion_tokens: int = _opt(16, "max_tokens of a completion that names none (OpenAI's default)")

@@ -6,6 +6,7 @@
     specfuse_prompt_tokens_total / _completion_tokens_total
     specfuse_batch_rows{phase}                        histogram (rows per prefill / decode step)
     specfuse_step_seconds{phase}                      histogram
+    specfuse_mixture_ready_seconds                    histogram (a new mixture: reduced + written to a slot)
     specfuse_slot_cache_{hits,misses,evictions}_total device slot table
     specfuse_mixture_cache_{hits,misses}_total        host cache of fused mixtures
     specfuse_requests_{running,waiting}, specfuse_slots_{occupied,pinned}   gauges
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from serving.scheduler import RequestHandle, SchedulerObserver
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+READY_BUCKETS = (0.00025, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 Labels = tuple[tuple[str, str], ...]
@@ -112,6 +114,8 @@ class Metrics(SchedulerObserver):
         self.finished = Counter("specfuse_generations_total", "generations by finish reason")
         self.batch_rows = Histogram("specfuse_batch_rows", "rows per engine step", BATCH_BUCKETS)
         self.step_seconds = Histogram("specfuse_step_seconds", "engine step duration", LATENCY_BUCKETS)
+        self.mixture_ready = Histogram("specfuse_mixture_ready_seconds", "a new mixture reduced on the host and "
+                                       "written into a device slot: ready for its first decode step", READY_BUCKETS)
         self.read_outs: list[Gauge] = []
 
     def watch(self, name: str, help_text: str, read: Callable[[], float], kind: str = "gauge") -> None:
@@ -130,6 +134,6 @@ class Metrics(SchedulerObserver):
     def render(self) -> str:
         lines: list[str] = []
         for metric in (self.requests, self.latency, self.ttft, self.prompt_tokens, self.completion_tokens,
-                       self.finished, self.batch_rows, self.step_seconds, *self.read_outs):
+                       self.finished, self.batch_rows, self.step_seconds, self.mixture_ready, *self.read_outs):
             lines += metric.render()
         return "\n".join(lines) + "\n"

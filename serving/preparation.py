@@ -24,7 +24,7 @@ from adapters_zoo.errors import InvalidMixture, InvalidRequest, PayloadTooLarge
 from adapters_zoo.format import Adapter
 from adapters_zoo.registry import Registry
 from adapters_zoo.registry.mixture import MixtureSpec, resolve
-from fusion.mixture import MixtureCores
+from fusion.mixture import MixtureCores, canonical_pairs
 from serving.config import Limits
 from serving.engine import Engine
 from serving.generation import SamplingParams
@@ -32,7 +32,6 @@ from serving.routing import AutoRouter, AutoSpec, Candidate, RouteDecision, auto
 
 BASE = "base"
 ADAPTER_CACHE = 1024  # parsed registry adapters kept in memory (they are small: k-sized tensors per layer)
-ADAPTER_CACHE_BYTES = 64 << 20  # ... and the memory they may take
 
 Mixtures = MixtureCores | None | list[MixtureCores | None]  # one for every prompt, or one per prompt (auto)
 
@@ -57,7 +56,7 @@ class Job:
 class AdapterCache:
     """Parsed registry adapters by content hash (blobs are content-addressed: never stale), bounded in bytes."""
 
-    def __init__(self, capacity: int = ADAPTER_CACHE, max_bytes: int = ADAPTER_CACHE_BYTES):
+    def __init__(self, capacity: int = ADAPTER_CACHE, max_bytes: int = 64 << 20):
         self.capacity, self.max_bytes = capacity, max_bytes
         self._items: OrderedDict[str, tuple[Adapter, int]] = OrderedDict()  # sha256 -> (adapter, bytes)
         self.nbytes = 0
@@ -86,7 +85,7 @@ class RequestPreparer:
         self.limits = limits
         self.served_names = (BASE, model_name)
         self.fingerprint = engine.basis.fingerprint
-        self.adapters = AdapterCache()
+        self.adapters = AdapterCache(max_bytes=engine.config.adapter_cache_bytes)
         self.router = AutoRouter(engine)
 
     def prepare(self, job: Job) -> tuple[list[list[int]], Mixtures]:
@@ -125,10 +124,7 @@ class RequestPreparer:
             rec = records[ref]
             return self.adapters.get(rec.sha256, lambda: self.registry.load_record(rec))
 
-        def load() -> list[tuple[Adapter, float]]:
-            return [(adapter(ref), weight) for ref, weight in spec.components]  # the key's order
-
-        return spec, load
+        return spec, lambda: canonical_pairs(spec, adapter)
 
     def prepare_mixture(self, model: str, adapters=None, method=None, params=None) -> MixtureCores | None:
         """Resolve and reduce a mixture (blocking: registry reads, maybe fusion). None: the base model."""
@@ -142,7 +138,7 @@ class RequestPreparer:
             return None
         spec = MixtureSpec.of(decision.pairs, "linear" if method is None else method, params,
                               {ref: by_ref[ref].sha256 for ref, _ in decision.pairs})
-        return self.engine.prepare(spec, lambda: [(by_ref[ref].adapter, w) for ref, w in spec.components])
+        return self.engine.prepare(spec, lambda: canonical_pairs(spec, lambda ref: by_ref[ref].adapter))
 
     def route(self, prompts: list[list[int]], spec: AutoSpec) -> list[RouteDecision]:
         """The mixture ``spec`` picks for each prompt (token ids): base-model probe, then a router."""

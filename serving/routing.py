@@ -94,6 +94,7 @@ MAX_CANDIDATES = 256  # adapters scored per request; more: name a tag or a list
 MAX_TOP_M = 16
 SPECTRAL_DIRECTIONS = 8  # right singular vectors kept per core (Arrow keeps 1)
 WEIGHT_QUANTUM = 20  # weights are multiples of 1/20
+SOFT_DIGITS = 6  # soft weights, rounded: a mixture key that prints as it is
 SIGN_HINT = "specfuse registry sign NAME --data SAMPLE.jsonl --model MODEL_DIR"
 
 
@@ -109,8 +110,9 @@ class AutoSpec:
     temperature: float = 0.1
     threshold: float | None = None  # None: DEFAULT_THRESHOLD[router]
     base_margin: float = DEFAULT_BASE_MARGIN  # prototype: how much a candidate must outscore the base's signature
+    soft: bool = False  # the softmax weights as they are (every prompt its own mixture), not quantized
 
-    FIELDS = ("router", "candidates", "tag", "top_m", "temperature", "threshold", "base_margin")
+    FIELDS = ("router", "candidates", "tag", "top_m", "temperature", "threshold", "base_margin", "soft")
 
     @classmethod
     def parse(cls, value: Any) -> AutoSpec:
@@ -154,6 +156,8 @@ class AutoSpec:
             raise bad("temperature", f"must be a number in [0.001, 100], got {self.temperature!r}")
         if self.threshold is not None and (not _number(self.threshold) or not -1 <= self.threshold <= 1):
             raise bad("threshold", f"must be a number in [-1, 1], got {self.threshold!r}")
+        if not isinstance(self.soft, bool):
+            raise bad("soft", f"must be true or false, got {self.soft!r}")
         if not _number(self.base_margin) or not abs(self.base_margin) <= BASE_MARGIN_RANGE:
             raise bad("base_margin", f"must be a number in [-{BASE_MARGIN_RANGE:g}, {BASE_MARGIN_RANGE:g}], got "
                                      f"{self.base_margin!r}")
@@ -269,18 +273,23 @@ def spectral_scores(projections: torch.Tensor, table: SpectralTable) -> torch.Te
     return (per_layer * table.present).sum(0) / counts.clamp(min=1)  # (n,); 0 for an adapter with no core
 
 
-def select(scores: torch.Tensor, top_m: int, temperature: float, threshold: float | None) -> list[tuple[int, float]]:
+def select(scores: torch.Tensor, top_m: int, temperature: float, threshold: float | None,
+           soft: bool = False) -> list[tuple[int, float]]:
     """(candidate index, weight) of the chosen adapters, best first; [] = the base model.
 
     Keep scores ≥ threshold, the top_m best of them (ties: the earlier candidate), weights
     softmax(score / temperature) over those kept, quantized to multiples of 1/WEIGHT_QUANTUM
-    (largest remainders; an adapter whose weight rounds to 0 is dropped).
+    (largest remainders; an adapter whose weight rounds to 0 is dropped), or with ``soft``
+    as they are (to SOFT_DIGITS decimals; a new mixture costs a cached one's time, see
+    ``fusion.mixture.reduce``).
     """
     order = sorted(range(scores.shape[0]), key=lambda i: (-float(scores[i]), i))
     keep = [i for i in order[:top_m] if threshold is None or float(scores[i]) >= threshold]
     if not keep:
         return []
     w = torch.softmax(scores[keep].double() / temperature, dim=0)  # (m,)
+    if soft:
+        return [(i, round(float(x), SOFT_DIGITS)) for i, x in zip(keep, w) if round(float(x), SOFT_DIGITS) > 0]
     units = (w * WEIGHT_QUANTUM).tolist()
     whole = [math.floor(u) for u in units]
     for j in sorted(range(len(keep)), key=lambda j: (-(units[j] - whole[j]), j))[: WEIGHT_QUANTUM - sum(whole)]:
@@ -440,7 +449,7 @@ class AutoRouter:
         with self._lock:
             self.routed += len(prompts)
         for row, floor, base_score in zip(scores, floors, base):
-            chosen = select(row, spec.top_m, spec.temperature, floor)
+            chosen = select(row, spec.top_m, spec.temperature, floor, spec.soft)
             decisions.append(RouteDecision(spec.router, [(candidates[i].ref, w) for i, w in chosen],
                                            {c.ref: round(float(s), 6) for c, s in zip(candidates, row)},
                                            None if base_score is None else round(base_score, 6)))

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adapters_zoo.errors import NumericalFailure, ServerBusy, ServiceUnavailable
+from fusion.mixture import mixture_label
 from serving.config import SchedulerConfig
 from serving.engine import Engine, PromptProbe
 from serving.generation import RowKV, SamplingParams, TextStream, make_generator, read_logits, sample_row
@@ -538,7 +539,7 @@ class Scheduler:
 
 def _non_finite(row: _Row) -> NumericalFailure:
     mixture = row.handle.request.mixture
-    label = "base" if mixture is None else getattr(mixture.key, "label", str(mixture.key))
+    label = mixture_label(mixture)
     return NumericalFailure(f"the model's logits became NaN or infinite for this request (mixture {label}); "
                             "it was ended, other requests are unaffected")
 

@@ -51,6 +51,7 @@ class Service:
     def _watch(self) -> None:
         m, slots, mixtures, router = self.metrics, self.engine.slots, self.engine.mixtures, self.router
         scheduler, adapters = self.scheduler, self.preparer.adapters
+        slots.on_ready = m.mixture_ready.observe
         m.watch("specfuse_slot_cache_hits_total", "mixture found in a device slot", lambda: slots.hits, "counter")
         m.watch("specfuse_slot_cache_misses_total", "mixture copied into a device slot", lambda: slots.misses,
                 "counter")

@@ -15,6 +15,7 @@ table), so a mixture evicted from the device is copied back, not fused again.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
@@ -46,6 +47,7 @@ class SlotTable:
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self.on_ready: Callable[[float], None] | None = None  # a new mixture's seconds: reduced + written
 
     def check_fits(self, mixture: MixtureCores) -> None:
         """Raise InvalidMixture for a mixture no slot of this table can ever hold."""
@@ -72,8 +74,12 @@ class SlotTable:
             del self._lru[old]
             self.evictions += 1
         self.misses += 1
+        start = time.perf_counter()
         for name, table in self.layers.items():
             table.write(slot, mixture.cores.get(name), mixture.residuals.get(name))
+        if self.on_ready is not None and not mixture.ready:  # its first slot: ready for a first decode step
+            self.on_ready(mixture.reduce_seconds + time.perf_counter() - start)
+        mixture.ready = True
         self.keys[slot] = mixture.key
         self.diagonal[slot] = mixture.diagonal
         self.residual_rank[slot] = mixture.residual_rank

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters_zoo.errors import SpecfuseError
-from adapters_zoo.registry.mixture import MixtureSpec, resolve
+from adapters_zoo.registry.mixture import SERVED_MIXTURE, MixtureSpec, resolve
 
 EXPORT_FORMAT = 1  # bump when the export layout changes: old exports are not reused
 
@@ -48,14 +48,14 @@ def mixture_key(spec: MixtureSpec) -> str:
 
 def export_mixture(registry, mixture: str | Mapping[str, float], out_root: str | Path,
                    base_model_name_or_path: str, method: str = "linear", params: dict[str, Any] | None = None,
-                   base_fingerprint: str | None = None, max_entries: int = 16) -> Path:
+                   base_fingerprint: str | None = None, max_entries: int = SERVED_MIXTURE) -> Path:
     """Fuse ``mixture`` (registry refs) and write it as a PEFT LoRA directory; returns the directory.
 
     The export is reused while the mixture resolves to the same blobs; it is written to a
     temporary directory and renamed, so a crash or a concurrent export never leaves half of one.
     """
     from fusion.lora_io import export_peft_lora
-    from fusion.mixture import reduce
+    from fusion.mixture import canonical_pairs, reduce
 
     resolved = resolve(registry, mixture, fingerprint=base_fingerprint, max_entries=max_entries)
     spec = MixtureSpec.resolved(resolved, method, params)
@@ -66,7 +66,7 @@ def export_mixture(registry, mixture: str | Mapping[str, float], out_root: str |
     fingerprint = resolved[0][0].base_fingerprint
     basis = registry.basis(fingerprint)
     records = {rec.ref: rec for rec, _ in resolved}
-    pairs = [(registry.load_record(records[ref]), w) for ref, w in spec.components]  # the key's order
+    pairs = canonical_pairs(spec, lambda ref: registry.load_record(records[ref]))
     fused = reduce(pairs, basis, spec.method, spec.fusion_params, key=spec).to_adapter(basis)
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = out_root / f".tmp-{uuid.uuid4().hex}"
@@ -99,7 +99,7 @@ class MixtureResolver:
     """
 
     def __init__(self, registry, out_root: str | Path, make_request: Callable[..., Any],
-                 base_fingerprint: str | None = None, max_entries: int = 16):
+                 base_fingerprint: str | None = None, max_entries: int = SERVED_MIXTURE):
         self.registry = registry
         self.out_root = Path(out_root)
         self.make_request = make_request
@@ -129,5 +129,5 @@ def register_resolver() -> None:
     resolver_class = type("SpecfuseLoRAResolver", (MixtureResolver, LoRAResolver), {})
     resolver = resolver_class(Registry(home), out_root, LoRARequest,
                               base_fingerprint=os.environ.get("SPECFUSE_VLLM_BASE") or None,
-                              max_entries=int(os.environ.get("SPECFUSE_VLLM_MAX_MIXTURE", "16")))
+                              max_entries=int(os.environ.get("SPECFUSE_VLLM_MAX_MIXTURE", SERVED_MIXTURE)))
     LoRAResolverRegistry.register_resolver("specfuse", resolver)

@@ -30,7 +30,8 @@ from adapters_zoo.registry.names import MAX_NAME_LEN, parse_ref
 if TYPE_CHECKING:
     from adapters_zoo.registry.catalog import AdapterRecord
 
-MAX_MIXTURE = 64
+MAX_MIXTURE = 64  # entries the parser takes (offline: fuse, merge, export-lora)
+SERVED_MIXTURE = 16  # adapters in one served mixture (specfuse serve --max-mixture, the vLLM bridge)
 # Task arithmetic uses weights around 1; a weight past 10 turns an adapter into something its
 # training never saw (and feeds the cores' norm bound, format.MAX_DELTA_RATIO, a 400 anyway).
 MAX_WEIGHT = 10.0
@@ -158,6 +159,11 @@ def resolve(
     return out
 
 
+def format_pairs(pairs: Iterable[tuple[str, float]]) -> str:
+    """(ref, weight) pairs as a mixture string ``a:0.7,b@2:0.3`` (what ``parse_mixture`` reads)."""
+    return ",".join(f"{ref}:{w:g}" for ref, w in pairs)
+
+
 @dataclass(frozen=True)
 class MixtureSpec:
     """A resolved mixture as the caches key it: (name@version, weight) sorted by ref, the fusion
@@ -200,5 +206,5 @@ class MixtureSpec:
     def label(self) -> str:
         if self.is_base:
             return "base"
-        text = ",".join(f"{ref}:{w:g}" for ref, w in self.components)
+        text = format_pairs(self.components)
         return text if self.method == "linear" and self.params == "{}" else f"{text} ({self.method})"

@@ -7,14 +7,27 @@ In a shared basis the sum of cores is the sum of the dense updates, with no cros
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from fusion.methods.base import FusionContext, FusionMethod, NoParams, register, weighted
+from fusion.methods.base import FusionContext, FusionMethod, NoParams, register
 
 
 def linear_sum(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """(L, N, ...) , (N,) -> (L, ...)."""
-    return weighted(x, weights).sum(dim=1)
+    """(L, N, ...) , (N,) -> (L, ...): Σₙ wₙ xₙ, accumulated in source order (``weighted_sum``)."""
+    return weighted_sum(x.unbind(1), weights)
+
+
+def weighted_sum(xs: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """x₀ w₀ + x₁ w₁ + …, one elementwise add per source, in order: every element is computed
+    the same way whatever else is stacked with it, so the server's packed reduction
+    (:func:`fusion.mixture.reduce`) and ``fuse`` give the same bits."""
+    w = weights.to(xs[0])
+    out = xs[0] * w[0]
+    for n in range(1, len(xs)):
+        out = out + xs[n] * w[n]
+    return out
 
 
 @register

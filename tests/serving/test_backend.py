@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fusion.fuse import fuse_cores
 from fusion.mixture import MixtureCores, reduce
 from serving.backend import (
     LayerSlots,
@@ -188,3 +189,51 @@ def test_routing_fills_its_buffers_in_place():
     routing.update(list(range(8)) + [-1], diagonal, rank)  # outgrows the capacity: grows once
     assert routing.capacity >= 9 and routing.index.tolist() == list(range(8)) + [8]
     assert [(s, r.tolist()) for s, r, _ in routing.residual_groups] == [(2, [2])]
+
+
+MIXTURES = {"diag": [("scale", 0.6), ("scale_q", 0.3)], "dense": [("rotation", 0.5), ("svft", 0.25), ("scale", 0.4)],
+            "residual": [("scale_lora", 0.7), ("lora", 0.2), ("rotation", 0.3)], "dense_residual": [("additive", 0.5),
+                                                                                                  ("scale_lora", 0.5)]}
+
+
+@pytest.mark.parametrize("names", [["diag"], ["diag", "dense"], ["diag", "residual", "dense_residual"],
+                                   ["dense", "residual"]])
+def test_packed_linear_mixtures_match_the_fused_ones_the_loop_and_dense(basis, adapters, names):
+    """New linear mixtures (summed on packed cores) in one batch, diagonal and dense rows, with residuals:
+    the same cores as ``fuse_cores``, and the batched math equals the per-row loop and Σ wₙ ΔWₙ."""
+    lb = basis[LAYER]
+    layer = LayerSlots.allocate(lb.U, lb.V, 6, 3, 16, torch.float32, torch.device("cpu"))
+    table = SlotTable({LAYER: layer}, 3, 16)
+    placed = {}
+    for name in names:
+        pairs = [(adapters[a], w) for a, w in MIXTURES[name]]
+        mixture = reduce(pairs, basis, key=name)
+        fused = fuse_cores([a for a, _ in pairs], [w for _, w in pairs], basis)
+        assert mixture.diagonal == fused.diagonal == (name == "diag")
+        for lname in basis.layer_names():
+            if lname in fused.cores:
+                want = torch.diag(fused.cores[lname]) if fused.diagonal else fused.cores[lname]
+                assert torch.equal(mixture.cores[lname], want), (name, lname)
+            else:
+                assert mixture.cores[lname] is None
+        assert set(mixture.residuals) == set(fused.residuals)
+        for lname, (B, A) in fused.residuals.items():
+            assert torch.equal(mixture.residuals[lname][0], B) and torch.equal(mixture.residuals[lname][1], A)
+        one = MixtureCores(name, {LAYER: mixture.cores[LAYER]}, {k: v for k, v in mixture.residuals.items()
+                                                                  if k == LAYER}, mixture.diagonal,
+                           mixture.residual_rank)
+        placed[name] = table.acquire(one)
+    gen = torch.Generator().manual_seed(2)
+    row_names = [names[i % len(names)] for i in range(5)] + ["base"]
+    row_slots = [placed.get(n, -1) for n in row_names]
+    x = torch.randn(len(row_slots), 2, layer.V.shape[0], generator=gen)
+    y = torch.randn(len(row_slots), 2, layer.U.shape[0], generator=gen)
+    routing = Routing.build(row_slots, table.num_slots, table.diagonal, table.residual_rank, torch.device("cpu"))
+    assert routing.all_diagonal == (names == ["diag"])
+    fast = TorchBackend().apply(y.clone(), x, layer, routing)
+    torch.testing.assert_close(fast, LoopBackend().apply(y.clone(), x, layer, routing), rtol=1e-5, atol=1e-5)
+    for i, name in enumerate(row_names):
+        delta = sum(w * adapters[a].delta(LAYER, basis) for a, w in MIXTURES.get(name, [])
+                    if LAYER in adapters[a].params)
+        dense = y[i] if name == "base" else y[i] + x[i] @ delta.T
+        torch.testing.assert_close(fast[i], dense, rtol=1e-4, atol=1e-4)

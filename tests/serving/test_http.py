@@ -198,6 +198,19 @@ def test_health_and_metrics(server):
     assert 'specfuse_requests_total{endpoint="/v1/completions",status="200"}' in text
 
 
+def test_a_new_mixture_is_timed_once_until_ready(client, service):
+    """specfuse_mixture_ready_seconds: one observation per new mixture (reduced + written to a slot), none
+    for a mixture already served."""
+    ready = service.metrics.mixture_ready
+    before = ready.count()
+    complete(client, "scale:0.123,svft:0.456", "abc", max_tokens=2)
+    assert ready.count() == before + 1
+    complete(client, "svft:0.456,scale:0.123", "abc", max_tokens=2)
+    assert ready.count() == before + 1, "the same mixture, cached: not new"
+    assert 0 < ready.series[()][-1] < 60
+    assert "specfuse_mixture_ready_seconds_bucket" in service.metrics.render()
+
+
 # --------------------------------------------------------------------------- errors
 
 

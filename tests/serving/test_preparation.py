@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from adapters_zoo.errors import InvalidConfig, InvalidMixture
+from fusion.methods import METHODS
+from fusion.mixture import fuse_mixture
 from serving.generation import SamplingParams
 from serving.preparation import Job
 
@@ -41,3 +44,28 @@ def test_base_and_bad_mixtures_are_typed_errors(service):
         service.prepare(job(",".join(f"a{i}" for i in range(9))))
     with pytest.raises(InvalidConfig, match="unknown fusion method"):
         service.prepare(job("svft:0.5,scale:0.5", None, "no_such_method"))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_offline_and_online_give_the_same_cores_in_any_order(service, method):
+    """``specfuse fuse`` / ``POST /v1/fuse`` and a request naming the same mixture serve one set of cores,
+    however the mixture is typed (DARE's masks are drawn over the sources' order)."""
+    orders = ["svft:0.5,scale:0.3,scale_lora:0.2", "scale_lora:0.2,svft:0.5,scale:0.3"]
+    params = {"on_overlap": "warn"} if method == "slices" else None  # these sources overlap everywhere
+    online = service.prepare_mixture(orders[0], method=method, params=params)
+    assert service.prepare_mixture(orders[1], method=method, params=params) is online
+    basis = service.engine.basis
+    for mixture in orders:
+        fused, _, pairs = fuse_mixture(service.registry, mixture, method, params, fingerprint=basis.fingerprint)
+        assert [ref for ref, _ in pairs] == [e.split(":")[0] + "@1" for e in mixture.split(",")]
+        assert [s["name"] for s in fused.meta["fusion"]["sources"]] == [ref for ref, _ in pairs]
+        for layer in basis.layer_names():
+            core = fused.core(layer, basis) if layer in fused.params else None
+            if online.cores[layer] is None:
+                assert core is None or not core.any(), (method, mixture, layer)
+            else:
+                assert torch.equal(core.float(), online.cores[layer]), (method, mixture, layer)
+            res = fused.residual(layer, basis) if layer in fused.params else None
+            assert (res is None) == (layer not in online.residuals)
+            if res is not None:
+                assert all(torch.equal(a.float(), b) for a, b in zip(res, online.residuals[layer]))

@@ -73,6 +73,19 @@ def test_select_top_m_threshold_temperature_and_quantized_weights():
     assert select(scores, 2, 0.1, 0.95) == []  # nothing matches: the base model
 
 
+def test_soft_weights_are_the_softmax_itself():
+    scores = torch.tensor([0.2, 0.9, 0.5, 0.7])
+    soft = select(scores, 3, 0.5, None, soft=True)
+    want = torch.softmax(torch.tensor([0.9, 0.7, 0.5], dtype=torch.float64) / 0.5, dim=0).tolist()
+    assert [i for i, _ in soft] == [1, 3, 2]
+    assert [w for _, w in soft] == [round(w, 6) for w in want]
+    assert select(scores, 3, 0.5, None) == [(1, 0.5), (3, 0.3), (2, 0.2)], "the default stays quantized"
+    assert select(scores, 2, 0.1, 0.95, soft=True) == []
+    assert AutoSpec.parse({"soft": True}).soft and not AutoSpec.parse("auto").soft
+    with pytest.raises(InvalidRequest, match="soft"):
+        AutoSpec.parse({"soft": "yes"})
+
+
 def test_prototype_scores_are_cosines():
     f = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
     s = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
