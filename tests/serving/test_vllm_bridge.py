@@ -97,3 +97,21 @@ def test_vllm_lora_rank_rounds_up_and_refuses_ranks_vllm_cannot_hold():
     assert [vllm_lora_rank(r) for r in (1, 2, 8, 9, 32, 33, 512)] == [1, 8, 8, 16, 32, 64, 512]
     with pytest.raises(IncompatibleAdapter, match="513"):
         vllm_lora_rank(513)
+
+
+def test_vllm_model_dir_hides_a_basis_saved_beside_the_weights(home, tmp_path, basis):
+    import shutil
+
+    from adapters_zoo.basis import save_basis
+    from serving.vllm_bridge import vllm_model_dir
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(home / "base", model_dir)
+    assert vllm_model_dir(model_dir, tmp_path / "views") == model_dir, "weights only: served as it is"
+    save_basis(basis, model_dir / "basis.safetensors")
+    view = vllm_model_dir(model_dir, tmp_path / "views")
+    assert view.parent == tmp_path / "views"
+    assert sorted(p.name for p in view.iterdir()) == sorted(p.name for p in model_dir.iterdir()
+                                                              if p.name != "basis.safetensors")
+    assert all((view / p.name).resolve() == p for p in model_dir.iterdir() if p.name != "basis.safetensors")
+    assert vllm_model_dir(model_dir, tmp_path / "views") == view, "the view is reused"
