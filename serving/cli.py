@@ -18,7 +18,7 @@ COMMAND_MODULES = [
     "adapters_zoo.cli",  # zoo build, base, basis, train, count-params, inspect, analyze
     "adapters_zoo.registry.cli",  # registry add | list | show | rm | verify | gc | bases
     "fusion.cli",  # fuse, merge, export-lora, import-lora
-    "serving.serve_cli",  # serve, demo
+    "serving.serve_cli",  # serve, demo, vllm-args
 ]
 
 

