@@ -1,7 +1,7 @@
 """A GGUF file -> a plain transformers model directory, streamed one tensor at a time.
 
     specfuse base import FILE.gguf [--name NAME] [--dtype float32|bfloat16] [--home DIR]
-        -> HOME/bases/NAME/  (model-0000i-of-0000n.safetensors + index, config, tokenizer, specfuse-base.json)
+        -> HOME/bases/NAME/  (model.safetensors, or 2 GB shards + index; config, tokenizer, specfuse-base.json)
 
 Each tensor is read from the file in row chunks (``os.pread``: no page of the file stays
 mapped), dequantized by ``gguf.quants.dequantize`` into one float32 array, brought to the
@@ -87,10 +87,11 @@ def imported_base(model_dir: Path) -> dict | None:
 
 def import_gguf(gguf_path: str | Path, name: str | None = None, dtype: str = "float32",
                 home: str | Path | None = None, *, extra: dict | None = None, progress: bool = True,
-                target: Path | None = None) -> ImportedBase:
-    """Import ``gguf_path`` as base ``name`` under ``home`` (or into ``target``); a finished import is reused.
+                keep: list[Path] = ()) -> ImportedBase:
+    """Import ``gguf_path`` as base ``name`` under ``home``; a finished import of the same file is reused.
 
-    ``extra`` is merged into the manifest (a fetched base records its package there).
+    ``extra`` is merged into the manifest (a fetched base records its package there); the files in
+    ``keep`` (license terms) are copied into the directory.
     """
     from adapters_zoo.bases import bases_dir
 
@@ -102,7 +103,7 @@ def import_gguf(gguf_path: str | Path, name: str | None = None, dtype: str = "fl
     name = name or path.stem.lower()
     if not name or "/" in name or name.startswith("."):
         raise GGUFImportError(f"base name {name!r} is not a plain directory name")
-    model_dir = target if target is not None else bases_dir(home) / name
+    model_dir = bases_dir(home) / name
     stat = path.stat()
     done = imported_base(model_dir)
     if done is not None and done.get("dtype") == dtype and done.get("gguf_size") == stat.st_size:
@@ -116,6 +117,8 @@ def import_gguf(gguf_path: str | Path, name: str | None = None, dtype: str = "fl
         record = _convert(path, staging, name, dtype, progress)
         record.update({"name": name, "gguf": path.name, "gguf_sha256": digest, "gguf_size": stat.st_size,
                        "gguf_mtime_ns": stat.st_mtime_ns, **(extra or {})})
+        for path_kept in keep:
+            shutil.copyfile(path_kept, staging / path_kept.name)
         write_atomic(staging / MANIFEST, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
         if model_dir.exists():
             shutil.rmtree(model_dir)  # a stale or broken directory of an older import
@@ -249,7 +252,8 @@ def _convert(path: Path, out_dir: Path, name: str, dtype: str, progress: bool) -
     try:
         weight_map = {}
         for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            # one shard is model.safetensors with no index, as transformers saves it
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             if progress:
                 print(f"specfuse base: {fname} ({len(shard)} tensors, {dtype})", file=sys.stderr)
             _write_shard(out_dir / fname, shard, fd, processor, out_dtype, itemsize)
@@ -257,8 +261,9 @@ def _convert(path: Path, out_dir: Path, name: str, dtype: str, progress: bool) -
     finally:
         os.close(fd)
     total = sum(math.prod(t.shape) * itemsize for t in tensors)
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    write_atomic(out_dir / "model.safetensors.index.json", (json.dumps(index, indent=2) + "\n").encode())
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        write_atomic(out_dir / "model.safetensors.index.json", (json.dumps(index, indent=2) + "\n").encode())
     config.save_pretrained(out_dir)
     GenerationConfig.from_model_config(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
