@@ -139,10 +139,14 @@ def _result(model_dir: Path, record: dict) -> ImportedBase:
 def _open(path: Path):
     from gguf import GGUFReader
 
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise GGUFImportError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
     try:
         reader = GGUFReader(path)
-    except Exception as err:  # the reader raises ValueError, IndexError, ... on a bad header
-        raise GGUFImportError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
+    except Exception as err:  # the reader raises ValueError, IndexError, ... on a cut or damaged file
+        raise GGUFImportError(f"{path}: truncated or damaged GGUF file ({type(err).__name__}: {err})") from None
     size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
@@ -219,6 +223,9 @@ def _convert(path: Path, out_dir: Path, name: str, dtype: str, progress: bool) -
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as err:  # transformers' metadata readers raise whatever they meet
         raise GGUFImportError(f"{path}: cannot read its config or tokenizer ({type(err).__name__}: {err})") from None
+    key_length = reader.fields.get(f"{'llama' if arch == 'mistral' else arch}.attention.key_length")
+    if key_length is not None and hasattr(config, "head_dim"):
+        config.head_dim = int(key_length.parts[key_length.data[0]][0])  # transformers' qwen3 map drops it
     config.name_or_path = name
     config.dtype = getattr(torch, dtype)
     with torch.device("meta"):
