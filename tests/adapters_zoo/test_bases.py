@@ -116,4 +116,5 @@ def test_a_finished_fetch_is_read_from_its_manifest(tmp_path, capsys):
     rows = {r["name"]: r for r in list_bases(tmp_path)}
     assert rows["smollm2-135m-instruct"]["fetched"] and rows["smollm2-135m-instruct"]["path"] == str(model_dir)
     assert main(["base", "list", "--home", str(tmp_path), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["fingerprint"] == "f" * 32
+    listed = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert listed["smollm2-135m-instruct"]["fingerprint"] == "f" * 32 and not listed["gemma3-270m"]["fetched"]
