@@ -55,6 +55,8 @@ def test_the_fetched_gemma_is_the_gemma3_layout_in_float32(trained):
     assert load_basis(trained["basis"]).rank == 8
 
 
+@pytest.mark.xfail(strict=True, reason="the serving engine batches full-attention KV caches only; Gemma 3 "
+                   "has sliding-window layers (specfuse serve refuses it with one clear error)")
 def test_one_request_is_served_with_the_trained_adapter(trained):
     env = {"SPECFUSE_HOME": str(trained["home"]), "OMP_NUM_THREADS": "1"}
     with cli_server(["serve", str(trained["model_dir"])], env, timeout=600) as url:
