@@ -78,7 +78,7 @@ def test_an_exported_lora_loads_in_peft_with_our_delta_w(trained, tmp_path):
     base_w = model.get_submodule(name).weight.detach().clone()
     with attached(model, adapter, basis), torch.no_grad():
         layer = model.get_submodule(name)
-        eye = torch.eye(layer.in_features)
+        eye = torch.eye(base_w.shape[1])
         ours = (layer(eye) - eye @ base_w.T).T  # ΔW (out, in) as the attached adapter applies it
     peft = PeftModel.from_pretrained(model, str(out)).eval()
     merged = peft.merge_and_unload()
