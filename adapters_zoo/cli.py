@@ -323,6 +323,9 @@ def _register_train(subparsers) -> None:
                    help="micro-batches of --batch-size per optimizer step")
     t.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each decoder layer in backward (the model's own): less memory, more time")
+    t.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="write a checkpoint OUT.ckpt every N steps (atomically; removed when the run completes)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT.ckpt (same settings and processes)")
     _add_home(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_train)
@@ -351,7 +354,7 @@ def cmd_train(args) -> int:
                       batch_size=args.batch_size, seed=args.seed, preserve=args.preserve, kl_weight=args.kl_weight,
                       max_length=args.max_length, add_eos=not args.no_eos, device=args.device,
                       precision=args.precision, grad_accum=args.grad_accum,
-                      gradient_checkpointing=args.gradient_checkpointing)
+                      gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every)
     if args.lr is not None:
         cfg.lr = args.lr
     cfg.validate()
@@ -383,7 +386,8 @@ def cmd_train(args) -> int:
             save_basis(basis, basis_path)
 
     adapter, stats = train_adapter(model, tokenizer, basis, examples, cfg, preserve_examples=preserve,
-                                   verify_basis=False)
+                                   verify_basis=False, checkpoint=out.with_name(out.stem + ".ckpt"),
+                                   resume=args.resume)
     if rank != 0:  # only rank 0 evaluates and writes
         barrier()
         return 0

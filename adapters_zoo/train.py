@@ -43,6 +43,7 @@ from adapters_zoo.errors import BasisMismatch, InvalidConfig, ModelDirError, Tra
 from adapters_zoo.format import Adapter, new_adapter
 from adapters_zoo.inject import SpectralLinear, adapter_parameters, attach, detach, extract
 from adapters_zoo.signatures import attach_signature, signature_from_prompts
+from adapters_zoo.train_resume import load_checkpoint, save_checkpoint
 from adapters_zoo.train_runtime import (
     PRECISIONS,
     all_reduce_grads,
@@ -84,6 +85,7 @@ class TrainConfig:
     precision: str = "fp32"  # dtype of the base weights: fp32 | bf16 | fp16 (the adapter stays float32)
     grad_accum: int = 1  # micro-batches of batch_size per optimizer step
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward: less memory, more time
+    save_every: int = 0  # steps between checkpoints (0: none); train_adapter's checkpoint= says where
 
     def validate(self) -> None:
         checks = [
@@ -95,6 +97,7 @@ class TrainConfig:
             (self.kl_weight >= 0, f"kl_weight must be ≥ 0, got {self.kl_weight}"),
             (self.max_length >= 2, f"max_length must be ≥ 2, got {self.max_length}"),
             (self.grad_accum >= 1, f"grad_accum must be ≥ 1, got {self.grad_accum}"),
+            (self.save_every >= 0, f"save_every must be ≥ 0, got {self.save_every}"),
             (self.precision in PRECISIONS, f"unknown precision {self.precision!r} (use {', '.join(PRECISIONS)})"),
         ]
         for ok, message in checks:
@@ -432,6 +435,9 @@ def optimize(
     on_step: Callable[[int, float], dict[str, str] | None] | None = None,
     scaler: torch.amp.GradScaler | None = None,
     reduce_grads: Callable[[list[torch.nn.Parameter]], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    on_save: Callable[[int, dict[str, Any]], None] | None = None,
+    save_every: int = 0,
 ) -> list[float]:
     """The one training loop: minimise ``loss_fn(step)`` over ``params``; returns every step's loss.
 
@@ -441,12 +447,21 @@ def optimize(
     is the TrainingDiverged message for a non-finite loss (None: no check). ``progress``: the
     description of a progress bar (None: no bar); ``on_step(step, loss)`` runs after each update and
     what it returns is shown on the bar. ``scaler``: loss scaling (fp16); ``reduce_grads(params)``
-    runs after backward, before clipping (the all-reduce of data-parallel ranks).
+    runs after backward, before clipping (the all-reduce of data-parallel ranks). ``on_save(done, state)``
+    runs every ``save_every`` steps with the optimizer's (and scaler's) state; ``resume`` is such a state
+    plus ``step``, the steps done: the loop continues from there (the caller restores the parameters).
     """
     params = list(params)
     optimizer = torch.optim.AdamW(params, lr=schedule.lr, betas=betas, weight_decay=weight_decay)
+    first = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        first = resume["step"]
     values: list[float] = []
-    bar = tqdm(range(schedule.steps), desc=progress, unit="step", disable=progress is None)
+    bar = tqdm(range(first, schedule.steps), desc=progress, unit="step", disable=progress is None,
+               initial=first, total=schedule.steps)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr * schedule.factor(step)
@@ -469,6 +484,9 @@ def optimize(
         else:
             optimizer.step()
         values.append(total)
+        if on_save is not None and save_every and (step + 1) % save_every == 0 and step + 1 < schedule.steps:
+            on_save(step + 1, {"optimizer": optimizer.state_dict(),
+                               "scaler": scaler.state_dict() if scaler is not None else None})
         shown = on_step(step, values[-1]) if on_step is not None else None
         if shown:
             bar.set_postfix(**shown)
@@ -529,12 +547,16 @@ def train_adapter(
     preserve_examples: list[Example] | None = None,
     progress: bool = True,
     verify_basis: bool = True,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
 ) -> tuple[Adapter, TrainStats]:
     """Train a ``cfg.kind`` adapter on ``examples``; the model is left as it came (moved to the device, its
     weights in ``cfg.precision``'s dtype). Inside torch.distributed, one rank of a data-parallel run.
 
     Raises BasisMismatch when ``basis`` was not computed from ``model``'s weights (pass
     ``verify_basis=False`` when the caller has checked already: hashing a large model takes a while).
+    ``checkpoint``: the file ``cfg.save_every`` writes to (rank 0), and ``resume=True`` continues from;
+    it is removed when the run completes.
     """
     cfg.validate()
     if not examples:
@@ -567,6 +589,27 @@ def train_adapter(
         cast_base(model, dtype)
         attach(model, adapter, basis)
         losses, kls = [], []
+        params = adapter_parameters(model)
+        settings = _resume_settings(cfg)
+        state = load_checkpoint(checkpoint, settings, ranks) if resume else None
+        if state is not None:
+            with torch.no_grad():
+                for p, saved in zip(params, state["params"]):
+                    p.copy_(saved)
+            gen.set_state(state["gen"])
+            batches.order = list(state["order"])
+            if preserve_batches is not None:
+                preserve_batches.order = list(state["preserve_order"])
+            losses, kls = list(state["losses"]), list(state["kls"])
+
+        def save(done: int, loop_state: dict[str, Any]) -> None:
+            if rank == 0:
+                save_checkpoint(checkpoint, {
+                    "step": done, "ranks": ranks, "settings": settings, **loop_state,
+                    "params": [p.detach().cpu().clone() for p in params], "gen": gen.get_state(),
+                    "order": list(batches.order),
+                    "preserve_order": list(preserve_batches.order) if preserve_batches is not None else [],
+                    "losses": list(losses), "kls": list(kls)})
 
         def micro_batches(picked: list) -> list[dict[str, torch.Tensor]]:
             mine = picked[rank::ranks]
@@ -603,15 +646,18 @@ def train_adapter(
 
         start = time.perf_counter()
         with gradient_checkpointing(model, cfg.gradient_checkpointing):
-            optimize(adapter_parameters(model), loss_fn,
+            optimize(params, loss_fn,
                      Schedule.with_warmup_ratio(cfg.steps, cfg.lr, cfg.warmup_ratio),
                      weight_decay=cfg.weight_decay, progress=f"train {cfg.kind}" if progress and rank == 0 else None,
                      diverged=lambda loss, step: f"loss became {loss} at step {step}: lower --lr (now {cfg.lr})",
                      on_step=lambda step, _: {"loss": f"{losses[-1]:.4f}",
                                               **({"kl": f"{kls[-1]:.4f}"} if kls else {})},
-                     scaler=grad_scaler(device, dtype), reduce_grads=all_reduce_grads if ranks > 1 else None)
+                     scaler=grad_scaler(device, dtype), reduce_grads=all_reduce_grads if ranks > 1 else None,
+                     resume=state, on_save=save if checkpoint is not None else None, save_every=cfg.save_every)
         seconds = time.perf_counter() - start
         trained = extract(model, adapter)
+    if checkpoint is not None and rank == 0:
+        Path(checkpoint).unlink(missing_ok=True)  # the run is complete: the adapter file replaces it
 
     stats = TrainStats(
         steps=cfg.steps,
@@ -629,6 +675,11 @@ def train_adapter(
     if signature is not None:  # from the base, adapter off: every adapter's signature lives in one space
         trained.meta = attach_signature(trained.meta, signature, basis.fingerprint)
     return trained, stats
+
+
+def _resume_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues (the schedule and the batches depend on it)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("device", "save_every")}
 
 
 # --------------------------------------------------------------------------- model dirs
