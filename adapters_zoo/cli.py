@@ -339,6 +339,15 @@ def _register_train(subparsers) -> None:
     t.add_argument("--kl-weight", type=float, default=1.0)
     t.add_argument("--eval", default=None, metavar="FILE", help="held-out JSONL: loss before and after")
     t.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when present")
+    t.add_argument("--precision", default="fp32", help="dtype of the base weights: fp32, bf16 or fp16 "
+                   "(adapter parameters and optimizer state stay float32)")
+    t.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                   help="micro-batches of --batch-size per optimizer step")
+    t.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each decoder layer in backward (the model's own): less memory, more time")
+    t.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="write a checkpoint OUT.ckpt every N steps (atomically; removed when the run completes)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT.ckpt (same settings and processes)")
     _add_home(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_train)
@@ -348,7 +357,16 @@ def cmd_train(args) -> int:
     from adapters_zoo.basis import check_basis_matches_model, compute_basis, load_basis, save_basis
     from adapters_zoo.errors import InvalidConfig
     from adapters_zoo.format import save_adapter
-    from adapters_zoo.train import TrainConfig, attached, eval_loss, load_examples, load_model_dir, train_adapter
+    from adapters_zoo.train import (
+        TrainConfig,
+        attached,
+        eval_loss,
+        load_examples,
+        load_model_dir,
+        resolve_device,
+        train_adapter,
+    )
+    from adapters_zoo.train_runtime import barrier, init_from_env, precision_dtype, world
 
     # Cheap checks first: a typo fails in a second, before any model is loaded.
     if args.basis and args.basis_rank:
@@ -356,15 +374,20 @@ def cmd_train(args) -> int:
     kind_config = kind_config_from_args(args.kind, args)
     cfg = TrainConfig(kind=args.kind, kind_config=kind_config, targets=args.targets, steps=args.steps,
                       batch_size=args.batch_size, seed=args.seed, preserve=args.preserve, kl_weight=args.kl_weight,
-                      max_length=args.max_length, add_eos=not args.no_eos, device=args.device)
+                      max_length=args.max_length, add_eos=not args.no_eos, device=args.device,
+                      precision=args.precision, grad_accum=args.grad_accum,
+                      gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every)
     if args.lr is not None:
         cfg.lr = args.lr
     cfg.validate()
+    precision_dtype(cfg.precision, resolve_device(cfg.device))  # bf16 on a GPU without it fails here
     examples = load_examples(args.data)
     preserve = load_examples(args.preserve, need_completion=False) if args.preserve else None
     held_out = load_examples(args.eval) if args.eval else None
     basis = load_basis(args.basis) if args.basis else None
 
+    init_from_env(resolve_device(cfg.device))  # one rank of several under torchrun / accelerate launch
+    rank, ranks = world()
     model, tokenizer = load_model_dir(args.model_dir, args.device)
     out = Path(args.out)
     basis_path = Path(args.basis) if args.basis else None
@@ -373,12 +396,23 @@ def cmd_train(args) -> int:
         basis = compute_basis(args.model_dir, _basis_rank(args), args.targets)
     else:
         check_basis_matches_model(basis, model)
-    basis, registry = declare_basis(basis, args.home)  # before training: a refusal costs nothing
+    # Before training: a refusal costs nothing. Rank 0 declares; the others then read the basis it holds.
+    if rank == 0:
+        basis, registry = declare_basis(basis, args.home)
+    barrier()
+    if rank != 0:
+        basis, registry = declare_basis(basis, args.home)
     if computed:
-        basis_path = save_basis(basis, out.with_name(out.stem + ".basis.safetensors"))
+        basis_path = out.with_name(out.stem + ".basis.safetensors")
+        if rank == 0:
+            save_basis(basis, basis_path)
 
     adapter, stats = train_adapter(model, tokenizer, basis, examples, cfg, preserve_examples=preserve,
-                                   verify_basis=False)
+                                   verify_basis=False, checkpoint=out.with_name(out.stem + ".ckpt"),
+                                   resume=args.resume)
+    if rank != 0:  # only rank 0 evaluates and writes
+        barrier()
+        return 0
     before = after = None
     if held_out:  # train_adapter hands the model back as its base
         before = eval_loss(model, tokenizer, held_out, max_length=cfg.max_length)
@@ -388,6 +422,7 @@ def cmd_train(args) -> int:
     adapter.meta.setdefault("name", out.stem)
     adapter.meta["base_model"] = str(args.model_dir)
     save_adapter(adapter, out)
+    barrier()
 
     summary = {
         "path": str(out), "basis": str(basis_path), "kind": adapter.kind, "config": adapter.config,

@@ -102,3 +102,7 @@ class ServiceUnavailable(SpecfuseError):
 
 class NumericalFailure(SpecfuseError):
     """A request whose logits became NaN or infinite; it alone is ended, the batch goes on."""
+
+
+class DistributedError(SpecfuseError, RuntimeError):
+    """A collective that failed or timed out: another rank died or stopped answering."""

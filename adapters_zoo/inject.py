@@ -40,6 +40,12 @@ class SpectralLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
+        if torch.is_autocast_enabled(x.device.type):  # the core stays float32 under mixed precision
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return self._add_delta(x, y)
+        return self._add_delta(x, y)
+
+    def _add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         lb = LayerBasis(self.U, self.S, self.V)
         params = self.params_dict()
         h = x.to(self.U.dtype)

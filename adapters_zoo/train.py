@@ -24,6 +24,7 @@ metadata, so ``auto`` can route to anything trained here.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import time
@@ -42,6 +43,18 @@ from adapters_zoo.errors import BasisMismatch, InvalidConfig, ModelDirError, Tra
 from adapters_zoo.format import Adapter, new_adapter
 from adapters_zoo.inject import SpectralLinear, adapter_parameters, attach, detach, extract
 from adapters_zoo.signatures import attach_signature, signature_from_prompts
+from adapters_zoo.train_resume import load_checkpoint, save_checkpoint
+from adapters_zoo.train_runtime import (
+    PRECISIONS,
+    all_reduce_grads,
+    all_reduce_sum,
+    autocast,
+    cast_base,
+    grad_scaler,
+    gradient_checkpointing,
+    precision_dtype,
+    world,
+)
 
 IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss there
 LOSS_WINDOW = 10  # final_loss is the mean over this many last steps (one batch is noisy)
@@ -69,6 +82,10 @@ class TrainConfig:
     add_eos: bool = True  # end every completion with the tokenizer's EOS, so the adapter learns to stop (as TRL)
     signature: bool = True  # store the routing signature (base features of the prompts) for `auto`
     device: str | None = None  # None: cuda when present, else cpu
+    precision: str = "fp32"  # dtype of the base weights: fp32 | bf16 | fp16 (the adapter stays float32)
+    grad_accum: int = 1  # micro-batches of batch_size per optimizer step
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward: less memory, more time
+    save_every: int = 0  # steps between checkpoints (0: none); train_adapter's checkpoint= says where
 
     def validate(self) -> None:
         checks = [
@@ -79,6 +96,9 @@ class TrainConfig:
             (self.weight_decay >= 0, f"weight_decay must be ≥ 0, got {self.weight_decay}"),
             (self.kl_weight >= 0, f"kl_weight must be ≥ 0, got {self.kl_weight}"),
             (self.max_length >= 2, f"max_length must be ≥ 2, got {self.max_length}"),
+            (self.grad_accum >= 1, f"grad_accum must be ≥ 1, got {self.grad_accum}"),
+            (self.save_every >= 0, f"save_every must be ≥ 0, got {self.save_every}"),
+            (self.precision in PRECISIONS, f"unknown precision {self.precision!r} (use {', '.join(PRECISIONS)})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -304,11 +324,15 @@ def completion_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
 
 def kl_base_to_adapted(base_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over real tokens of KL(p_base ‖ p_adapted) = Σ p_base (log p_base − log p_adapted)."""
+    return kl_sum(base_logits, logits, mask) / mask.sum().clamp(min=1)
+
+
+def kl_sum(base_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(p_base ‖ p_adapted) summed over the real tokens (mask 1)."""
     log_p = F.log_softmax(base_logits, dim=-1)  # (B, T, vocab)
     log_q = F.log_softmax(logits, dim=-1)  # (B, T, vocab)
     kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)  # (B, T)
-    mask = mask.to(kl.dtype)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+    return (kl * mask.to(kl.dtype)).sum()
 
 
 @contextlib.contextmanager
@@ -400,7 +424,7 @@ def lr_factor(step: int, steps: int, warmup_ratio: float) -> float:
 
 def optimize(
     params: Iterable[torch.nn.Parameter],
-    loss_fn: Callable[[int], torch.Tensor],
+    loss_fn: Callable[[int], torch.Tensor | Iterable[torch.Tensor]],
     schedule: Schedule,
     *,
     weight_decay: float = 0.0,
@@ -409,29 +433,60 @@ def optimize(
     diverged: Callable[[float, int], str] | None = None,
     progress: str | None = None,
     on_step: Callable[[int, float], dict[str, str] | None] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    reduce_grads: Callable[[list[torch.nn.Parameter]], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    on_save: Callable[[int, dict[str, Any]], None] | None = None,
+    save_every: int = 0,
 ) -> list[float]:
     """The one training loop: minimise ``loss_fn(step)`` over ``params``; returns every step's loss.
 
+    ``loss_fn(step)`` is the step's loss, or an iterable of micro-batch losses (gradient
+    accumulation: each is backpropagated as it comes, the step's loss is their sum).
     AdamW at ``schedule``'s rate, gradients clipped to norm ``max_grad_norm``. ``diverged(loss, step)``
     is the TrainingDiverged message for a non-finite loss (None: no check). ``progress``: the
     description of a progress bar (None: no bar); ``on_step(step, loss)`` runs after each update and
-    what it returns is shown on the bar.
+    what it returns is shown on the bar. ``scaler``: loss scaling (fp16); ``reduce_grads(params)``
+    runs after backward, before clipping (the all-reduce of data-parallel ranks). ``on_save(done, state)``
+    runs every ``save_every`` steps with the optimizer's (and scaler's) state; ``resume`` is such a state
+    plus ``step``, the steps done: the loop continues from there (the caller restores the parameters).
     """
     params = list(params)
     optimizer = torch.optim.AdamW(params, lr=schedule.lr, betas=betas, weight_decay=weight_decay)
+    first = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        first = resume["step"]
     values: list[float] = []
-    bar = tqdm(range(schedule.steps), desc=progress, unit="step", disable=progress is None)
+    bar = tqdm(range(first, schedule.steps), desc=progress, unit="step", disable=progress is None,
+               initial=first, total=schedule.steps)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr * schedule.factor(step)
-        loss = loss_fn(step)
-        if diverged is not None and not torch.isfinite(loss):
-            raise TrainingDiverged(diverged(loss.item(), step + 1))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        out = loss_fn(step)
+        total = 0.0
+        for loss in [out] if isinstance(out, torch.Tensor) else out:
+            if diverged is not None and not torch.isfinite(loss):
+                raise TrainingDiverged(diverged(loss.item(), step + 1))
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            total += loss.item()
+        if reduce_grads is not None:
+            reduce_grads(params)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        values.append(loss.item())
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        values.append(total)
+        if on_save is not None and save_every and (step + 1) % save_every == 0 and step + 1 < schedule.steps:
+            on_save(step + 1, {"optimizer": optimizer.state_dict(),
+                               "scaler": scaler.state_dict() if scaler is not None else None})
         shown = on_step(step, values[-1]) if on_step is not None else None
         if shown:
             bar.set_postfix(**shown)
@@ -492,11 +547,16 @@ def train_adapter(
     preserve_examples: list[Example] | None = None,
     progress: bool = True,
     verify_basis: bool = True,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
 ) -> tuple[Adapter, TrainStats]:
-    """Train a ``cfg.kind`` adapter on ``examples``; the model is left as it came (moved to the device).
+    """Train a ``cfg.kind`` adapter on ``examples``; the model is left as it came (moved to the device, its
+    weights in ``cfg.precision``'s dtype). Inside torch.distributed, one rank of a data-parallel run.
 
     Raises BasisMismatch when ``basis`` was not computed from ``model``'s weights (pass
     ``verify_basis=False`` when the caller has checked already: hashing a large model takes a while).
+    ``checkpoint``: the file ``cfg.save_every`` writes to (rank 0), and ``resume=True`` continues from;
+    it is removed when the run completes.
     """
     cfg.validate()
     if not examples:
@@ -513,38 +573,91 @@ def train_adapter(
     rows = [(ids, labels) for ids, labels, _ in encoded]
     truncated = sum(cut for _, _, cut in encoded)
     preserve_rows = [row[:2] for row in encode_examples(tokenizer, preserve_examples or [], cfg.max_length)]
+    rank, ranks = world()
+    # Every rank draws the same global batch (same seed) and computes its shard of it.
+    global_batch = cfg.batch_size * cfg.grad_accum * ranks
     gen = torch.Generator().manual_seed(cfg.seed)
-    batches = Batches(rows, cfg.batch_size, gen)
-    preserve_batches = Batches(preserve_rows, cfg.batch_size, gen) if preserve_rows and cfg.kl_weight > 0 else None
+    batches = Batches(rows, global_batch, gen)
+    preserve_batches = Batches(preserve_rows, global_batch, gen) if preserve_rows and cfg.kl_weight > 0 else None
     pad_id = pad_id_of(tokenizer)
+    dtype = precision_dtype(cfg.precision, device)
 
     with frozen_base(model, device):
         prompts = [prompt_text(tokenizer, ex) for ex in examples[:TRAIN_SIGNATURE_PROMPTS]]
-        signature = signature_from_prompts(model, tokenizer, prompts) if cfg.signature else None
+        # From the base as it came (before any cast), on rank 0 only: one signature per adapter.
+        signature = signature_from_prompts(model, tokenizer, prompts) if cfg.signature and rank == 0 else None
+        cast_base(model, dtype)
         attach(model, adapter, basis)
         losses, kls = [], []
+        params = adapter_parameters(model)
+        settings = _resume_settings(cfg)
+        state = load_checkpoint(checkpoint, settings, ranks) if resume else None
+        if state is not None:
+            with torch.no_grad():
+                for p, saved in zip(params, state["params"]):
+                    p.copy_(saved)
+            gen.set_state(state["gen"])
+            batches.order = list(state["order"])
+            if preserve_batches is not None:
+                preserve_batches.order = list(state["preserve_order"])
+            losses, kls = list(state["losses"]), list(state["kls"])
 
-        def loss_fn(step: int) -> torch.Tensor:
-            batch = pad_batch(batches.next(), pad_id, device)
-            loss_sum, count = completion_loss_sum(completion_logits(model, batch), batch["labels"])
-            loss = loss_sum / max(count, 1)
-            losses.append(loss.item())
-            if preserve_batches is None:
-                return loss
-            kept = pad_batch(preserve_batches.next(), pad_id, device)
-            with torch.no_grad(), adapter_disabled(model):
-                base_logits = completion_logits(model, kept)
-            kl = kl_base_to_adapted(base_logits, completion_logits(model, kept), kept["attention_mask"])
-            kls.append(kl.item())
-            return loss + cfg.kl_weight * kl
+        def save(done: int, loop_state: dict[str, Any]) -> None:
+            if rank == 0:
+                save_checkpoint(checkpoint, {
+                    "step": done, "ranks": ranks, "settings": settings, **loop_state,
+                    "params": [p.detach().cpu().clone() for p in params], "gen": gen.get_state(),
+                    "order": list(batches.order),
+                    "preserve_order": list(preserve_batches.order) if preserve_batches is not None else [],
+                    "losses": list(losses), "kls": list(kls)})
+
+        def micro_batches(picked: list) -> list[dict[str, torch.Tensor]]:
+            mine = picked[rank::ranks]
+            size = math.ceil(len(mine) / cfg.grad_accum) if mine else 1
+            return [pad_batch(mine[i : i + size], pad_id, device) for i in range(0, len(mine), size)]
+
+        def loss_fn(step: int):
+            """Micro-batch losses, each a sum over its tokens divided by the global batch's count."""
+            picked = batches.next()
+            count = max(1, sum(sum(lab != IGNORE_INDEX for lab in labels[1:]) for _, labels in picked))
+            kept = preserve_batches.next() if preserve_batches is not None else []
+            kept_count = max(1, sum(len(ids) for ids, _ in kept))
+            step_loss = torch.zeros(2)  # (completion loss, KL) of the global batch
+            for batch, kept_batch in itertools.zip_longest(micro_batches(picked), micro_batches(kept) if kept else []):
+                loss = torch.zeros((), device=device)
+                if batch is not None:
+                    with autocast(device, dtype):
+                        loss_sum, _ = completion_loss_sum(completion_logits(model, batch), batch["labels"])
+                    loss = loss_sum / count
+                    step_loss[0] += loss.item()
+                if kept_batch is not None:
+                    with torch.no_grad(), adapter_disabled(model), autocast(device, dtype):
+                        base_logits = completion_logits(model, kept_batch)
+                    with autocast(device, dtype):
+                        logits = completion_logits(model, kept_batch)
+                    kl = kl_sum(base_logits, logits, kept_batch["attention_mask"]) / kept_count
+                    step_loss[1] += kl.item()
+                    loss = loss + cfg.kl_weight * kl
+                yield loss
+            all_reduce_sum([step_loss])
+            losses.append(step_loss[0].item())
+            if kept:
+                kls.append(step_loss[1].item())
 
         start = time.perf_counter()
-        optimize(adapter_parameters(model), loss_fn, Schedule.with_warmup_ratio(cfg.steps, cfg.lr, cfg.warmup_ratio),
-                 weight_decay=cfg.weight_decay, progress=f"train {cfg.kind}" if progress else None,
-                 diverged=lambda loss, step: f"loss became {loss} at step {step}: lower --lr (now {cfg.lr})",
-                 on_step=lambda step, _: {"loss": f"{losses[-1]:.4f}", **({"kl": f"{kls[-1]:.4f}"} if kls else {})})
+        with gradient_checkpointing(model, cfg.gradient_checkpointing):
+            optimize(params, loss_fn,
+                     Schedule.with_warmup_ratio(cfg.steps, cfg.lr, cfg.warmup_ratio),
+                     weight_decay=cfg.weight_decay, progress=f"train {cfg.kind}" if progress and rank == 0 else None,
+                     diverged=lambda loss, step: f"loss became {loss} at step {step}: lower --lr (now {cfg.lr})",
+                     on_step=lambda step, _: {"loss": f"{losses[-1]:.4f}",
+                                              **({"kl": f"{kls[-1]:.4f}"} if kls else {})},
+                     scaler=grad_scaler(device, dtype), reduce_grads=all_reduce_grads if ranks > 1 else None,
+                     resume=state, on_save=save if checkpoint is not None else None, save_every=cfg.save_every)
         seconds = time.perf_counter() - start
         trained = extract(model, adapter)
+    if checkpoint is not None and rank == 0:
+        Path(checkpoint).unlink(missing_ok=True)  # the run is complete: the adapter file replaces it
 
     stats = TrainStats(
         steps=cfg.steps,
@@ -555,13 +668,18 @@ def train_adapter(
         trainable_params=trained.num_params(),
         examples=len(examples),
         truncated=truncated,
-        device=str(device),
+        device=str(device) if ranks == 1 else f"{device} × {ranks} ranks",
     )
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("kind", "kind_config", "device")}
     trained.meta["train"] = {"settings": settings, "stats": asdict(stats)}
     if signature is not None:  # from the base, adapter off: every adapter's signature lives in one space
         trained.meta = attach_signature(trained.meta, signature, basis.fingerprint)
     return trained, stats
+
+
+def _resume_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues (the schedule and the batches depend on it)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("device", "save_every")}
 
 
 # --------------------------------------------------------------------------- model dirs
