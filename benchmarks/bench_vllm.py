@@ -173,6 +173,15 @@ def speed_rows(url: str, proc, engine: str, base_model: str, mixtures: list[str]
     return rows
 
 
+def served_base(url: str) -> str:
+    """The base model's id as the server lists it (vLLM names it by the directory it loaded:
+    the model view without the basis, not the model directory itself); LoRAs have a parent."""
+    import httpx
+
+    models = httpx.get(url + "/v1/models", timeout=30).json()["data"]
+    return next(m["id"] for m in models if not m.get("parent"))
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for engine in ("specfuse", "vllm"):
@@ -201,8 +210,7 @@ def run_speed(args, home: Path, model_dir: Path) -> list[dict]:
     mixtures = mixture_set(names, max(DISTINCT))
     rows = []
     with vllm_server(args.vllm, home, model_dir, args.threads, args.kv_cache_gib) as (url, proc):
-        rows += speed_rows(url, proc, "vllm", str(model_dir.resolve()), mixtures, prompts, args.speed_tokens,
-                           args.rounds)
+        rows += speed_rows(url, proc, "vllm", served_base(url), mixtures, prompts, args.speed_tokens, args.rounds)
     with specfuse_server(home, model_dir, args.threads) as (url, proc):
         rows += speed_rows(url, proc, "specfuse", "base", mixtures, prompts, args.speed_tokens, args.rounds)
     return rows
