@@ -1185,6 +1185,18 @@ def settings_for(base: str, device: str, quick: bool, threads: int) -> Settings:
                     peft_counts=(1, 16), merge_requests=4, merge_sizes=(1, 8), steps=24, threads=threads)
 
 
+def publish(args, argv, result: dict, stem: str, render_md, render_png) -> int:
+    """Write a run's JSON, Markdown and PNG (stem + ``_quick`` for a quick run) and print the table."""
+    result["command"] = " ".join(["python benchmarks/bench_serving.py", *(sys.argv[1:] if argv is None else argv)])
+    out = Path(args.out_dir) if args.out_dir else RESULTS / args.base
+    stem += "_quick" if args.quick else ""
+    paths = write_results(stem, result, render_md(result), out=out)
+    paths.append(render_png(result, out / f"{stem}.png"))
+    print(render_md(result))
+    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", default="smollm2", choices=(*FETCHED, *SHAPES),
@@ -1223,14 +1235,7 @@ def main(argv: list[str] | None = None) -> int:
         counts = tuple(int(x) for x in args.counts.split(",")) if args.counts else NEW_COUNTS
         sizes = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else NEW_SIZES
         result = run_new_mixtures(settings, args.home, counts, sizes)
-        result["command"] = " ".join(["python benchmarks/bench_serving.py", *(sys.argv[1:] if argv is None else argv)])
-        out = Path(args.out_dir) if args.out_dir else RESULTS / args.base
-        stem = f"serving_{args.device}_new" + ("_quick" if args.quick else "")
-        paths = write_results(stem, result, new_markdown(result), out=out)
-        paths.append(new_plot(result, out / f"{stem}.png"))
-        print(new_markdown(result))
-        print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
-        return 0
+        return publish(args, argv, result, f"serving_{args.device}_new", new_markdown, new_plot)
     if args.render:
         path = Path(args.render)
         result = json.loads(path.read_text())
@@ -1242,14 +1247,7 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     settings = settings_for(args.base, args.device, args.quick, args.threads)
     result = run(settings, args.home)
-    result["command"] = " ".join(["python benchmarks/bench_serving.py", *(sys.argv[1:] if argv is None else argv)])
-    out = Path(args.out_dir) if args.out_dir else RESULTS / args.base
-    stem = f"serving_{args.device}" + ("_quick" if args.quick else "")
-    paths = write_results(stem, result, markdown(result), out=out)
-    paths.append(plot(result, out / f"{stem}.png"))
-    print(markdown(result))
-    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
-    return 0
+    return publish(args, argv, result, f"serving_{args.device}", markdown, plot)
 
 
 if __name__ == "__main__":

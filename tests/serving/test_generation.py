@@ -15,16 +15,8 @@ from serving.generation import RowKV, SamplingParams, TextStream
 
 
 def stream_all(tokenizer, text, stop):
-    s = TextStream(tokenizer, stop)
-    out, hit = [], False
-    for t in tokenizer(text, add_special_tokens=False)["input_ids"]:
-        delta, hit = s.push(t)
-        out.append(delta)
-        if hit:
-            break
-    if not hit:
-        out.append(s.flush())
-    return "".join(out), hit, out
+    text_out, hit, out, _ = streamed(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"], tuple(stop))
+    return text_out, hit, out
 
 
 @pytest.mark.parametrize("text,stop,expected,hit", [
