@@ -59,6 +59,7 @@ class Adapter:
     basis_k: int | str
     params: dict[str, dict[str, torch.Tensor]]  # layer -> param name -> tensor
     meta: dict[str, Any] = field(default_factory=dict)
+    _fits: set[tuple] = field(default_factory=set, init=False, repr=False, compare=False)  # see check_against
 
     @cached_property
     def kind_impl(self) -> Kind:
@@ -103,7 +104,11 @@ class Adapter:
             check_delta(layer, self.core(layer, basis), self.residual(layer, basis), basis[layer], max_ratio)
 
     def check_against(self, basis: Basis) -> None:
-        """Raise IncompatibleAdapter / AdapterFormatError unless this adapter fits ``basis``."""
+        """Raise IncompatibleAdapter / AdapterFormatError unless this adapter fits ``basis``; an adapter
+        that fits a basis is trusted after for every basis of the same base, k and layers."""
+        fits = (basis.fingerprint, str(basis.rank), tuple(basis.layers))
+        if fits in self._fits:
+            return
         if self.base_fingerprint != basis.fingerprint:
             raise IncompatibleAdapter(
                 f"adapter was trained on base {self.base_fingerprint}, but this basis is of base {basis.fingerprint}"
@@ -118,6 +123,7 @@ class Adapter:
                 self.kind_impl.check_params(params, basis[layer], self.cfg, layer)
             except InvalidConfig as err:
                 raise AdapterFormatError(f"layer {layer}: {err}") from err
+        self._fits.add(fits)
 
 
 def delta_norm(core: torch.Tensor | None, residual: tuple[torch.Tensor, torch.Tensor] | None) -> float:

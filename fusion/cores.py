@@ -1,10 +1,11 @@
 """Per-adapter cores and residuals, evaluated once and cached for repeated fusions.
 
-The server fuses once per distinct mixture, and mixtures share adapters: the k×k cores
-(and residual factors) of an adapter are computed the first time it is fused against a
-basis and reused after. The cache is keyed by the objects themselves and dropped when the
-adapter is garbage collected; it assumes adapters are not mutated after loading (the
-registry and ``load_adapter`` hand out fresh objects; training extracts new ones).
+Mixtures share adapters: the k×k cores (and residual factors) of an adapter are computed
+the first time it is fused against a basis and reused after. ``adapter_cores`` keeps them
+in a bounded cache keyed by the objects themselves, dropped when the adapter is garbage
+collected, so cores live as long as whoever holds the adapter (the server: its adapter
+cache, by content hash). It assumes adapters are not mutated after loading (the registry
+and ``load_adapter`` hand out fresh objects; training extracts new ones).
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from functools import cached_property
 import torch
 
 from adapters_zoo.basis import Basis, LayerBasis
+from adapters_zoo.cache import BoundedCache
 from adapters_zoo.format import Adapter
 
 Residual = tuple[torch.Tensor, torch.Tensor]  # B (out, q), A (q, in)
 MAX_STACKS = 4  # stacked layer groups kept per adapter
+CORES_CACHE = 4096  # adapters whose cores ``adapter_cores`` keeps (they die with their adapter anyway)
+CORES_CACHE_BYTES = 1 << 30  # and the host memory those cores may take
 
 
 @dataclass
@@ -30,6 +34,16 @@ class AdapterCores:
     projected: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> U_kᵀ B A V_k (k, k), lazily
     stacks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # see ``stack``
     packs: dict[int, Pack] | None = None  # see ``packed``
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory of every tensor held: cores, residuals and what was derived from them."""
+        tensors = [c for c in self.cores.values() if c is not None]
+        tensors += [t for r in self.residuals.values() if r is not None for t in r]
+        tensors += list(self.projected.values()) + [t for pair in self.stacks.values() for t in pair]
+        for pack in (self.packs or {}).values():
+            tensors += [t for t in (pack.dense, pack.diag, pack.present) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @cached_property
     def all_diagonal(self) -> bool:
@@ -135,7 +149,8 @@ def layer_groups(basis: Basis) -> dict[int, tuple[str, ...]]:
 _GROUPS: dict[int, tuple[weakref.ref, dict[int, tuple[str, ...]]]] = {}
 
 
-_CACHE: dict[tuple[int, int], tuple[weakref.ref, weakref.ref, AdapterCores]] = {}
+_CACHE: BoundedCache[tuple[int, int], tuple[weakref.ref, weakref.ref, AdapterCores]] = BoundedCache(
+    CORES_CACHE, CORES_CACHE_BYTES, sizeof=lambda hit: hit[2].nbytes)
 
 
 def _evaluate(adapter: Adapter, basis: Basis) -> AdapterCores:
@@ -155,14 +170,14 @@ def _evaluate(adapter: Adapter, basis: Basis) -> AdapterCores:
 def adapter_cores(adapter: Adapter, basis: Basis, cache: bool = True) -> AdapterCores:
     """The adapter's cores and residuals on ``basis`` (checked against it on first use)."""
     key = (id(adapter), id(basis))
-    hit = _CACHE.get(key)
-    if cache and hit is not None and hit[0]() is adapter and hit[1]() is basis:
+    hit = _CACHE.get(key) if cache else None
+    if hit is not None and hit[0]() is adapter and hit[1]() is basis:
         return hit[2]
     adapter.check_against(basis)
     entry = _evaluate(adapter, basis)
     if cache:
-        _CACHE[key] = (weakref.ref(adapter), weakref.ref(basis), entry)
-        weakref.finalize(adapter, _CACHE.pop, key, None)
+        _CACHE.put(key, (weakref.ref(adapter), weakref.ref(basis), entry))
+        weakref.finalize(adapter, _CACHE.pop, key)
     return entry
 
 

@@ -50,12 +50,6 @@ class LayerSlots:
     group: SlotGroup
     offset: int  # this layer's columns in the group's shrink
 
-    @classmethod
-    def allocate(cls, U: torch.Tensor, V: torch.Tensor, slots: int, residual_slots: int, residual_rank: int,
-                 dtype: torch.dtype, device: torch.device) -> LayerSlots:
-        """A layer in a group of its own."""
-        return SlotGroup.allocate([(U, V)], slots, residual_slots, residual_rank, dtype, device).layers[0]
-
     @property
     def k(self) -> int:
         return self.U.shape[1]

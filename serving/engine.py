@@ -9,7 +9,7 @@ Every target layer of the basis is wrapped by a :class:`serving.backend.RoutedLi
 reading the slot tables; ``forward`` sets the step's routing once for all of them. A
 mixture (its key: :class:`adapters_zoo.registry.mixture.MixtureSpec`) is reduced once by
 :func:`fusion.mixture.reduce` to k×k cores (+ residuals), cached on the host
-(:class:`serving.slots.MixtureCache`) and copied into a device slot on demand
+(an :class:`adapters_zoo.cache.BoundedCache`) and copied into a device slot on demand
 (:class:`serving.slots.SlotTable`). Nothing here imports the HTTP stack: the engine runs
 where fastapi / pydantic are not installed.
 """
@@ -27,6 +27,7 @@ from transformers import DynamicCache
 
 from adapters_zoo import train
 from adapters_zoo.basis import Basis, check_basis_matches_model
+from adapters_zoo.cache import BoundedCache
 from adapters_zoo.errors import IncompatibleAdapter, ModelDirError
 from adapters_zoo.format import Adapter
 from adapters_zoo.registry.mixture import MixtureSpec
@@ -44,7 +45,7 @@ from serving.backend import (
 )
 from serving.config import EngineConfig
 from serving.generation import RowKV, left_pad, positions_of
-from serving.slots import MixtureCache, SlotTable
+from serving.slots import SlotTable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config.DTYPE_NAMES
 ROUTING_ROWS = 64  # rows the routing buffers hold before they grow (the scheduler's max_batch is 32)
@@ -88,7 +89,8 @@ class Engine:
         tables = {name: tables[name] for name in self.basis.layers}  # the basis's order
         self.slots = SlotTable(tables, self.config.residual_slots, self.config.max_residual_rank)
         self._routing = Routing(self.slots.num_slots, ROUTING_ROWS, self.device)  # filled in place every step
-        self.mixtures = MixtureCache(self.config.mixture_cache, self.config.mixture_cache_bytes)
+        self.mixtures: BoundedCache[MixtureSpec, MixtureCores] = BoundedCache(
+            self.config.mixture_cache, self.config.mixture_cache_bytes, sizeof=lambda m: m.nbytes)
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
         self.eos_ids = _eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
@@ -127,10 +129,12 @@ class Engine:
         """The mixture reduced to cores (None for the base model), fused at most once while cached."""
         if spec.is_base:
             return None
-        mixture = self.mixtures.get_or_build(
-            spec, lambda: reduce(load(), self.basis, spec.method, spec.fusion_params, key=spec))
-        self.slots.check_fits(mixture)
-        return mixture
+        def build() -> MixtureCores:
+            mixture = reduce(load(), self.basis, spec.method, spec.fusion_params, key=spec)
+            self.slots.check_fits(mixture)  # once, before it is cached: a cached mixture fits
+            return mixture
+
+        return self.mixtures.get_or_build(spec, build)
 
     # ------------------------------------------------------------------ forward
 

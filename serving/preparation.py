@@ -14,16 +14,16 @@ checked here with a typed error. Blocking: run it in a worker thread.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from adapters_zoo.cache import BoundedCache
 from adapters_zoo.errors import InvalidMixture, InvalidRequest, PayloadTooLarge
 from adapters_zoo.format import Adapter
 from adapters_zoo.registry import Registry
 from adapters_zoo.registry.mixture import MixtureSpec, resolve
+from fusion.cores import adapter_cores
 from fusion.mixture import MixtureCores, canonical_pairs
 from serving.config import Limits
 from serving.engine import Engine
@@ -53,31 +53,6 @@ class Job:
     fusion_params: dict[str, Any] | None
 
 
-class AdapterCache:
-    """Parsed registry adapters by content hash (blobs are content-addressed: never stale), bounded in bytes."""
-
-    def __init__(self, capacity: int = ADAPTER_CACHE, max_bytes: int = 64 << 20):
-        self.capacity, self.max_bytes = capacity, max_bytes
-        self._items: OrderedDict[str, tuple[Adapter, int]] = OrderedDict()  # sha256 -> (adapter, bytes)
-        self.nbytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, sha256: str, load: Callable[[], Adapter]) -> Adapter:
-        with self._lock:
-            if sha256 in self._items:
-                self._items.move_to_end(sha256)
-                return self._items[sha256][0]
-        adapter = load()  # outside the lock: a duplicate load is harmless
-        size = sum(t.numel() * t.element_size() for p in adapter.params.values() for t in p.values())
-        with self._lock:
-            if sha256 not in self._items:
-                self._items[sha256] = (adapter, size)
-                self.nbytes += size
-            while len(self._items) > 1 and (len(self._items) > self.capacity or self.nbytes > self.max_bytes):
-                self.nbytes -= self._items.popitem(last=False)[1][1]
-        return adapter
-
-
 class RequestPreparer:
     def __init__(self, engine: Engine, registry: Registry, limits: Limits, model_name: str = BASE):
         self.engine = engine
@@ -85,8 +60,25 @@ class RequestPreparer:
         self.limits = limits
         self.served_names = (BASE, model_name)
         self.fingerprint = engine.basis.fingerprint
-        self.adapters = AdapterCache(max_bytes=engine.config.adapter_cache_bytes)
+        # sha256 -> a parsed registry adapter, checked and evaluated on the served basis once (blobs are
+        # content-addressed: never stale); its bytes count the cores it keeps alive (fusion.cores)
+        self.adapters: BoundedCache[str, Adapter] = BoundedCache(ADAPTER_CACHE, engine.config.adapter_cache_bytes,
+                                                                 sizeof=self._held_bytes)
         self.router = AutoRouter(engine)
+
+    def _adapter(self, sha256: str, read: Callable[[], Adapter]) -> Adapter:
+        """The registry adapter ``sha256``: read, checked against the served basis, its cores evaluated and
+        packed for linear mixtures, all once while cached."""
+        def load() -> Adapter:
+            adapter = read()
+            adapter_cores(adapter, self.engine.basis).packed(self.engine.basis)
+            return adapter
+
+        return self.adapters.get_or_build(sha256, load)
+
+    def _held_bytes(self, adapter: Adapter) -> int:
+        params = sum(t.numel() * t.element_size() for p in adapter.params.values() for t in p.values())
+        return params + adapter_cores(adapter, self.engine.basis).nbytes
 
     def prepare(self, job: Job) -> tuple[list[list[int]], Mixtures]:
         """Everything a generation needs before it is queued: token ids, and the mixture (one per prompt
@@ -122,7 +114,7 @@ class RequestPreparer:
 
         def adapter(ref: str) -> Adapter:
             rec = records[ref]
-            return self.adapters.get(rec.sha256, lambda: self.registry.load_record(rec))
+            return self._adapter(rec.sha256, lambda: self.registry.load_record(rec))
 
         return spec, lambda: canonical_pairs(spec, adapter)
 
@@ -152,7 +144,7 @@ class RequestPreparer:
         return self.router.route(prompts, spec, candidates), candidates
 
     def _candidate(self, ref: str, sha256: str) -> Adapter:
-        return self.adapters.get(sha256, lambda: self.registry.load(ref))
+        return self._adapter(sha256, lambda: self.registry.load(ref))
 
     # ------------------------------------------------------------------ prompts
 

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +59,7 @@ from typing import Any
 import torch
 
 from adapters_zoo.basis import Basis
+from adapters_zoo.cache import BoundedCache
 from adapters_zoo.errors import IncompatibleAdapter, InvalidMixture, InvalidRequest
 from adapters_zoo.format import Adapter
 from adapters_zoo.registry.names import validate_tag
@@ -367,26 +367,16 @@ class AutoRouter:
         self.fingerprint = engine.basis.fingerprint
         self.hidden = int(engine.model.get_input_embeddings().embedding_dim)
         self.cache_size = cache_size
-        # sha256 -> signature | None, sha256 -> SpectralProfile, candidate shas -> SpectralTable
-        self._caches: dict[str, OrderedDict] = {"signature": OrderedDict(), "profile": OrderedDict(),
-                                                "table": OrderedDict(), "base": OrderedDict()}
-        self._lock = threading.Lock()
+        # sha256 -> signature | None, sha256 -> SpectralProfile, candidate shas -> SpectralTable: content
+        # hashes, never stale
+        self._caches: dict[str, BoundedCache] = {name: BoundedCache(cache_size)
+                                                 for name in ("signature", "profile", "table", "base")}
+        self._lock = threading.Lock()  # the counters
         self.routed = 0  # prompts routed
         self.to_base = 0  # of which no candidate matched
 
     def _memo(self, cache: str, key, build: Callable[[], Any]) -> Any:
-        """LRU over content hashes (never stale); built outside the lock, a duplicate build is harmless."""
-        store = self._caches[cache]
-        with self._lock:
-            if key in store:
-                store.move_to_end(key)
-                return store[key]
-        value = build()
-        with self._lock:
-            store[key] = value
-            while len(store) > self.cache_size:
-                store.popitem(last=False)
-        return value
+        return self._caches[cache].get_or_build(key, build)
 
     def signatures(self, candidates: list[Candidate]) -> tuple[list[Candidate], torch.Tensor]:
         """The candidates the prototype router can score and their signatures (n, hidden)."""

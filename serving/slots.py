@@ -8,13 +8,12 @@ running request holds (a *pin*). Slots ``0 .. R-1`` also have residual storage; 
 without a residual prefer the others, so residual-capable slots stay free for the
 mixtures that need them.
 
-:class:`MixtureCache` is the host-side LRU of reduced mixtures (bigger than the slot
-table), so a mixture evicted from the device is copied back, not fused again.
+The engine keeps reduced mixtures on the host too (a :class:`adapters_zoo.cache.BoundedCache`
+bigger than the slot table), so a mixture evicted from the device is copied back, not fused again.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -23,7 +22,7 @@ from adapters_zoo.errors import InvalidMixture
 from fusion.mixture import MixtureCores
 from serving.backend import LayerSlots
 
-__all__ = ["MixtureCache", "MixtureCores", "NoFreeSlot", "SlotTable"]
+__all__ = ["MixtureCores", "NoFreeSlot", "SlotTable"]
 
 
 class NoFreeSlot(Exception):
@@ -60,14 +59,14 @@ class SlotTable:
             raise InvalidMixture("the mixture has a residual outside the basis and this server has no residual slots")
 
     def acquire(self, mixture: MixtureCores) -> int:
-        """Pin the slot holding ``mixture``, writing it into a free slot on a miss."""
+        """Pin the slot holding ``mixture``, writing it into a free slot on a miss (``mixture`` passed
+        ``check_fits`` when it was reduced: ``Engine.prepare``)."""
         slot = self._lru.get(mixture.key)
         if slot is not None:
             self.hits += 1
             self._lru.move_to_end(mixture.key)
             self.pins[slot] += 1
             return slot
-        self.check_fits(mixture)
         slot = self._victim(needs_residual=mixture.residual_rank > 0)
         old = self.keys[slot]
         if old is not None:
@@ -115,46 +114,3 @@ class SlotTable:
     @property
     def occupied(self) -> int:
         return len(self._lru)
-
-
-class MixtureCache:
-    """Thread-safe LRU of reduced mixtures on the host, built at most once while cached.
-
-    Bounded in entries and in bytes (cores + residuals): distinct mixtures are a client's
-    choice, so the memory they take must not be."""
-
-    def __init__(self, capacity: int, max_bytes: int | None = None):
-        self.capacity = capacity
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[Hashable, MixtureCores] = OrderedDict()
-        self._sizes: dict[Hashable, int] = {}
-        self.nbytes = 0
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-        self.evictions = 0
-
-    def get_or_build(self, key: Hashable, build: Callable[[], MixtureCores]) -> MixtureCores:
-        with self._lock:
-            if key in self._items:
-                self.hits += 1
-                self._items.move_to_end(key)
-                return self._items[key]
-            self.misses += 1
-        mixture = build()  # outside the lock: fusion may take a while; a duplicate build is harmless
-        size = mixture.nbytes
-        with self._lock:
-            self.nbytes -= self._sizes.pop(key, 0)
-            self._items[key] = mixture
-            self._items.move_to_end(key)
-            self._sizes[key] = size
-            self.nbytes += size
-            while len(self._items) > 1 and (len(self._items) > self.capacity or
-                                             (self.max_bytes is not None and self.nbytes > self.max_bytes)):
-                old, _ = self._items.popitem(last=False)
-                self.nbytes -= self._sizes.pop(old)
-                self.evictions += 1
-        return mixture
-
-    def __len__(self) -> int:
-        return len(self._items)

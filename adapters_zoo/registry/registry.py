@@ -33,7 +33,6 @@ from adapters_zoo.errors import (
 )
 from adapters_zoo.format import Adapter, adapter_from_bytes, adapter_to_bytes
 from adapters_zoo.registry.catalog import AdapterRecord, Catalog, Tx, now_iso
-from adapters_zoo.registry.mixture import MAX_MIXTURE, resolve
 from adapters_zoo.registry.names import close_matches, parse_ref, validate_name, validate_tag, validate_version
 from adapters_zoo.registry.store import BlobStore, sha256_file
 
@@ -228,21 +227,6 @@ class Registry:
     def compatible(self, basis_fingerprint: str) -> list[AdapterRecord]:
         """Every adapter version trained on the base with this fingerprint."""
         return self.list(base=basis_fingerprint)
-
-    def resolve_mixture(
-        self,
-        mixture: str | Mapping[str, float],
-        *,
-        allow_negative: bool = False,
-        max_entries: int = MAX_MIXTURE,
-    ) -> list[tuple[str, Adapter, float]]:
-        """``"a:0.7,b@2:0.3"`` or ``{"a": 0.7, "b@2": 0.3}`` -> [(resolved name@version, adapter, weight)].
-
-        Every adapter must share one base and basis k (IncompatibleAdapter otherwise), and
-        two refs that resolve to the same version are refused as a duplicate.
-        """
-        resolved = resolve(self, mixture, allow_negative=allow_negative, max_entries=max_entries)
-        return [(rec.ref, self.load_record(rec), weight) for rec, weight in resolved]
 
     # ---------------------------------------------------------------- bases
 

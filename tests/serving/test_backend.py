@@ -8,7 +8,6 @@ import torch
 from fusion.fuse import fuse_cores
 from fusion.mixture import MixtureCores, reduce
 from serving.backend import (
-    LayerSlots,
     LoopBackend,
     Routing,
     RoutingContext,
@@ -24,7 +23,7 @@ LAYER = "model.layers.0.mlp.down_proj"
 def table_with(basis, adapters, names, slots=6, residual_slots=3):
     """A one-layer slot table holding ``names`` (adapters) in consecutive slots."""
     lb = basis[LAYER]
-    layer = LayerSlots.allocate(lb.U, lb.V, slots, residual_slots, 16, torch.float32, torch.device("cpu"))
+    layer = SlotGroup.allocate([(lb.U, lb.V)], slots, residual_slots, 16, torch.float32, torch.device("cpu")).layers[0]
     table = SlotTable({LAYER: layer}, residual_slots, 16)
     placed = {}
     for name in names:
@@ -202,7 +201,7 @@ def test_packed_linear_mixtures_match_the_fused_ones_the_loop_and_dense(basis, a
     """New linear mixtures (summed on packed cores) in one batch, diagonal and dense rows, with residuals:
     the same cores as ``fuse_cores``, and the batched math equals the per-row loop and Σ wₙ ΔWₙ."""
     lb = basis[LAYER]
-    layer = LayerSlots.allocate(lb.U, lb.V, 6, 3, 16, torch.float32, torch.device("cpu"))
+    layer = SlotGroup.allocate([(lb.U, lb.V)], 6, 3, 16, torch.float32, torch.device("cpu")).layers[0]
     table = SlotTable({LAYER: layer}, 3, 16)
     placed = {}
     for name in names:

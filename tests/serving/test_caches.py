@@ -29,7 +29,7 @@ def test_the_mixture_cache_stays_within_its_bytes(engine, adapters):
     cache = engine.mixtures
     assert cache.nbytes <= 64 << 10 and cache.evictions > 0
     assert len(cache) <= (64 << 10) // one.nbytes
-    assert cache.nbytes == sum(m.nbytes for m in cache._items.values())
+    assert cache.nbytes == sum(m.nbytes for m in cache.values())
 
 
 def _args(*argv: str) -> argparse.Namespace:

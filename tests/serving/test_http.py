@@ -48,7 +48,7 @@ def test_fusion_method_and_params_select_another_mixture(client, service):
     linear = complete(client, "base", "abc", adapters={"scale": 0.5, "svft": 0.5})
     ties = complete(client, "base", "abc", adapters={"scale": 0.5, "svft": 0.5}, fusion_method="ties",
                     fusion_params={"density": 0.3})
-    keys = [k.method for k in service.engine.mixtures._items]
+    keys = [k.method for k in service.engine.mixtures.keys()]
     assert "ties" in keys and "linear" in keys
     assert isinstance(linear, str) and isinstance(ties, str)
 

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from adapters_zoo.errors import InvalidConfig, InvalidMixture
+from adapters_zoo.kinds import get_kind
+from fusion.cores import adapter_cores
 from fusion.methods import METHODS
 from fusion.mixture import fuse_mixture
 from serving.generation import SamplingParams
@@ -30,6 +32,25 @@ def test_a_mixture_is_read_once_per_ref_and_fused_once(service, monkeypatch, cou
     assert again is first, "the same resolved mixture, however spelled, is the cached one"
     assert calls[2:] == ["rotation", "svft@1"] and len(loads) == 2, "a cached mixture loads no adapter"
     assert first.key.components == (("rotation@1", 0.75), ("svft@1", 0.25))
+
+
+def test_an_adapter_is_checked_against_the_basis_once_and_its_cores_counted(service, monkeypatch):
+    """A request miss parses, checks and evaluates each adapter once; the adapter cache's bytes are the
+    adapters' and the cores they keep alive."""
+    layers = len(service.registry.load("svft").params)
+    checks: list[str] = []
+    kind = get_kind("svft")
+    check_params = kind.check_params
+    monkeypatch.setattr(kind, "check_params", lambda *a: (checks.append(a[-1]), check_params(*a))[1])
+    service.preparer.adapters.clear()
+    service.prepare_mixture("svft:0.31,scale:0.69")
+    assert len(checks) == layers, "the registry's check on load is the only one"
+    cache, basis = service.preparer.adapters, service.engine.basis
+    params = sum(t.numel() * t.element_size() for a in cache.values() for p in a.params.values() for t in p.values())
+    cores = sum(adapter_cores(a, basis).nbytes for a in cache.values())  # cores and packs
+    assert len(cache) == 2 and cores > 0 and cache.nbytes == params + cores
+    service.prepare_mixture("svft:0.32,scale:0.68", method="ties")  # a new mixture of held adapters
+    assert len(checks) == layers
 
 
 def test_base_and_bad_mixtures_are_typed_errors(service):

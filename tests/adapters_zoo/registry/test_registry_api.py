@@ -29,6 +29,7 @@ from adapters_zoo.errors import (
 )
 from adapters_zoo.format import adapter_to_bytes, load_adapter, new_adapter
 from adapters_zoo.registry import AdapterRecord, Registry, default_home
+from adapters_zoo.registry.mixture import resolve
 from adapters_zoo.registry.store import HOST_TAG
 
 
@@ -310,28 +311,28 @@ def test_a_base_switches_k_only_while_no_adapter_uses_it(registry, adapter_files
 # --------------------------------------------------------------------------- mixtures
 
 
-def test_resolve_mixture_returns_versions_adapters_and_weights(registry, adapter_files, bases):
+def test_resolve_returns_versions_records_and_weights(registry, adapter_files, bases):
     registry.add(adapter_files["math"], "math")
     registry.add(adapter_files["math"], "math")
     registry.add(adapter_files["code"], "code")
-    mix = registry.resolve_mixture("math:0.7, code@1:0.3")
-    assert [(ref, w) for ref, _, w in mix] == [("math@2", 0.7), ("code@1", 0.3)]
-    assert [a.kind for _, a, _ in mix] == ["scale", "svft"]
-    assert [(ref, w) for ref, _, w in registry.resolve_mixture({"code": 1.0, "math@1": 0.5})] == [
+    mix = resolve(registry, "math:0.7, code@1:0.3")
+    assert [(rec.ref, w) for rec, w in mix] == [("math@2", 0.7), ("code@1", 0.3)]
+    assert [registry.load_record(rec).kind for rec, _ in mix] == ["scale", "svft"]
+    assert [(rec.ref, w) for rec, w in resolve(registry, {"code": 1.0, "math@1": 0.5})] == [
         ("code@1", 1.0), ("math@1", 0.5)
     ]
     with pytest.raises(InvalidMixture, match="same adapter"):
-        registry.resolve_mixture("math,math@2")
+        resolve(registry, "math,math@2")
     with pytest.raises(AdapterNotFound, match="did you mean: code"):
-        registry.resolve_mixture("math:0.5,cod:0.5")
+        resolve(registry, "math:0.5,cod:0.5")
     with pytest.raises(InvalidMixture, match="negative"):
-        registry.resolve_mixture({"math": -1.0})
-    assert registry.resolve_mixture("math:1,code:-0.5", allow_negative=True)[1][2] == -0.5
+        resolve(registry, {"math": -1.0})
+    assert resolve(registry, "math:1,code:-0.5", allow_negative=True)[1][1] == -0.5
 
     registry.add_basis(bases[1])
     registry.add(adapter_files["other_base"], "other")
     with pytest.raises(IncompatibleAdapter, match="one basis"):
-        registry.resolve_mixture("math,other")
+        resolve(registry, "math,other")
 
 
 # --------------------------------------------------------------------------- home
