@@ -300,6 +300,24 @@ def new_adapter(kind: str, config: dict[str, Any] | None, basis: Basis, layers: 
     return Adapter(impl.name, config_to_dict(cfg), basis.fingerprint, basis.rank, params, dict(meta or {}))
 
 
+def core_adapter(basis: Basis, cores: dict[str, torch.Tensor | None],
+                 residuals: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, diagonal: bool = False,
+                 meta: dict[str, Any] | None = None) -> Adapter:
+    """A ``core`` adapter: per layer C (k, k), or diag(C) (k,) when ``diagonal``, and a residual
+    (B (out, q), A (q, in)); a layer with neither is left out. What fusion and distillation produce."""
+    residuals = residuals or {}
+    params: dict[str, dict[str, torch.Tensor]] = {}
+    for layer in basis.layer_names():
+        layer_params = {}
+        if cores.get(layer) is not None:
+            layer_params["c" if diagonal else "C"] = cores[layer]
+        if layer in residuals:
+            layer_params["B"], layer_params["A"] = residuals[layer]
+        if layer_params:
+            params[layer] = layer_params
+    return Adapter("core", {"diagonal": diagonal}, basis.fingerprint, basis.rank, params, dict(meta or {}))
+
+
 def count_params(kind: str, config: dict[str, Any] | None, shapes: dict[str, tuple[int, int, int]]) -> int:
     """Trainable parameters of ``kind`` over layers given as name -> (out, in, k)."""
     impl = get_kind(kind)

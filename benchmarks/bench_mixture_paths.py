@@ -30,6 +30,8 @@ import torch
 from bench_serving import FETCHED, basis_of, load_base, make_adapters, settings_for
 from common import RESULTS, environment, environment_line, set_threads, write_results
 
+from adapters_zoo.format import Adapter
+from adapters_zoo.registry.mixture import Component, Mixture
 from fusion.mixture import reduce
 
 KINDS = {"scale": "diagonal", "rotation": "dense"}
@@ -48,15 +50,20 @@ def measure(basis, weights: dict[str, torch.Tensor], kind: str, n: int, m: int, 
             seed: int) -> dict:
     rng = random.Random(seed)
     adapters = make_adapters(kind, basis, n, seed)
+
+    def load(component: Component) -> Adapter:
+        return adapters[int(component.ref)]
+
     names = basis.layer_names()
     mixtures = [[(j, rng.uniform(0.1, 1.0)) for j in rng.sample(range(n), m)] for _ in range(rows)]
     ready = []
     per_row: list = []
     for j in sorted({j for mix in mixtures for j, _ in mix}):
-        reduce([(adapters[j], 1.0)], basis)  # evaluate and pack every adapter once: the mixtures are new, not they
+        reduce(Mixture.of([(str(j), 1.0)]), load, basis)  # evaluate and pack every adapter once: the mixtures
+        # are new, the adapters are not
     for mix in mixtures:
         t = time.perf_counter()
-        per_row.append(reduce([(adapters[j], w) for j, w in mix], basis))
+        per_row.append(reduce(Mixture.of([(str(j), w) for j, w in mix]), load, basis))
         ready.append(time.perf_counter() - t)
     diagonal = KINDS[kind] == "diagonal"
     used = sorted({j for mix in mixtures for j, _ in mix})

@@ -336,12 +336,12 @@ def paired_row(config: str, kind: str, n: int, m: int, rows: int, steps: int, wa
 def step_rows(engine, basis, prompts: list[list[int]], settings: Settings) -> list[Row]:
     """One decode step of the whole batch: base rows, then every row its own resident diagonal / dense
     mixture, interleaved step by step."""
-    from serving.engine import MixtureSpec
+    from serving.engine import Mixture
 
     variants: dict[str, list[int]] = {"base": [-1] * len(prompts)}
     for kind in KIND_CORES:
         adapters = make_adapters(kind, basis, len(prompts), settings.seed + 7)
-        mixtures = [engine.prepare(MixtureSpec.of([(f"step-{kind}{i}", 1.0)]), lambda a=a: [(a, 1.0)])
+        mixtures = [engine.prepare(Mixture.of([(f"step-{kind}{i}", 1.0)]), lambda _, a=a: a)
                     for i, a in enumerate(adapters)]
         variants[kind] = [engine.slots.acquire(m) for m in mixtures]
     wall, cpu = paired_steps(engine, prompts, variants, settings.steps, settings.device)

@@ -149,7 +149,7 @@ def distilled_mixture(reg, args):
         raise InvalidConfig("--method distill needs --base MODEL_DIR and one --data JSONL per source")
     if args.density is not None or args.param or args.project:
         raise InvalidConfig("--method distill takes no --density, --param or --project (see the distill options)")
-    resolved = resolve(reg, args.mixture)
+    resolved = resolve(reg, args.mixture).given  # in mixture order, as the --data files are
     if len(args.data) != len(resolved):
         raise InvalidConfig(f"the mixture has {len(resolved)} sources but {len(args.data)} --data files "
                             "were given: one per source, in mixture order")
@@ -157,15 +157,15 @@ def distilled_mixture(reg, args):
     cfg = DistillConfig(**{k: getattr(args, k) for k in ("steps", "lr", "batch_size", "max_new_tokens", "device")
                            if getattr(args, k) is not None}, **({"seed": args.seed} if args.seed is not None else {}))
     cfg.validate()
-    basis = reg.basis(resolved[0][0].base_fingerprint)
-    adapters = [reg.load_record(rec) for rec, _ in resolved]
+    basis = reg.basis(resolved[0].record.base_fingerprint)
+    adapters = [reg.load_record(c.record) for c in resolved]
     model, tokenizer = load_model_dir(args.base, cfg.device)
     fused, _ = distill_fuse(model, tokenizer, basis.to(next(model.parameters()).device), adapters,
-                            [w for _, w in resolved], data, cfg, progress=not args.json)
-    for source, (rec, _), path in zip(fused.meta["fusion"]["sources"], resolved, args.data):
-        source["name"], source["data"] = rec.ref, str(path)
+                            [c.weight for c in resolved], data, cfg, progress=not args.json)
+    for source, c, path in zip(fused.meta["fusion"]["sources"], resolved, args.data):
+        source["name"], source["data"] = c.ref, str(path)
     fused.meta["fusion"]["mixture"] = args.mixture
-    return fused, basis, [(rec.ref, w) for rec, w in resolved]
+    return fused, basis, [(c.ref, c.weight) for c in resolved]
 
 
 def cmd_fuse(args) -> int:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from adapters_zoo.basis import Basis, check_basis_matches_model
 from adapters_zoo.errors import InvalidConfig, InvalidMixture, TrainingDataError
-from adapters_zoo.format import Adapter
+from adapters_zoo.format import Adapter, core_adapter
 from adapters_zoo.inject import adapter_parameters, attach, extract
 from adapters_zoo.train import (
     IGNORE_INDEX,
@@ -101,12 +101,12 @@ def on_device(adapter: Adapter, device) -> Adapter:
 
 def dense_core(adapter: Adapter, layers: list[str], basis: Basis) -> Adapter:
     """A ``core`` adapter with a dense k×k C on every one of ``layers`` (zeros where ``adapter`` has none)."""
-    params = {}
+    cores = {}
     for layer in layers:
         C = adapter.core(layer, basis) if layer in adapter.params else None
         C = torch.zeros(basis[layer].k, basis[layer].k) if C is None else C
-        params[layer] = {"C": C.detach().to("cpu", torch.float32).clone()}
-    return Adapter("core", {"diagonal": False}, basis.fingerprint, basis.rank, params, dict(adapter.meta))
+        cores[layer] = C.detach().to("cpu", torch.float32).clone()
+    return core_adapter(basis, cores, meta=adapter.meta)
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ import torch
 
 from adapters_zoo.basis import Basis
 from adapters_zoo.errors import IncompatibleAdapter, InvalidMixture
-from adapters_zoo.format import Adapter
+from adapters_zoo.format import Adapter, core_adapter
 from fusion.cores import AdapterCores, adapter_cores, residual_energy
 from fusion.methods import FusionContext, get_method
 
@@ -117,16 +117,7 @@ class FusedCores:
     meta: dict[str, Any]  # "fusion": sources, weights, method, params, notes; "projection" with project
 
     def to_adapter(self, basis: Basis) -> Adapter:
-        params: dict[str, dict[str, torch.Tensor]] = {}
-        for layer in self.layers:
-            layer_params = {}
-            if layer in self.cores:
-                layer_params["c" if self.diagonal else "C"] = self.cores[layer]
-            if layer in self.residuals:
-                layer_params["B"], layer_params["A"] = self.residuals[layer]
-            if layer_params:
-                params[layer] = layer_params
-        return Adapter("core", {"diagonal": self.diagonal}, basis.fingerprint, basis.rank, params, self.meta)
+        return core_adapter(basis, self.cores, self.residuals, self.diagonal, self.meta)
 
 
 def fuse_cores(

@@ -1,11 +1,10 @@
 """A resolved mixture reduced to what serves it, or fused into a new adapter.
 
-    resolved = resolve(registry, "math:0.7,code@2:0.3")               # adapters_zoo.registry.mixture
-    spec     = MixtureSpec.resolved(resolved, "ties", {"density": 0.5})  # the cache key
-    cores    = reduce(pairs, basis, spec.method, spec.fusion_params, key=spec)   # MixtureCores
-    fused    = fuse_mixture(registry, "math:0.7,code@2:0.3", "ties")     # a new ``core`` adapter
+    mixture = resolve(registry, "math:0.7,code@2:0.3", "ties", {"density": 0.5})  # adapters_zoo.registry.mixture
+    cores   = reduce(mixture, lambda c: registry.load_record(c.record), basis)     # MixtureCores
+    fused   = fuse_mixture(registry, "math:0.7,code@2:0.3", "ties")                # a new ``core`` adapter
 
-``reduce`` is the one reduction the server and the vLLM bridge use: a single adapter at
+``reduce`` is the one reduction (the server, the vLLM bridge, ``specfuse fuse``): a single adapter at
 weight 1 (linear, no params) is its own mixture, exactly; any other mixture is combined
 by its fusion method on k×k cores (:func:`fusion.fuse.fuse_cores`). The result holds,
 per layer of the basis, a k×k core (None where the mixture leaves the layer alone) and
@@ -14,15 +13,15 @@ whose change to a layer would blow the model's numbers up is refused here
 (DeltaOutOfBounds, a 400), before it reaches a device.
 
 ``fuse_mixture`` is the offline path (``specfuse fuse``, ``POST /v1/fuse``): the mixture
-resolved once and fused into a ``core`` adapter whose ``meta["fusion"]`` names its
-sources by name@version.
+resolved once and fused, in the same order, into a ``core`` adapter whose ``meta["fusion"]``
+names its sources by name@version.
 """
 
 from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +29,8 @@ import torch
 
 from adapters_zoo.basis import Basis
 from adapters_zoo.errors import InvalidMixture
-from adapters_zoo.format import MAX_DELTA_RATIO, Adapter, check_delta
-from adapters_zoo.registry.mixture import MAX_MIXTURE, MixtureSpec, format_pairs, resolve
+from adapters_zoo.format import MAX_DELTA_RATIO, Adapter, check_delta, core_adapter
+from adapters_zoo.registry.mixture import MAX_MIXTURE, Component, Mixture, format_pairs, resolve
 from fusion.cores import adapter_cores, layer_groups
 from fusion.fuse import _concat_residual, fuse_cores
 from fusion.methods.linear import weighted_sum
@@ -41,7 +40,7 @@ from fusion.methods.linear import weighted_sum
 class MixtureCores:
     """One mixture as the slot tables hold it (host, float32)."""
 
-    key: Hashable
+    key: Mixture
     cores: dict[str, torch.Tensor | None]  # layer -> C (k, k), None where the mixture has no core
     residuals: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (B (out, q), A (q, in))
     diagonal: bool  # every core is diagonal: the elementwise path serves it
@@ -57,47 +56,45 @@ class MixtureCores:
 
     def to_adapter(self, basis: Basis) -> Adapter:
         """The mixture as a ``core`` adapter (for writers that take adapters, e.g. the PEFT export)."""
-        params: dict[str, dict[str, torch.Tensor]] = {}
-        for layer, core in self.cores.items():
-            layer_params = {} if core is None else {"C": core}
-            if layer in self.residuals:
-                layer_params["B"], layer_params["A"] = self.residuals[layer]
-            if layer_params:
-                params[layer] = layer_params
-        return Adapter("core", {"diagonal": False}, basis.fingerprint, basis.rank, params, {})
+        return core_adapter(basis, self.cores, self.residuals)
 
 
 def mixture_label(mixture: MixtureCores | None) -> str:
     """How logs, headers and errors name a reduced mixture (``base`` for None)."""
-    return "base" if mixture is None else getattr(mixture.key, "label", str(mixture.key))
+    return "base" if mixture is None else mixture.key.label
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", torch.float32)
 
 
-def reduce(pairs: Sequence[tuple[Adapter, float]], basis: Basis, method: str = "linear",
-           params: Mapping[str, Any] | None = None, key: Hashable = None) -> MixtureCores:
-    """The mixture Σ wₙ adapterₙ (combined by ``method``) as per-layer cores and residuals.
+AdapterLoader = Callable[[Component], Adapter]  # a mixture's component -> its adapter
 
-    Weights are taken as given (checked where the mixture was parsed); every adapter is
-    checked against ``basis`` when its cores are first evaluated. A linear mixture is summed
-    on every adapter's packed cores (``AdapterCores.packed``: one weighted add per layer group
-    and source, no per-layer work); other methods fuse (:func:`fusion.fuse.fuse_cores`). The
-    cores carry their diagonal flag from the sources and the method.
+
+def reduce(mixture: Mixture, load: AdapterLoader, basis: Basis) -> MixtureCores:
+    """``mixture`` (Σ wₙ adapterₙ, combined by its method) as per-layer cores and residuals.
+
+    Weights are taken as given (checked where the mixture was parsed); every adapter, in the
+    mixture's order, is checked against ``basis`` when its cores are first evaluated. A plain
+    sum is summed on every adapter's packed cores (``AdapterCores.packed``: one weighted add
+    per layer group and source, no per-layer work); other methods fuse
+    (:func:`fusion.fuse.fuse_cores`). The cores carry their diagonal flag from the sources and
+    the method.
     """
-    if not pairs:
+    if mixture.is_base:
         raise InvalidMixture("the mixture names no adapter")
     start = time.perf_counter()
-    mixture = _linear(pairs, basis, key) if method == "linear" and not params else _fused(pairs, basis, method,
-                                                                                          dict(params or {}), key)
-    mixture.reduce_seconds = time.perf_counter() - start
-    return mixture
+    adapters = [load(c) for c in mixture.components]
+    if mixture.is_plain_sum:
+        cores = _linear(adapters, mixture.weights, basis, mixture)
+    else:
+        cores = _fused(adapters, mixture.weights, basis, mixture)
+    cores.reduce_seconds = time.perf_counter() - start
+    return cores
 
 
-def _fused(pairs: Sequence[tuple[Adapter, float]], basis: Basis, method: str, params: dict[str, Any],
-           key: Hashable) -> MixtureCores:
-    fused = fuse_cores([a for a, _ in pairs], [w for _, w in pairs], basis, method, params=params)
+def _fused(adapters: Sequence[Adapter], weights: list[float], basis: Basis, key: Mixture) -> MixtureCores:
+    fused = fuse_cores(list(adapters), weights, basis, key.method, params=key.fusion_params)
     cores = {layer: torch.diag(c) if fused.diagonal else c for layer, c in fused.cores.items()}
     host_cores = {layer: None if cores.get(layer) is None else _host(cores[layer]) for layer in basis.layer_names()}
     host_residuals = {layer: (_host(r[0]), _host(r[1])) for layer, r in fused.residuals.items() if r is not None}
@@ -111,14 +108,13 @@ def _mixture(key, cores, residuals, diagonal: bool) -> MixtureCores:
     return MixtureCores(key, cores, residuals, diagonal, rank)
 
 
-def _linear(pairs: Sequence[tuple[Adapter, float]], basis: Basis, key: Hashable) -> MixtureCores:
+def _linear(adapters: Sequence[Adapter], weights: list[float], basis: Basis, key: Mixture) -> MixtureCores:
     """Σ wₙ Cₙ on packed cores: per layer group one add per source, the delta bound checked on
     the whole group at once; residuals concatenated on the layers that have one."""
-    entries = [adapter_cores(a, basis) for a, _ in pairs]
-    weights = [w for _, w in pairs]
+    entries = [adapter_cores(a, basis) for a in adapters]
     diagonal = all(e.all_diagonal for e in entries)
     residuals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    if len(pairs) == 1 and weights[0] == 1.0:  # one adapter at weight 1: it is its own mixture, exactly
+    if len(adapters) == 1 and weights[0] == 1.0:  # one adapter at weight 1: it is its own mixture, exactly
         res = entries[0].residuals
         residuals = {layer: (_host(r[0]), _host(r[1])) for layer, r in res.items() if r is not None}
     else:
@@ -170,34 +166,26 @@ def _bounds(basis: Basis, k: int, layers: tuple[str, ...]) -> torch.Tensor:
     return hit[1]
 
 
-def canonical_pairs(spec: MixtureSpec, load: Callable[[str], Adapter]) -> list[tuple[Adapter, float]]:
-    """The (Adapter, weight) pairs of ``spec`` in its key's order (by ref): the one order every
-    reduction goes in, so that order-dependent methods (DARE's masks) give one result per mixture."""
-    return [(load(ref), weight) for ref, weight in spec.components]
-
-
 def fuse_mixture(registry, mixture: str | Mapping[str, float], method: str = "linear",
                  params: Mapping[str, Any] | None = None, project: bool = False, *, fingerprint: str | None = None,
                  max_entries: int = MAX_MIXTURE) -> tuple[Adapter, Basis, list[tuple[str, float]]]:
-    """(fused ``core`` adapter, its basis, [(name@version, weight)]) of a registry mixture.
+    """(fused ``core`` adapter, its basis, [(name@version, weight)] as given) of a registry mixture.
 
-    The cores are those the server serves for the same mixture (fused in the key's order,
+    The cores are those the server serves for the same mixture (fused in the mixture's order,
     whatever order it was typed in); ``meta["fusion"]`` lists the sources in the order given.
     """
-    resolved = resolve(registry, mixture, fingerprint=fingerprint, max_entries=max_entries)
-    basis = registry.basis(resolved[0][0].base_fingerprint)
-    spec = MixtureSpec.resolved(resolved, method, params)
-    records = {rec.ref: rec for rec, _ in resolved}
-    pairs = canonical_pairs(spec, lambda ref: registry.load_record(records[ref]))
-    fused = fuse_cores([a for a, _ in pairs], [w for _, w in pairs], basis, method, project, spec.fusion_params)
+    resolved = resolve(registry, mixture, method, params, fingerprint=fingerprint, max_entries=max_entries)
+    basis = registry.basis(resolved.components[0].record.base_fingerprint)
+    adapters = [registry.load_record(c.record) for c in resolved.components]
+    fused = fuse_cores(adapters, resolved.weights, basis, resolved.method, project, resolved.fusion_params)
     info = fused.meta["fusion"]
-    at = {ref: i for i, (ref, _) in enumerate(spec.components)}
-    typed = [at[rec.ref] for rec, _ in resolved]  # key order -> the order given
+    at = {c.ref: i for i, c in enumerate(resolved.components)}
+    typed = [at[c.ref] for c in resolved.given]  # the mixture's order -> the order given
     info["sources"] = [info["sources"][i] for i in typed]
     info["weights"] = [info["weights"][i] for i in typed]
-    refs = [rec.ref for rec, _ in resolved]
+    refs = [c.ref for c in resolved.given]
     for source, ref in zip(info["sources"], refs):
         source["name"] = ref
     info["refs"] = refs
     info["mixture"] = mixture if isinstance(mixture, str) else format_pairs(mixture.items())
-    return fused.to_adapter(basis), basis, [(rec.ref, w) for rec, w in resolved]
+    return fused.to_adapter(basis), basis, [(c.ref, c.weight) for c in resolved.given]

@@ -1,13 +1,13 @@
 """The serving engine: one base model on the device, every row of a batch its own mixture.
 
     Engine(model, tokenizer, basis, EngineConfig())          or  Engine.load(model_dir, basis)
-    mixture = engine.prepare(MixtureSpec.of([("math@1", 0.7), ("code@2", 0.3)]), load)
+    mixture = engine.prepare(Mixture.of([("math@1", 0.7), ("code@2", 0.3)]), load)   # load: component -> Adapter
     slot    = engine.slots.acquire(mixture)                   # -1 for the base model
     logits  = engine.forward(input_ids, attention_mask, position_ids, cache, row_slots=[slot, -1, ...])
 
 Every target layer of the basis is wrapped by a :class:`serving.backend.RoutedLinear`
 reading the slot tables; ``forward`` sets the step's routing once for all of them. A
-mixture (its key: :class:`adapters_zoo.registry.mixture.MixtureSpec`) is reduced once by
+mixture (its key: :class:`adapters_zoo.registry.mixture.Mixture`) is reduced once by
 :func:`fusion.mixture.reduce` to k×k cores (+ residuals), cached on the host
 (an :class:`adapters_zoo.cache.BoundedCache`) and copied into a device slot on demand
 (:class:`serving.slots.SlotTable`). Nothing here imports the HTTP stack: the engine runs
@@ -29,10 +29,9 @@ from adapters_zoo import train
 from adapters_zoo.basis import Basis, check_basis_matches_model
 from adapters_zoo.cache import BoundedCache
 from adapters_zoo.errors import IncompatibleAdapter, ModelDirError
-from adapters_zoo.format import Adapter
-from adapters_zoo.registry.mixture import MixtureSpec
+from adapters_zoo.registry.mixture import Mixture
 from adapters_zoo.signatures import pool_features
-from fusion.mixture import MixtureCores, reduce
+from fusion.mixture import AdapterLoader, MixtureCores, reduce
 from serving.backend import (
     Backend,
     LayerSlots,
@@ -49,9 +48,6 @@ from serving.slots import SlotTable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config.DTYPE_NAMES
 ROUTING_ROWS = 64  # rows the routing buffers hold before they grow (the scheduler's max_batch is 32)
-
-
-AdapterLoader = Callable[[], list[tuple[Adapter, float]]]  # called only when the mixture is not cached
 
 
 def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
@@ -89,7 +85,7 @@ class Engine:
         tables = {name: tables[name] for name in self.basis.layers}  # the basis's order
         self.slots = SlotTable(tables, self.config.residual_slots, self.config.max_residual_rank)
         self._routing = Routing(self.slots.num_slots, ROUTING_ROWS, self.device)  # filled in place every step
-        self.mixtures: BoundedCache[MixtureSpec, MixtureCores] = BoundedCache(
+        self.mixtures: BoundedCache[Mixture, MixtureCores] = BoundedCache(
             self.config.mixture_cache, self.config.mixture_cache_bytes, sizeof=lambda m: m.nbytes)
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -125,16 +121,18 @@ class Engine:
 
     # ------------------------------------------------------------------ mixtures
 
-    def prepare(self, spec: MixtureSpec, load: AdapterLoader) -> MixtureCores | None:
-        """The mixture reduced to cores (None for the base model), fused at most once while cached."""
-        if spec.is_base:
+    def prepare(self, mixture: Mixture, load: AdapterLoader) -> MixtureCores | None:
+        """The mixture reduced to cores (None for the base model), reduced at most once while cached;
+        ``load`` is called only on a miss."""
+        if mixture.is_base:
             return None
-        def build() -> MixtureCores:
-            mixture = reduce(load(), self.basis, spec.method, spec.fusion_params, key=spec)
-            self.slots.check_fits(mixture)  # once, before it is cached: a cached mixture fits
-            return mixture
 
-        return self.mixtures.get_or_build(spec, build)
+        def build() -> MixtureCores:
+            cores = reduce(mixture, load, self.basis)
+            self.slots.check_fits(cores)  # once, before it is cached: a cached mixture fits
+            return cores
+
+        return self.mixtures.get_or_build(mixture, build)
 
     # ------------------------------------------------------------------ forward
 

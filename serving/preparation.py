@@ -22,9 +22,9 @@ from adapters_zoo.cache import BoundedCache
 from adapters_zoo.errors import InvalidMixture, InvalidRequest, PayloadTooLarge
 from adapters_zoo.format import Adapter
 from adapters_zoo.registry import Registry
-from adapters_zoo.registry.mixture import MixtureSpec, resolve
+from adapters_zoo.registry.mixture import Component, Mixture, resolve
 from fusion.cores import adapter_cores
-from fusion.mixture import MixtureCores, canonical_pairs
+from fusion.mixture import MixtureCores
 from serving.config import Limits
 from serving.engine import Engine
 from serving.generation import SamplingParams
@@ -93,9 +93,9 @@ class RequestPreparer:
 
     # ------------------------------------------------------------------ mixtures
 
-    def mixture_spec(self, model: str, adapters: dict[str, Any] | None = None, method: str | None = None,
-                     params: dict[str, Any] | None = None) -> tuple[MixtureSpec, Callable[[], list]]:
-        """-> (the cache key, a loader of (Adapter, weight) pairs called only on a cache miss)."""
+    def mixture(self, model: str, adapters: dict[str, Any] | None = None, method: str | None = None,
+                params: dict[str, Any] | None = None) -> Mixture:
+        """The mixture a request names, resolved in the registry (one read per ref); empty: the base model."""
         if adapters is not None:
             if model not in self.served_names:
                 raise InvalidMixture(f"give the mixture either in model or in adapters, not both (model={model!r})")
@@ -105,32 +105,28 @@ class RequestPreparer:
         elif model in self.served_names:
             if method is not None or params:
                 raise InvalidMixture("fusion_method / fusion_params need a mixture of adapters")
-            return MixtureSpec(), list
+            return Mixture()
         else:
             source = model
-        resolved = resolve(self.registry, source, fingerprint=self.fingerprint, max_entries=self.limits.max_mixture)
-        spec = MixtureSpec.resolved(resolved, "linear" if method is None else method, params)
-        records = {rec.ref: rec for rec, _ in resolved}
-
-        def adapter(ref: str) -> Adapter:
-            rec = records[ref]
-            return self._adapter(rec.sha256, lambda: self.registry.load_record(rec))
-
-        return spec, lambda: canonical_pairs(spec, adapter)
+        return resolve(self.registry, source, "linear" if method is None else method, params,
+                       fingerprint=self.fingerprint, max_entries=self.limits.max_mixture)
 
     def prepare_mixture(self, model: str, adapters=None, method=None, params=None) -> MixtureCores | None:
         """Resolve and reduce a mixture (blocking: registry reads, maybe fusion). None: the base model."""
-        spec, load = self.mixture_spec(model, adapters, method, params)
-        return self.engine.prepare(spec, load)
+        mixture = self.mixture(model, adapters, method, params)
+        return self.engine.prepare(mixture, self._registry_adapter)
+
+    def _registry_adapter(self, component: Component) -> Adapter:
+        return self._adapter(component.sha256, lambda: self.registry.load_record(component.record))
 
     def _decided(self, decision: RouteDecision, by_ref: dict[str, Candidate], method: str | None,
                  params: dict[str, Any] | None) -> MixtureCores | None:
         """The mixture routing chose, from its candidates (resolved and loaded already)."""
         if not decision.pairs:
             return None
-        spec = MixtureSpec.of(decision.pairs, "linear" if method is None else method, params,
-                              {ref: by_ref[ref].sha256 for ref, _ in decision.pairs})
-        return self.engine.prepare(spec, lambda: canonical_pairs(spec, lambda ref: by_ref[ref].adapter))
+        mixture = Mixture.of(decision.pairs, "linear" if method is None else method, params,
+                             {ref: by_ref[ref].sha256 for ref, _ in decision.pairs})
+        return self.engine.prepare(mixture, lambda c: by_ref[c.ref].adapter)
 
     def route(self, prompts: list[list[int]], spec: AutoSpec) -> list[RouteDecision]:
         """The mixture ``spec`` picks for each prompt (token ids): base-model probe, then a router."""

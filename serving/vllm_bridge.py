@@ -38,16 +38,17 @@ from pathlib import Path
 from typing import Any
 
 from adapters_zoo.errors import AdapterNotFound, IncompatibleAdapter, InvalidConfig, SpecfuseError
-from adapters_zoo.registry.mixture import SERVED_MIXTURE, MixtureSpec, resolve
+from adapters_zoo.registry.mixture import SERVED_MIXTURE, Mixture, resolve
 
 EXPORT_FORMAT = 1  # bump when the export layout changes: old exports are not reused
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 VLLM_MAX_LORAS = 16  # LoRAs one vLLM batch may hold: every request of a 16-wide batch on its own mixture
 
 
-def mixture_key(spec: MixtureSpec) -> str:
+def mixture_key(mixture: Mixture) -> str:
     """A stable, path-safe name for a resolved mixture."""
-    text = json.dumps([EXPORT_FORMAT, spec.components, spec.method, spec.params, spec.digests], sort_keys=True)
+    components = [[c.ref, c.weight, c.sha256] for c in mixture.components]
+    text = json.dumps([EXPORT_FORMAT, components, mixture.method, mixture.fusion_params], sort_keys=True)
     return "specfuse-" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -60,25 +61,23 @@ def export_mixture(registry, mixture: str | Mapping[str, float], out_root: str |
     temporary directory and renamed, so a crash or a concurrent export never leaves half of one.
     """
     from fusion.lora_io import export_peft_lora
-    from fusion.mixture import canonical_pairs, reduce
+    from fusion.mixture import reduce
 
-    resolved = resolve(registry, mixture, fingerprint=base_fingerprint, max_entries=max_entries)
-    spec = MixtureSpec.resolved(resolved, method, params)
+    resolved = resolve(registry, mixture, method, params, fingerprint=base_fingerprint, max_entries=max_entries)
     out_root = Path(out_root)
-    target = out_root / mixture_key(spec)
+    target = out_root / mixture_key(resolved)
     if (target / "adapter_config.json").is_file():
         return target
-    fingerprint = resolved[0][0].base_fingerprint
+    fingerprint = resolved.components[0].record.base_fingerprint
     basis = registry.basis(fingerprint)
-    records = {rec.ref: rec for rec, _ in resolved}
-    pairs = canonical_pairs(spec, lambda ref: registry.load_record(records[ref]))
-    fused = reduce(pairs, basis, spec.method, spec.fusion_params, key=spec).to_adapter(basis)
+    fused = reduce(resolved, lambda c: registry.load_record(c.record), basis).to_adapter(basis)
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = out_root / f".tmp-{uuid.uuid4().hex}"
     try:
         export_peft_lora(fused, basis, tmp, base_model_name_or_path=base_model_name_or_path)
         (tmp / "specfuse_mixture.json").write_text(json.dumps(
-            {"mixture": spec.label, "components": spec.components, "method": spec.method, "params": spec.fusion_params,
+            {"mixture": resolved.label, "components": resolved.pairs, "method": resolved.method,
+             "params": resolved.fusion_params,
              "base_fingerprint": fingerprint}, indent=2) + "\n")
         try:
             tmp.rename(target)

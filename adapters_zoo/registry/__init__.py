@@ -5,7 +5,7 @@
     reg.add_basis(basis)                  # declare the base model first
     rec = reg.add("math.safetensors", "math", tags=["skill"])
     adapter = reg.load("math@1")          # hash-verified, validated against its basis
-    resolve(reg, "math:0.7,code:0.3")    # [(record of name@version, weight)]
+    resolve(reg, "math:0.7,code:0.3")    # a Mixture: (name@version, weight, sha256) per adapter
 
 Names are imported lazily so that ``specfuse --help`` (which imports ``registry.cli``)
 does not pull in torch.

@@ -5,8 +5,8 @@
     weight   decimal number            finite, |weight| ≤ MAX_WEIGHT, ≥ 0 unless allow_negative
 
     pairs    = mixture_pairs("a:0.7,b@2:0.3")          # [("a", 0.7), ("b@2", 0.3)], weights validated here
-    resolved = resolve(registry, "a:0.7,b@2:0.3")      # [(AdapterRecord, weight)]: one Registry.get per ref
-    spec     = MixtureSpec.resolved(resolved, method)  # name@version, sha256, weight: the cache key
+    mixture  = resolve(registry, "a:0.7,b@2:0.3", "ties", {"density": 0.5})
+                   # Mixture: (name@version, weight, sha256) per component, method, params; one Registry.get per ref
 
 Parsing refuses duplicated refs, NaN/inf, negative weights (unless allowed, for
 task-vector subtraction) and all-zero mixtures with InvalidMixture; this is the one place
@@ -17,11 +17,10 @@ fusion layer: :mod:`fusion.mixture`.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from adapters_zoo.errors import IncompatibleAdapter, InvalidMixture, InvalidName
@@ -129,17 +128,19 @@ def mixture_pairs(
 def resolve(
     registry,
     mixture: str | Mapping[str, float],
+    method: str = "linear",
+    params: Mapping[str, Any] | None = None,
     *,
     fingerprint: str | None = None,
     allow_negative: bool = False,
     max_entries: int = MAX_MIXTURE,
-) -> list[tuple[AdapterRecord, float]]:
-    """Parse ``mixture`` and look every ref up once: [(record of name@version, weight)] in the order given.
+) -> Mixture:
+    """Parse ``mixture`` and look every ref up once: the :class:`Mixture` of its records.
 
     Two refs of one version are refused (InvalidMixture), so are adapters of two bases or
     basis ranks, and, when ``fingerprint`` is given, adapters of another base (IncompatibleAdapter).
     """
-    out: list[tuple[AdapterRecord, float]] = []
+    out: list[Component] = []
     seen: dict[str, str] = {}
     for ref, weight in mixture_pairs(mixture, allow_negative=allow_negative, max_entries=max_entries):
         rec = registry.get(ref)
@@ -149,14 +150,14 @@ def resolve(
         if rec.ref in seen:
             raise InvalidMixture(f"{ref!r} and {seen[rec.ref]!r} are the same adapter ({rec.ref})")
         seen[rec.ref] = ref
-        first = out[0][0] if out else rec
+        first = out[0].record if out else rec
         if (rec.base_fingerprint, str(rec.basis_k)) != (first.base_fingerprint, str(first.basis_k)):
             raise IncompatibleAdapter(
                 f"{rec.ref} is of base {rec.base_fingerprint} (k={rec.basis_k}) but {first.ref} is of "
                 f"base {first.base_fingerprint} (k={first.basis_k}): a mixture lives in one basis"
             )
-        out.append((rec, weight))
-    return out
+        out.append(Component(rec.ref, weight, rec.sha256, rec))
+    return Mixture.of(out, method, params)
 
 
 def format_pairs(pairs: Iterable[tuple[str, float]]) -> str:
@@ -165,46 +166,88 @@ def format_pairs(pairs: Iterable[tuple[str, float]]) -> str:
 
 
 @dataclass(frozen=True)
-class MixtureSpec:
-    """A resolved mixture as the caches key it: (name@version, weight) sorted by ref, the fusion
-    method, its params (canonical JSON) and the components' sha256, so a re-added name@version
-    is a new key. The empty mixture is the base model."""
+class Component:
+    """One adapter of a mixture: its name@version, weight and blob (a re-added name@version is another
+    component); ``record`` is the registry's, when resolved there (not part of the key)."""
 
-    components: tuple[tuple[str, float], ...] = ()
+    ref: str
+    weight: float
+    sha256: str = ""
+    record: AdapterRecord | None = field(default=None, compare=False, repr=False)
+
+
+ParamValue = str | int | float | bool | None | tuple
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """A mixture as every layer passes it, built once (:func:`resolve`, or :meth:`of` for adapters
+    held elsewhere) and hashable: the caches' key.
+
+    ``components`` are sorted by ref, the one order every reduction runs in (order-dependent
+    methods, DARE's masks, then give one result per mixture however it was typed); ``given``
+    keeps the order typed, for reports. ``params`` are the fusion method's, frozen: sorted
+    (name, value) pairs of JSON scalars (lists as tuples). The empty mixture is the base model.
+    """
+
+    components: tuple[Component, ...] = ()
     method: str = "linear"
-    params: str = "{}"
-    digests: tuple[str, ...] = ()
+    params: tuple[tuple[str, ParamValue], ...] = ()
+    given: tuple[Component, ...] = field(default=(), compare=False, repr=False)
 
     @classmethod
-    def of(cls, components: Iterable[tuple[str, float]] = (), method: str = "linear",
-           params: Mapping[str, Any] | None = None, digests: Mapping[str, str] | None = None) -> MixtureSpec:
-        """The key of already validated (ref, weight) pairs; ``digests`` maps ref -> sha256."""
-        comps = tuple(sorted((str(ref), float(w)) for ref, w in components))
-        try:
-            params_json = json.dumps(dict(params or {}), sort_keys=True, separators=(",", ":"), allow_nan=False)
-        except (TypeError, ValueError) as err:
-            raise InvalidMixture(f"fusion params must be plain JSON values ({err})") from err
-        return cls(comps, method, params_json, tuple((digests or {}).get(ref, "") for ref, _ in comps))
-
-    @classmethod
-    def resolved(cls, resolved: Iterable[tuple[AdapterRecord, float]], method: str = "linear",
-                 params: Mapping[str, Any] | None = None) -> MixtureSpec:
-        """The key of ``resolve``'s output."""
-        resolved = list(resolved)
-        digests = {rec.ref: rec.sha256 for rec, _ in resolved}
-        return cls.of([(rec.ref, w) for rec, w in resolved], method, params, digests)
+    def of(cls, components: Iterable[Component | tuple[str, float]] = (), method: str = "linear",
+           params: Mapping[str, Any] | None = None, digests: Mapping[str, str] | None = None) -> Mixture:
+        """The mixture of already validated components, or (ref, weight) pairs (``digests``: ref -> sha256)."""
+        digests = digests or {}
+        given = tuple(c if isinstance(c, Component) else Component(str(c[0]), float(c[1]), digests.get(c[0], ""))
+                      for c in components)
+        return cls(tuple(sorted(given, key=lambda c: c.ref)), method, _frozen_params(params), given)
 
     @property
     def is_base(self) -> bool:
         return not self.components
 
     @property
+    def is_plain_sum(self) -> bool:
+        """Σ wₙ adapterₙ: linear, no params."""
+        return self.method == "linear" and not self.params
+
+    @property
+    def pairs(self) -> tuple[tuple[str, float], ...]:
+        """(ref, weight) in the key's order."""
+        return tuple((c.ref, c.weight) for c in self.components)
+
+    @property
+    def weights(self) -> list[float]:
+        return [c.weight for c in self.components]
+
+    @property
+    def digests(self) -> tuple[str, ...]:
+        return tuple(c.sha256 for c in self.components)
+
+    @property
     def fusion_params(self) -> dict[str, Any]:
-        return json.loads(self.params)
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in self.params}
 
     @property
     def label(self) -> str:
         if self.is_base:
             return "base"
-        text = format_pairs(self.components)
-        return text if self.method == "linear" and self.params == "{}" else f"{text} ({self.method})"
+        text = format_pairs(self.pairs)
+        return text if self.is_plain_sum else f"{text} ({self.method})"
+
+
+def _frozen_params(params: Mapping[str, Any] | None) -> tuple[tuple[str, ParamValue], ...]:
+    out = []
+    for name, value in (params or {}).items():
+        if not isinstance(name, str):
+            raise InvalidMixture(f"fusion params must be plain JSON values (a name is {name!r})")
+        frozen = tuple(value) if isinstance(value, list) else value
+        for item in frozen if isinstance(frozen, tuple) else (frozen,):
+            if item is not None and not isinstance(item, (str, int, float, bool)):
+                raise InvalidMixture(f"fusion params must be plain JSON values ({name} is {type(item).__name__})")
+            if isinstance(item, float) and not math.isfinite(item):
+                raise InvalidMixture(f"fusion params must be plain JSON values ({name} is {item})")
+        out.append((name, frozen))
+    return tuple(sorted(out))

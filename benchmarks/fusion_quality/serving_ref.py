@@ -37,15 +37,15 @@ class PerRequestServer:
                  ) -> dict[str, float]:
         """Per task: exact match (chat: the task's checker on the reply to the chat-template prompt) when every
         example is served with that task's adapter, all tasks in one batch."""
-        from serving.engine import MixtureSpec
+        from serving.engine import Mixture
         from serving.generation import SamplingParams
         from serving.scheduler import GenerationRequest, Scheduler, SchedulerConfig, generate
 
         tokenizer = self.engine.tokenizer
         mixtures = {
-            task: self.engine.prepare(MixtureSpec.of([(f"{source.suite}/{source.name}/{task}", 1.0)],
-                                                     digests={f"{source.suite}/{source.name}/{task}": source.digest}),
-                                      lambda a=source.adapters[task]: [(a, 1.0)])
+            task: self.engine.prepare(Mixture.of([(f"{source.suite}/{source.name}/{task}", 1.0)],
+                                                 digests={f"{source.suite}/{source.name}/{task}": source.digest}),
+                                      lambda _, a=source.adapters[task]: a)
             for task in examples
         }
         params = SamplingParams(max_tokens=CHAT_MAX_NEW_TOKENS if chat_tasks else MAX_NEW_TOKENS, temperature=0.0)

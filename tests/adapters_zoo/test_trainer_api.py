@@ -14,7 +14,7 @@ from adapters_zoo.inject import SpectralLinear
 from adapters_zoo.registry import Registry
 from adapters_zoo.tasks import read_jsonl
 from adapters_zoo.train import attached, eval_loss
-from serving.engine import Engine, EngineConfig, MixtureSpec
+from serving.engine import Engine, EngineConfig, Mixture
 from serving.reference import reference_logits
 
 trl = pytest.importorskip("trl")
@@ -76,7 +76,7 @@ def test_sft_trainer_trains_an_adapter_that_loads_registers_and_serves(tiny_llam
         served = registry.load("reverse")
     engine = Engine(copy.deepcopy(base), tokenizer, basis, EngineConfig(slots=2, residual_slots=1))
     prompt = tokenizer(held_out[0]["prompt"])["input_ids"]
-    slot = engine.slots.acquire(engine.prepare(MixtureSpec.of([("reverse", 1.0)]), lambda: [(served, 1.0)]))
+    slot = engine.slots.acquire(engine.prepare(Mixture.of([("reverse", 1.0)]), lambda _: served))
     try:
         logits, _, _ = engine.prefill([prompt], [slot])
     finally:

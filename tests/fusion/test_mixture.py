@@ -8,7 +8,7 @@ from fusion_helpers import moved
 
 from adapters_zoo.errors import DeltaOutOfBounds, IncompatibleAdapter, InvalidMixture
 from adapters_zoo.registry import Registry
-from adapters_zoo.registry.mixture import MixtureSpec, resolve
+from adapters_zoo.registry.mixture import Mixture, resolve
 from fusion.fuse import fuse
 from fusion.mixture import fuse_mixture, reduce
 
@@ -31,8 +31,8 @@ def test_resolve_reads_each_ref_once_in_the_order_given(registry, count_gets):
     calls = count_gets(registry)
     resolved = resolve(registry, "svft:0.4, scale@1:0.7,rotation")
     assert calls == ["svft", "scale@1", "rotation"]
-    assert [(rec.ref, w) for rec, w in resolved] == [("svft@1", 0.4), ("scale@1", 0.7), ("rotation@1", 1.0)]
-    assert [(rec.ref, w) for rec, w in resolve(registry, {"scale": 0.5})] == [("scale@2", 0.5)]  # the latest
+    assert [(c.ref, c.weight) for c in resolved.given] == [("svft@1", 0.4), ("scale@1", 0.7), ("rotation@1", 1.0)]
+    assert resolve(registry, {"scale": 0.5}).pairs == (("scale@2", 0.5),)  # the latest
 
 
 def test_resolve_refuses_one_version_twice_and_other_bases(registry, llama_basis):
@@ -49,19 +49,35 @@ def test_resolve_refuses_one_version_twice_and_other_bases(registry, llama_basis
 
 
 def test_the_key_is_the_resolved_mixture_not_its_spelling(registry):
-    a = MixtureSpec.resolved(resolve(registry, "scale@2:0.7,svft:0.3"))
-    b = MixtureSpec.resolved(resolve(registry, {"svft@1": 0.3, "scale": 0.7}))
+    a = resolve(registry, "scale@2:0.7,svft:0.3")
+    b = resolve(registry, {"svft@1": 0.3, "scale": 0.7})
     assert a == b and hash(a) == hash(b)
-    assert a.components == (("scale@2", 0.7), ("svft@1", 0.3))
+    assert a.pairs == (("scale@2", 0.7), ("svft@1", 0.3))
     assert a.digests == (registry.get("scale@2").sha256, registry.get("svft").sha256)
-    assert a != MixtureSpec.resolved(resolve(registry, "scale@1:0.7,svft:0.3")), "another version, another key"
-    assert a != MixtureSpec.resolved(resolve(registry, "scale@2:0.7,svft:0.3"), "ties", {"density": 0.5})
-    assert MixtureSpec().is_base and MixtureSpec().label == "base"
+    assert a != resolve(registry, "scale@1:0.7,svft:0.3"), "another version, another key"
+    assert a != resolve(registry, "scale@2:0.7,svft:0.3", "ties", {"density": 0.5})
+    assert Mixture().is_base and Mixture().label == "base"
+
+
+def test_params_are_frozen_json_scalars(registry):
+    a = resolve(registry, "scale:0.5,svft:0.5", "ties", {"density": 0.5, "seed": 1})
+    assert a.params == (("density", 0.5), ("seed", 1)) and a.fusion_params == {"density": 0.5, "seed": 1}
+    assert a == resolve(registry, "svft:0.5,scale:0.5", "ties", {"seed": 1, "density": 0.5}) and hash(a) == hash(a)
+    assert Mixture.of([("a", 1.0)], "x", {"keep": [1, 2]}).fusion_params == {"keep": [1, 2]}
+    for bad in ({"density": float("nan")}, {"density": {"nested": 1}}, {"density": [1, [2]]}):
+        with pytest.raises(InvalidMixture, match="plain JSON"):
+            Mixture.of([("a", 1.0)], "ties", bad)
+
+
+def reduced(pairs, basis):
+    """``reduce`` of (Adapter, weight) pairs, as a mixture of components named by their index."""
+    mixture = Mixture.of([(str(i), w) for i, (_, w) in enumerate(pairs)])
+    return reduce(mixture, lambda c: pairs[int(c.ref)][0], basis)
 
 
 def test_one_adapter_at_weight_one_is_its_own_cores(llama_basis, mixed):
     for adapter in mixed[0]:
-        cores = reduce([(adapter, 1.0)], llama_basis, key="k")
+        cores = reduced([(adapter, 1.0)], llama_basis)
         for layer in llama_basis.layer_names():
             own = adapter.core(layer, llama_basis) if layer in adapter.params else None
             if own is None:
@@ -79,7 +95,7 @@ def test_one_adapter_at_weight_one_is_its_own_cores(llama_basis, mixed):
 
 def test_a_fused_mixture_applies_the_weighted_sum_of_its_sources(llama_basis, mixed):
     adapters, weights = mixed
-    cores = reduce(list(zip(adapters, weights)), llama_basis, key="mix")
+    cores = reduced(list(zip(adapters, weights)), llama_basis)
     for layer in llama_basis.layer_names():
         lb = llama_basis[layer]
         want = sum(w * a.delta(layer, llama_basis) for a, w in zip(adapters, weights) if layer in a.params)
@@ -94,9 +110,9 @@ def test_a_fused_mixture_applies_the_weighted_sum_of_its_sources(llama_basis, mi
 
 def test_reduce_refuses_a_mixture_past_the_delta_bound(llama_basis, mixed):
     with pytest.raises(DeltaOutOfBounds, match="max delta ratio"):
-        reduce([(mixed[0][0], 1e6)], llama_basis, key="huge")
+        reduced([(mixed[0][0], 1e6)], llama_basis)
     with pytest.raises(InvalidMixture, match="names no adapter"):
-        reduce([], llama_basis)
+        reduced([], llama_basis)
 
 
 def test_fuse_mixture_resolves_once_and_names_its_sources(registry, monkeypatch, count_gets, llama_basis):

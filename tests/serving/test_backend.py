@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from adapters_zoo.registry.mixture import Mixture
 from fusion.fuse import fuse_cores
 from fusion.mixture import MixtureCores, reduce
 from serving.backend import (
@@ -27,7 +28,7 @@ def table_with(basis, adapters, names, slots=6, residual_slots=3):
     table = SlotTable({LAYER: layer}, residual_slots, 16)
     placed = {}
     for name in names:
-        cores = reduce([(adapters[name], 1.0)], basis, key=name)
+        cores = reduce(Mixture.of([(name, 1.0)]), lambda c: adapters[c.ref], basis)
         cores = MixtureCores(name, {LAYER: cores.cores[LAYER]},
                              {k: v for k, v in cores.residuals.items() if k == LAYER}, cores.diagonal,
                              cores.residual_rank)
@@ -69,7 +70,8 @@ def test_diagonal_fast_path_equals_general_path(basis, adapters):
 
 def test_slot_lru_evicts_least_recent_unpinned_and_keeps_residual_slots(basis, adapters):
     table, _, placed = table_with(basis, adapters, [], slots=3, residual_slots=1)
-    mix = {n: reduce([(adapters[n], 1.0)], basis, key=n) for n in ("scale", "svft", "rotation", "lora")}
+    mix = {n: reduce(Mixture.of([(n, 1.0)]), lambda c: adapters[c.ref], basis)
+           for n in ("scale", "svft", "rotation", "lora")}
     a = table.acquire(mix["scale"])
     b = table.acquire(mix["svft"])
     assert a != 0 and b != 0, "mixtures without a residual leave the residual slot free"
@@ -97,7 +99,8 @@ def qkv_group(basis, adapters, names, slots=6, residual_slots=3):
     group = SlotGroup.allocate([(basis[n].U, basis[n].V) for n in QKV], slots, residual_slots, 16, torch.float32,
                                torch.device("cpu"))
     table = SlotTable(dict(zip(QKV, group.layers)), residual_slots, 16)
-    placed = {name: table.acquire(reduce([(adapters[name], 1.0)], basis, key=name)) for name in names}
+    placed = {name: table.acquire(reduce(Mixture.of([(name, 1.0)]), lambda c: adapters[c.ref], basis))
+              for name in names}
     return group, table, placed
 
 
@@ -126,7 +129,7 @@ def test_group_shrink_expand_matches_loop_and_dense_per_layer(basis, adapters, n
 def test_group_members_are_views_of_the_group_tables(basis, adapters):
     group, table, placed = qkv_group(basis, adapters, ["rotation"])
     s = placed["rotation"]
-    core = reduce([(adapters["rotation"], 1.0)], basis, key="r").cores[QKV[1]]
+    core = reduce(Mixture.of([("rotation", 1.0)]), lambda c: adapters[c.ref], basis).cores[QKV[1]]
     torch.testing.assert_close(group.cores[s, 1], core)
     torch.testing.assert_close(group.diag[s, group.layers[1].offset : group.layers[1].offset + 8], torch.diagonal(core))
     torch.testing.assert_close(group.layers[1].V, basis[QKV[1]].V)
@@ -205,8 +208,8 @@ def test_packed_linear_mixtures_match_the_fused_ones_the_loop_and_dense(basis, a
     table = SlotTable({LAYER: layer}, 3, 16)
     placed = {}
     for name in names:
-        pairs = [(adapters[a], w) for a, w in MIXTURES[name]]
-        mixture = reduce(pairs, basis, key=name)
+        pairs = [(adapters[a], w) for a, w in sorted(MIXTURES[name])]  # the mixture's order
+        mixture = reduce(Mixture.of(MIXTURES[name]), lambda c: adapters[c.ref], basis)
         fused = fuse_cores([a for a, _ in pairs], [w for _, w in pairs], basis)
         assert mixture.diagonal == fused.diagonal == (name == "diag")
         for lname in basis.layer_names():

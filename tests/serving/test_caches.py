@@ -8,7 +8,7 @@ import copy
 import pytest
 
 from adapters_zoo.errors import InvalidConfig
-from serving.engine import Engine, EngineConfig, MixtureSpec
+from serving.engine import Engine, EngineConfig, Mixture
 from serving.serve_cli import MIXTURE_CACHE_MB, api_key_of, register_cli
 
 
@@ -19,13 +19,13 @@ def engine(model, tokenizer, basis):
 
 
 def test_the_mixture_cache_stays_within_its_bytes(engine, adapters):
-    one = engine.prepare(MixtureSpec.of([("scale", 0.5), ("svft", 0.5)]),
-                         lambda: [(adapters["scale"], 0.5), (adapters["svft"], 0.5)])
+    one = engine.prepare(Mixture.of([("scale", 0.5), ("svft", 0.5)]),
+                         lambda c: adapters[c.ref])
     assert one.nbytes > 0
     for i in range(40):  # 40 distinct mixtures: far more bytes than the bound
         w = 0.1 + i / 100
-        engine.prepare(MixtureSpec.of([("scale", w), ("svft", 1 - w)]),
-                       lambda w=w: [(adapters["scale"], w), (adapters["svft"], 1 - w)])
+        engine.prepare(Mixture.of([("scale", w), ("svft", 1 - w)]),
+                       lambda c: adapters[c.ref])
     cache = engine.mixtures
     assert cache.nbytes <= 64 << 10 and cache.evictions > 0
     assert len(cache) <= (64 << 10) // one.nbytes

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from serving.engine import Engine, EngineConfig, MixtureSpec
+from serving.engine import Engine, EngineConfig, Mixture
 from serving.generation import SamplingParams
 from serving.reference import reference_generate, reference_logits
 from serving.scheduler import GenerationRequest, Scheduler, SchedulerConfig, generate
@@ -23,7 +23,7 @@ def engine(model, tokenizer, basis):
 
 
 def single(engine, adapters, name):
-    return engine.prepare(MixtureSpec.of([(name, 1.0)]), lambda: [(adapters[name], 1.0)])
+    return engine.prepare(Mixture.of([(name, 1.0)]), lambda _: adapters[name])
 
 
 def prompts_for(tokenizer, n):
@@ -72,13 +72,13 @@ def test_fused_mixtures_match_reference(engine, model, tokenizer, basis, adapter
     from fusion.fuse import fuse
 
     prompt = prompts_for(tokenizer, 3)[2]
-    linear = MixtureSpec.of([("scale", 0.6), ("lora", 0.3), ("rotation", 0.5)])
+    linear = Mixture.of([("scale", 0.6), ("lora", 0.3), ("rotation", 0.5)])
     pairs = [(adapters["scale"], 0.6), (adapters["lora"], 0.3), (adapters["rotation"], 0.5)]
-    ties = MixtureSpec.of([("scale", 0.6), ("svft", 0.4)], "ties", {"density": 0.5})
+    ties = Mixture.of([("scale", 0.6), ("svft", 0.4)], "ties", {"density": 0.5})
     ties_pairs = [(adapters["scale"], 0.6), (adapters["svft"], 0.4)]
     misses = engine.mixtures.misses
-    cores = {spec: engine.prepare(spec, lambda p=p: p) for spec, p in ((linear, pairs), (ties, ties_pairs))}
-    assert engine.prepare(linear, lambda: pytest.fail("a cached mixture is not fused again")) is cores[linear]
+    cores = {spec: engine.prepare(spec, lambda c: adapters[c.ref]) for spec in (linear, ties)}
+    assert engine.prepare(linear, lambda _: pytest.fail("a cached mixture is not fused again")) is cores[linear]
     assert engine.mixtures.misses == misses + 2
     slots = [engine.slots.acquire(cores[linear]), engine.slots.acquire(cores[ties])]
     try:
@@ -169,7 +169,7 @@ def test_other_architectures(arch, tokenizer, make_adapter):
     basis = basis_from_model(base, rank=8)
     adapter = make_adapter("rotation", {"rank": 6}, basis, 11)
     engine = Engine(copy.deepcopy(base), tokenizer, basis, EngineConfig(slots=2, residual_slots=0))
-    mixture = engine.prepare(MixtureSpec.of([("rot", 1.0)]), lambda: [(adapter, 1.0)])
+    mixture = engine.prepare(Mixture.of([("rot", 1.0)]), lambda _: adapter)
     scheduler = Scheduler(engine).start()
     try:
         prompts = prompts_for(tokenizer, 2)

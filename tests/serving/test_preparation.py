@@ -31,7 +31,7 @@ def test_a_mixture_is_read_once_per_ref_and_fused_once(service, monkeypatch, cou
     _, again = service.prepare(job("base", {"rotation": 0.75, "svft@1": 0.25}))
     assert again is first, "the same resolved mixture, however spelled, is the cached one"
     assert calls[2:] == ["rotation", "svft@1"] and len(loads) == 2, "a cached mixture loads no adapter"
-    assert first.key.components == (("rotation@1", 0.75), ("svft@1", 0.25))
+    assert first.key.pairs == (("rotation@1", 0.75), ("svft@1", 0.25))
 
 
 def test_an_adapter_is_checked_against_the_basis_once_and_its_cores_counted(service, monkeypatch):

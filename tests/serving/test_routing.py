@@ -391,7 +391,7 @@ def test_the_routed_mixture_reaches_the_engine_without_another_registry_read(ser
     routed = Job("completion", "base", [prompt], None, SamplingParams(max_tokens=2), 1, False, False, ROUTED,
                  None, None)
     _, [first] = service.prepare(routed)  # candidates parsed and cached by content hash
-    assert first.key.components == (("count_stars@1", 1.0),)
+    assert first.key.pairs == (("count_stars@1", 1.0),)
     assert first.key.digests == (service.registry.get("count_stars@1").sha256,)
     calls: list[str] = []
     get = service.registry.get

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adapters_zoo.errors import NumericalFailure
-from serving.engine import Engine, EngineConfig, MixtureSpec
+from serving.engine import Engine, EngineConfig, Mixture
 from serving.generation import SamplingParams
 from serving.scheduler import Event, GenerationRequest, Scheduler, SchedulerConfig, generate
 from serving.slots import MixtureCores
@@ -24,14 +24,14 @@ def engine(model, tokenizer, basis):
 
 
 def mixture(engine, adapters, name: str) -> MixtureCores:
-    return engine.prepare(MixtureSpec.of([(name, 1.0)]), lambda: [(adapters[name], 1.0)])
+    return engine.prepare(Mixture.of([(name, 1.0)]), lambda _: adapters[name])
 
 
 def poisoned(engine, adapters, tag: int, value: float) -> MixtureCores:
     """A mixture whose cores are ``value`` everywhere: built past every bound, as a bug would."""
     good = mixture(engine, adapters, "scale")
     cores = {layer: None if c is None else torch.full_like(c, value) for layer, c in good.cores.items()}
-    return MixtureCores(MixtureSpec.of([(f"poison{tag}", 1.0)]), cores, {}, False, 0)
+    return MixtureCores(Mixture.of([(f"poison{tag}", 1.0)]), cores, {}, False, 0)
 
 
 class Collector:

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from serving.engine import Engine, EngineConfig, MixtureSpec
+from serving.engine import Engine, EngineConfig, Mixture
 from serving.generation import SamplingParams
 from serving.scheduler import Event, GenerationRequest, Scheduler, SchedulerConfig, generate
 
@@ -70,7 +70,7 @@ def test_stop_strings_end_rows_exactly_while_others_run_on(engine, tokenizer, ad
 
 
 def test_a_done_follows_the_release_of_its_slot(engine, tokenizer, adapters):
-    mix = engine.prepare(MixtureSpec.of([("scale", 1.0)]), lambda: [(adapters["scale"], 1.0)])
+    mix = engine.prepare(Mixture.of([("scale", 1.0)]), lambda _: adapters["scale"])
     prompt = tokenizer("hello there")["input_ids"]
     scheduler = Scheduler(engine).start()
     try:

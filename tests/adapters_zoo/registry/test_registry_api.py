@@ -315,10 +315,10 @@ def test_resolve_returns_versions_records_and_weights(registry, adapter_files, b
     registry.add(adapter_files["math"], "math")
     registry.add(adapter_files["math"], "math")
     registry.add(adapter_files["code"], "code")
-    mix = resolve(registry, "math:0.7, code@1:0.3")
-    assert [(rec.ref, w) for rec, w in mix] == [("math@2", 0.7), ("code@1", 0.3)]
-    assert [registry.load_record(rec).kind for rec, _ in mix] == ["scale", "svft"]
-    assert [(rec.ref, w) for rec, w in resolve(registry, {"code": 1.0, "math@1": 0.5})] == [
+    mix = resolve(registry, "math:0.7, code@1:0.3").given
+    assert [(c.ref, c.weight) for c in mix] == [("math@2", 0.7), ("code@1", 0.3)]
+    assert [registry.load_record(c.record).kind for c in mix] == ["scale", "svft"]
+    assert [(c.ref, c.weight) for c in resolve(registry, {"code": 1.0, "math@1": 0.5}).given] == [
         ("code@1", 1.0), ("math@1", 0.5)
     ]
     with pytest.raises(InvalidMixture, match="same adapter"):
@@ -327,7 +327,7 @@ def test_resolve_returns_versions_records_and_weights(registry, adapter_files, b
         resolve(registry, "math:0.5,cod:0.5")
     with pytest.raises(InvalidMixture, match="negative"):
         resolve(registry, {"math": -1.0})
-    assert resolve(registry, "math:1,code:-0.5", allow_negative=True)[1][1] == -0.5
+    assert resolve(registry, "math:1,code:-0.5", allow_negative=True).given[1].weight == -0.5
 
     registry.add_basis(bases[1])
     registry.add(adapter_files["other_base"], "other")
