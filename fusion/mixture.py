@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,13 +45,18 @@ class MixtureCores:
     residuals: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (B (out, q), A (q, in))
     diagonal: bool  # every core is diagonal: the elementwise path serves it
     residual_rank: int  # the largest q over layers; 0 = no residual anywhere
+    # k -> (the basis's layers of that k, their cores (L, k, k), zeros where None): ``cores`` are views of
+    # it, and a slot table writes a whole group with one copy; groups without any core are left out
+    packed: dict[int, tuple[tuple[str, ...], torch.Tensor]] = field(default_factory=dict)
     reduce_seconds: float = 0.0  # the time ``reduce`` took (the host's part of a new mixture's readiness)
     ready: bool = False  # written into a device slot once already (serving.slots)
 
     @property
     def nbytes(self) -> int:
         """Host memory of the cores and residuals."""
-        tensors = [c for c in self.cores.values() if c is not None] + [t for r in self.residuals.values() for t in r]
+        in_packs = {layer for layers, _ in self.packed.values() for layer in layers}
+        tensors = [t for _, t in self.packed.values()] + [t for r in self.residuals.values() for t in r]
+        tensors += [c for layer, c in self.cores.items() if c is not None and layer not in in_packs]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def to_adapter(self, basis: Basis) -> Adapter:
@@ -100,12 +105,20 @@ def _fused(adapters: Sequence[Adapter], weights: list[float], basis: Basis, key:
     host_residuals = {layer: (_host(r[0]), _host(r[1])) for layer, r in fused.residuals.items() if r is not None}
     for layer, core in host_cores.items():  # a mixture that would blow the numbers up is a 400, not NaN
         check_delta(layer, core, host_residuals.get(layer), basis[layer])
-    return _mixture(key, host_cores, host_residuals, fused.diagonal)
+    packed = {}
+    for k, layers in layer_groups(basis).items():
+        group = [host_cores[layer] for layer in layers]
+        if any(c is not None for c in group):
+            zero = torch.zeros(k, k)
+            packed[k] = (layers, torch.stack([zero if c is None else c for c in group]))  # (L, k, k)
+            for layer, view, c in zip(layers, packed[k][1].unbind(0), group):
+                host_cores[layer] = None if c is None else view
+    return _mixture(key, host_cores, host_residuals, fused.diagonal, packed)
 
 
-def _mixture(key, cores, residuals, diagonal: bool) -> MixtureCores:
+def _mixture(key, cores, residuals, diagonal: bool, packed) -> MixtureCores:
     rank = max((B.shape[1] for B, _ in residuals.values()), default=0)
-    return MixtureCores(key, cores, residuals, diagonal, rank)
+    return MixtureCores(key, cores, residuals, diagonal, rank, packed)
 
 
 def _linear(adapters: Sequence[Adapter], weights: list[float], basis: Basis, key: Mixture) -> MixtureCores:
@@ -122,6 +135,7 @@ def _linear(adapters: Sequence[Adapter], weights: list[float], basis: Basis, key
             B, A = _concat_residual(entries, weights, layer)
             residuals[layer] = (_host(B).contiguous(), _host(A).contiguous())
     cores: dict[str, torch.Tensor | None] = {}
+    packed: dict[int, tuple[tuple[str, ...], torch.Tensor]] = {}
     suspects: list[str] = []
     for k, layers in layer_groups(basis).items():
         packs = [e.packed(basis)[k] for e in entries]
@@ -141,13 +155,14 @@ def _linear(adapters: Sequence[Adapter], weights: list[float], basis: Basis, key
         norms = torch.linalg.vector_norm(summed, dim=tuple(range(1, summed.dim())))  # float32: a screen,
         bad = ~(norms <= _bounds(basis, k, layers))  # NaN fails it too; check_delta decides exactly
         dense = torch.diag_embed(summed) if diagonal else summed
+        packed[k] = (layers, dense)
         for layer, core, has in zip(layers, dense.unbind(0), present.tolist()):
             cores[layer] = core if has else None
         suspects += [layers[i] for i in bad.nonzero().flatten().tolist()]
     for layer in basis.layer_names():  # a mixture that would blow the numbers up is a 400, not NaN
         if layer in residuals or layer in suspects:
             check_delta(layer, cores[layer], residuals.get(layer), basis[layer])
-    return _mixture(key, cores, residuals, diagonal)
+    return _mixture(key, cores, residuals, diagonal, packed)
 
 
 _BOUNDS: dict[tuple[int, int], tuple[weakref.ref, torch.Tensor]] = {}

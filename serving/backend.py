@@ -49,6 +49,7 @@ class LayerSlots:
     res_A: torch.Tensor  # (R, Q, in)
     group: SlotGroup
     offset: int  # this layer's columns in the group's shrink
+    position: int  # this layer's index in its group's store (cores = store.cores[:, position])
 
     @property
     def k(self) -> int:
@@ -66,6 +67,9 @@ class LayerSlots:
         else:
             self.cores[slot].copy_(core)
             self.diag[slot].copy_(torch.diagonal(core))
+        self.write_residual(slot, residual)
+
+    def write_residual(self, slot: int, residual: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         if slot < self.res_B.shape[0]:
             self.res_B[slot].zero_()
             self.res_A[slot].zero_()
@@ -79,26 +83,44 @@ class LayerSlots:
 
 
 @dataclass(eq=False)
+class CoreStore:
+    """The core tables of many layers of one k in two tensors: a mixture is written into a slot of all of
+    them with one copy (``SlotTable``), not one per layer."""
+
+    cores: torch.Tensor  # (S + 1, L, k, k); row S is all zero
+    diag: torch.Tensor  # (S + 1, L·k)
+
+    @classmethod
+    def allocate(cls, layers: int, k: int, slots: int, dtype: torch.dtype, device: torch.device) -> CoreStore:
+        return cls(torch.zeros(slots + 1, layers, k, k, dtype=dtype, device=device),
+                   torch.zeros(slots + 1, layers * k, dtype=dtype, device=device))
+
+
+@dataclass(eq=False)
 class SlotGroup:
     """Target layers that read the same input: one shrink ``x @ [V_1|…|V_G]`` serves all of them."""
 
     V: torch.Tensor  # (in, G·k)
-    cores: torch.Tensor  # (S + 1, G, k, k); row S is all zero
+    cores: torch.Tensor  # (S + 1, G, k, k), store.cores[:, start : start + G]; row S is all zero
     diag: torch.Tensor  # (S + 1, G·k); row S is all zero
     layers: list[LayerSlots]
+    store: CoreStore
 
     @classmethod
     def allocate(cls, bases: list[tuple[torch.Tensor, torch.Tensor]], slots: int, residual_slots: int,
-                 residual_rank: int, dtype: torch.dtype, device: torch.device) -> SlotGroup:
-        """``bases``: (U (out_j, k), V (in, k)) of each member; one ``in`` and one ``k`` for all."""
+                 residual_rank: int, dtype: torch.dtype, device: torch.device, store: CoreStore | None = None,
+                 start: int = 0) -> SlotGroup:
+        """``bases``: (U (out_j, k), V (in, k)) of each member; one ``in`` and one ``k`` for all. The cores
+        live in ``store`` at layers ``start ..`` (a store of the group's own by default)."""
         in_f, k = bases[0][1].shape
         if any(V.shape != (in_f, k) or U.shape[1] != k for U, V in bases):
             raise ValueError(f"a slot group needs one input width and one k, got V shapes "
                              f"{[tuple(V.shape) for _, V in bases]}")
         g = len(bases)
+        store = store or CoreStore.allocate(g, k, slots, dtype, device)
         V = torch.cat([V for _, V in bases], dim=1).to(device=device, dtype=dtype).contiguous()  # (in, G·k)
-        group = cls(V=V, cores=torch.zeros(slots + 1, g, k, k, dtype=dtype, device=device),
-                    diag=torch.zeros(slots + 1, g * k, dtype=dtype, device=device), layers=[])
+        group = cls(V=V, cores=store.cores[:, start : start + g], diag=store.diag[:, start * k : (start + g) * k],
+                    layers=[], store=store)
         for j, (U, _) in enumerate(bases):
             U = U.to(device=device, dtype=dtype).contiguous()
             cols = slice(j * k, (j + 1) * k)
@@ -106,8 +128,25 @@ class SlotGroup:
                 U=U, Ut=U.T.contiguous(), V=V[:, cols], cores=group.cores[:, j], diag=group.diag[:, cols],
                 res_B=torch.zeros(residual_slots, U.shape[0], residual_rank, dtype=dtype, device=device),
                 res_A=torch.zeros(residual_slots, residual_rank, in_f, dtype=dtype, device=device),
-                group=group, offset=j * k))
+                group=group, offset=j * k, position=start + j))
         return group
+
+
+def allocate_groups(groups: list[list[tuple[torch.Tensor, torch.Tensor]]], slots: int, residual_slots: int,
+                    residual_rank: int, dtype: torch.dtype, device: torch.device) -> list[SlotGroup]:
+    """Slot groups whose cores share one :class:`CoreStore` per k, members in the order given."""
+    sizes: dict[int, int] = {}
+    for bases in groups:
+        k = bases[0][1].shape[1]
+        sizes[k] = sizes.get(k, 0) + len(bases)
+    stores = {k: CoreStore.allocate(n, k, slots, dtype, device) for k, n in sizes.items()}
+    used = dict.fromkeys(sizes, 0)
+    out = []
+    for bases in groups:
+        k = bases[0][1].shape[1]
+        out.append(SlotGroup.allocate(bases, slots, residual_slots, residual_rank, dtype, device, stores[k], used[k]))
+        used[k] += len(bases)
+    return out
 
 
 def shared_input_groups(shapes: dict[str, tuple[int, int]]) -> list[list[str]]:

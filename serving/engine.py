@@ -38,8 +38,8 @@ from serving.backend import (
     RoutedLinear,
     Routing,
     RoutingContext,
-    SlotGroup,
     TorchBackend,
+    allocate_groups,
     shared_input_groups,
 )
 from serving.config import EngineConfig
@@ -75,10 +75,11 @@ class Engine:
         self.prober: Callable[[list[list[int]], bool], PromptProbe] | None = None  # a running scheduler's probe
         tables = {}
         shapes = {name: (lb.in_features, lb.k) for name, lb in self.basis.layers.items()}
-        for names in shared_input_groups(shapes):  # q/k/v and gate/up: one shrink each
-            group = SlotGroup.allocate([(self.basis[n].U, self.basis[n].V) for n in names], self.config.slots,
-                                       self.config.residual_slots, self.config.max_residual_rank, self.dtype,
-                                       self.device)
+        members = shared_input_groups(shapes)  # q/k/v and gate/up: one shrink each
+        groups = allocate_groups([[(self.basis[n].U, self.basis[n].V) for n in names] for names in members],
+                                 self.config.slots, self.config.residual_slots, self.config.max_residual_rank,
+                                 self.dtype, self.device)  # one core store per k: a new mixture is one copy
+        for names, group in zip(members, groups):
             for name, table in zip(names, group.layers):
                 tables[name] = table
                 self._wrap(name, table)

@@ -18,9 +18,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
+import torch
+
 from adapters_zoo.errors import InvalidMixture
 from fusion.mixture import MixtureCores
-from serving.backend import LayerSlots
+from serving.backend import CoreStore, LayerSlots
 
 __all__ = ["MixtureCores", "NoFreeSlot", "SlotTable"]
 
@@ -34,6 +36,17 @@ class SlotTable:
 
     def __init__(self, layers: dict[str, LayerSlots], residual_slots: int, residual_rank: int):
         self.layers = layers
+        # k -> (its layers in table order, the one core store they share, their positions in it): a mixture's
+        # packed group is written with one copy; layers of a k whose tables are spread over stores go one by one
+        self._stores: dict[int, tuple[tuple[str, ...], CoreStore, torch.Tensor]] = {}
+        by_k: dict[int, list[str]] = {}
+        for name, table in layers.items():
+            by_k.setdefault(table.k, []).append(name)
+        for k, names in by_k.items():
+            stores = {id(layers[n].group.store): layers[n].group.store for n in names}
+            if len(stores) == 1:
+                positions = torch.tensor([layers[n].position for n in names], device=layers[names[0]].cores.device)
+                self._stores[k] = (tuple(names), next(iter(stores.values())), positions)
         first = next(iter(layers.values()))
         self.num_slots = first.num_slots
         self.residual_slots = residual_slots
@@ -74,8 +87,7 @@ class SlotTable:
             self.evictions += 1
         self.misses += 1
         start = time.perf_counter()
-        for name, table in self.layers.items():
-            table.write(slot, mixture.cores.get(name), mixture.residuals.get(name))
+        self._write(slot, mixture)
         if self.on_ready is not None and not mixture.ready:  # its first slot: ready for a first decode step
             self.on_ready(mixture.reduce_seconds + time.perf_counter() - start)
         mixture.ready = True
@@ -85,6 +97,27 @@ class SlotTable:
         self._lru[mixture.key] = slot
         self.pins[slot] += 1
         return slot
+
+    def _write(self, slot: int, mixture: MixtureCores) -> None:
+        """``mixture``'s cores and residuals into ``slot`` of every layer: one copy per packed group."""
+        one_by_one = set(self.layers)
+        for k, (names, store, positions) in self._stores.items():
+            pack = mixture.packed.get(k)
+            if pack is not None and (pack[0] is names or pack[0] == names):
+                cores = pack[1].to(store.cores.device, store.cores.dtype)  # (L, k, k): one transfer
+                store.cores[slot].index_copy_(0, positions, cores)
+                store.diag[slot].view(-1, k).index_copy_(0, positions, cores.diagonal(dim1=-2, dim2=-1))
+            elif pack is None and all(mixture.cores.get(n) is None for n in names):
+                store.cores[slot].index_fill_(0, positions, 0)
+                store.diag[slot].view(-1, k).index_fill_(0, positions, 0)
+            else:
+                continue
+            one_by_one.difference_update(names)
+        for name, table in self.layers.items():
+            if name in one_by_one:
+                table.write(slot, mixture.cores.get(name), mixture.residuals.get(name))
+            elif slot < self.residual_slots or name in mixture.residuals:
+                table.write_residual(slot, mixture.residuals.get(name))
 
     def release(self, slot: int) -> None:
         if slot < 0:

@@ -14,6 +14,7 @@ from serving.backend import (
     RoutingContext,
     SlotGroup,
     TorchBackend,
+    allocate_groups,
     shared_input_groups,
 )
 from serving.slots import NoFreeSlot, SlotTable
@@ -239,3 +240,29 @@ def test_packed_linear_mixtures_match_the_fused_ones_the_loop_and_dense(basis, a
                     if LAYER in adapters[a].params)
         dense = y[i] if name == "base" else y[i] + x[i] @ delta.T
         torch.testing.assert_close(fast[i], dense, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_mixture_is_written_into_a_shared_store_as_it_is_one_layer_at_a_time(basis, adapters, fused):
+    """The engine's tables share one core store per k and take a mixture with one copy per store; the slots
+    hold exactly what the per-layer writes of separate groups hold, residuals and empty layers included."""
+    names = list(basis.layers)
+    shared = allocate_groups([[(basis[n].U, basis[n].V)] for n in names], 4, 2, 16, torch.float32,
+                             torch.device("cpu"))
+    alone = [SlotGroup.allocate([(basis[n].U, basis[n].V)], 4, 2, 16, torch.float32, torch.device("cpu"))
+             for n in names]
+    stored = SlotTable({n: g.layers[0] for n, g in zip(names, shared)}, 2, 16)
+    apart = SlotTable({n: g.layers[0] for n, g in zip(names, alone)}, 2, 16)
+    assert len(stored._stores) == 1 and not apart._stores
+    method = "ties" if fused else "linear"
+    for spec in (MIXTURES["dense_residual"], MIXTURES["diag"], [("lora", 1.0)]):  # slots reused: zeros written
+        mixture = reduce(Mixture.of(spec, method), lambda c: adapters[c.ref], basis)
+        assert mixture.packed or all(c is None for c in mixture.cores.values())
+        for table in (stored, apart):
+            table._write(0, mixture)
+        for n, g_shared, g_alone in zip(names, shared, alone):
+            a, b = g_shared.layers[0], g_alone.layers[0]
+            assert torch.equal(a.cores[0], b.cores[0]) and torch.equal(a.diag[0], b.diag[0]), (spec, n)
+            assert torch.equal(a.res_B[0], b.res_B[0]) and torch.equal(a.res_A[0], b.res_A[0]), (spec, n)
+            want = mixture.cores[n]
+            assert torch.equal(a.cores[0], torch.zeros_like(a.cores[0]) if want is None else want), (spec, n)
