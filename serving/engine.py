@@ -50,6 +50,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 ROUTING_ROWS = 64  # rows the routing buffers hold before they grow (the scheduler's max_batch is 32)
 
 
+def served_context(config) -> tuple[int, str]:
+    """(the longest prompt + completion served, what sets it). A model with sliding-window layers (Gemma 3,
+    Mistral's local attention) is served up to its window: the running rows keep every token in every
+    layer, which equals local attention exactly while a row fits the window."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    context = int(getattr(text, "max_position_embeddings", 0) or 2**31)
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None)
+    sliding = "sliding_attention" in types if types else bool(window) and getattr(text, "use_sliding_window", True)
+    if sliding and window and int(window) < context:
+        return int(window), "sliding window"
+    return context, "context"
+
+
 def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
     device = train.resolve_device(config.device)
     if config.dtype is not None:
@@ -88,7 +102,7 @@ class Engine:
         self._routing = Routing(self.slots.num_slots, ROUTING_ROWS, self.device)  # filled in place every step
         self.mixtures: BoundedCache[Mixture, MixtureCores] = BoundedCache(
             self.config.mixture_cache, self.config.mixture_cache_bytes, sizeof=lambda m: m.nbytes)
-        self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
+        self.max_positions, self.context_name = served_context(model.config)
         self.eos_ids = _eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
         self.pad_id = int(pad)
@@ -138,7 +152,8 @@ class Engine:
     # ------------------------------------------------------------------ forward
 
     def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.model.config)
+        """A prefill's cache: every layer keeps every token (contexts fit the sliding window, ``served_context``)."""
+        return DynamicCache()
 
     def routing(self, row_slots: list[int]) -> Routing:
         """This step's routing, written into the engine's one set of buffers (call it under the lock)."""

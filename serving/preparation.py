@@ -182,4 +182,4 @@ class RequestPreparer:
         if len(ids) + params.max_tokens > self.engine.max_positions:
             raise InvalidRequest(
                 f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the model's "
-                f"context of {self.engine.max_positions} tokens", param="max_tokens")
+                f"{self.engine.context_name} of {self.engine.max_positions} tokens", param="max_tokens")

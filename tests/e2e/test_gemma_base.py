@@ -55,9 +55,8 @@ def test_the_fetched_gemma_is_the_gemma3_layout_in_float32(trained):
     assert load_basis(trained["basis"]).rank == 8
 
 
-@pytest.mark.xfail(strict=True, reason="the serving engine batches full-attention KV caches only; Gemma 3 "
-                   "has sliding-window layers (specfuse serve refuses it with one clear error)")
 def test_one_request_is_served_with_the_trained_adapter(trained):
+    """Served up to Gemma 3's sliding window (512 tokens), where keeping every token equals local attention."""
     env = {"SPECFUSE_HOME": str(trained["home"]), "OMP_NUM_THREADS": "1"}
     with cli_server(["serve", str(trained["model_dir"])], env, timeout=600) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
@@ -65,6 +64,8 @@ def test_one_request_is_served_with_the_trained_adapter(trained):
         r = client.completions.create(model="caps", prompt="Upper case: house\n", max_tokens=3, temperature=0,
                                       extra_body={"ignore_eos": True})
         assert r.usage.completion_tokens == 3
+        with pytest.raises(openai.BadRequestError, match="sliding window of 512 tokens"):
+            client.completions.create(model="caps", prompt="Upper case: house\n", max_tokens=600)
 
 
 def test_an_exported_lora_loads_in_peft_with_our_delta_w(trained, tmp_path):

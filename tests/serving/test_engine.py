@@ -152,10 +152,18 @@ def test_sampling_is_seeded_and_batch_independent(engine, tokenizer, adapters):
     assert other_seed[0].token_ids != alone.token_ids
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "gemma3"])
 def test_other_architectures(arch, tokenizer, make_adapter):
-    """GPT-2 (Conv1D layers, weights stored transposed) and Qwen2 (q/k/v biases) route the same way."""
-    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+    """GPT-2 (Conv1D layers, weights stored transposed), Qwen2 (q/k/v biases) and Gemma 3 (sliding-window
+    layers, served up to the window) route the same way."""
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        GPT2Config,
+        GPT2LMHeadModel,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     from adapters_zoo.basis import basis_from_model
 
@@ -163,12 +171,19 @@ def test_other_architectures(arch, tokenizer, make_adapter):
     ids = {"vocab_size": len(tokenizer), "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     if arch == "gpt2":
         base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **ids)).eval()
+    elif arch == "gemma3":
+        base = Gemma3ForCausalLM(Gemma3TextConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, sliding_window=24, layer_types=["sliding_attention", "full_attention"],
+            max_position_embeddings=128, **ids)).eval()
     else:
         base = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                             num_attention_heads=4, num_key_value_heads=2, **ids)).eval()
     basis = basis_from_model(base, rank=8)
     adapter = make_adapter("rotation", {"rank": 6}, basis, 11)
     engine = Engine(copy.deepcopy(base), tokenizer, basis, EngineConfig(slots=2, residual_slots=0))
+    assert (engine.max_positions, engine.context_name) == ((24, "sliding window") if arch == "gemma3" else
+                                                           (128, "context") if arch == "gpt2" else (32768, "context"))
     mixture = engine.prepare(Mixture.of([("rot", 1.0)]), lambda _: adapter)
     scheduler = Scheduler(engine).start()
     try:
