@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from adapters_zoo import train
+from adapters_zoo import models
 from adapters_zoo.basis import Basis, check_basis_matches_model
 from adapters_zoo.errors import IncompatibleAdapter, ModelDirError
 from adapters_zoo.format import Adapter
@@ -54,7 +54,7 @@ AdapterLoader = Callable[[], list[tuple[Adapter, float]]]  # called only when th
 
 
 def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
-    device = train.resolve_device(config.device)
+    device = models.resolve_device(config.device)
     if config.dtype is not None:
         return device, DTYPES[config.dtype]
     if device.type == "cuda":
@@ -212,7 +212,7 @@ class PromptProbe:
 
 def load_model_dir(model_dir: str | Path):
     """(model on the cpu in its stored dtype, for the fingerprint check; tokenizer): the Engine moves and casts it."""
-    return train.load_model_dir(model_dir, "cpu")
+    return models.load_model_dir(model_dir, "cpu")
 
 
 def cache_argument(model: torch.nn.Module) -> str:
