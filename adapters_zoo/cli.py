@@ -15,6 +15,8 @@
     specfuse inspect ADAPTER.safetensors [--basis FILE] [--json]
     specfuse analyze BASE_DIR [TUNED_DIR | --adapter FILE --basis FILE] --out DIR [--top K] [--json]
 
+The training flags of ``train`` are the fields of :class:`adapters_zoo.train_config.TrainConfig`,
+generated with their defaults by :mod:`adapters_zoo.config_flags`.
 ``--rank`` is the number of basis directions an adapter acts on (``full``: all of them);
 when ``train`` computes the basis itself, the basis keeps that many directions too
 (``--basis-rank`` asks for a larger basis, e.g. to leave room for ``--slice``).
@@ -28,6 +30,9 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
+
+from adapters_zoo import config_flags
+from adapters_zoo.train_config import TrainConfig
 
 FULL_RANK = 10**9  # a kind rank meaning "every direction of the basis" (directions() clips it to k)
 DEFAULT_RANK = "8"
@@ -325,28 +330,10 @@ def _register_train(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="FILE", help="adapter file to write (.safetensors)")
     p.add_argument("--basis", default=None, metavar="FILE", help="basis file (default: computed, saved beside --out)")
     p.add_argument("--basis-rank", default=None, metavar="K|full", help="k of the computed basis (default: --rank)")
-    p.add_argument("--targets", default=None, help="comma-separated layer names (default: every basis layer)")
     _add_kind_options(p)
     t = p.add_argument_group("training")
-    t.add_argument("--steps", type=int, default=100)
-    t.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-2)")
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--max-length", type=int, default=256, help="tokens per example")
-    t.add_argument("--no-eos", action="store_true", help="do not end completions with the tokenizer's EOS "
-                   "(the adapter then never learns to stop)")
-    t.add_argument("--preserve", default=None, metavar="FILE", help="JSONL of prompts to leave unchanged (KL term)")
-    t.add_argument("--kl-weight", type=float, default=1.0)
+    config_flags.add_flags(t, TrainConfig)
     t.add_argument("--eval", default=None, metavar="FILE", help="held-out JSONL: loss before and after")
-    t.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when present")
-    t.add_argument("--precision", default="fp32", help="dtype of the base weights: fp32, bf16 or fp16 "
-                   "(adapter parameters and optimizer state stay float32)")
-    t.add_argument("--grad-accum", type=int, default=1, metavar="N",
-                   help="micro-batches of --batch-size per optimizer step")
-    t.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute each decoder layer in backward (the model's own): less memory, more time")
-    t.add_argument("--save-every", type=int, default=0, metavar="N",
-                   help="write a checkpoint OUT.ckpt every N steps (atomically; removed when the run completes)")
     t.add_argument("--resume", action="store_true", help="continue from OUT.ckpt (same settings and processes)")
     _add_home(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -355,30 +342,18 @@ def _register_train(subparsers) -> None:
 
 def cmd_train(args) -> int:
     from adapters_zoo.basis import check_basis_matches_model, compute_basis, load_basis, save_basis
+    from adapters_zoo.data import load_examples
     from adapters_zoo.errors import InvalidConfig
     from adapters_zoo.format import save_adapter
-    from adapters_zoo.train import (
-        TrainConfig,
-        attached,
-        eval_loss,
-        load_examples,
-        load_model_dir,
-        resolve_device,
-        train_adapter,
-    )
+    from adapters_zoo.loop import eval_loss
+    from adapters_zoo.models import attached, load_model_dir, resolve_device
+    from adapters_zoo.train import train_adapter
     from adapters_zoo.train_runtime import barrier, init_from_env, precision_dtype, world
 
     # Cheap checks first: a typo fails in a second, before any model is loaded.
     if args.basis and args.basis_rank:
         raise InvalidConfig("--basis-rank is for a basis train computes; it cannot apply to --basis FILE")
-    kind_config = kind_config_from_args(args.kind, args)
-    cfg = TrainConfig(kind=args.kind, kind_config=kind_config, targets=args.targets, steps=args.steps,
-                      batch_size=args.batch_size, seed=args.seed, preserve=args.preserve, kl_weight=args.kl_weight,
-                      max_length=args.max_length, add_eos=not args.no_eos, device=args.device,
-                      precision=args.precision, grad_accum=args.grad_accum,
-                      gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every)
-    if args.lr is not None:
-        cfg.lr = args.lr
+    cfg = config_flags.from_args(TrainConfig, args, kind_config=kind_config_from_args(args.kind, args))
     cfg.validate()
     precision_dtype(cfg.precision, resolve_device(cfg.device))  # bf16 on a GPU without it fails here
     examples = load_examples(args.data)

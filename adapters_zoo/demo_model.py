@@ -33,9 +33,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from adapters_zoo.data import IGNORE_INDEX, pad_batch
 from adapters_zoo.files import canonicalize_file
+from adapters_zoo.loop import Schedule, optimize
 from adapters_zoo.tasks import EOS, Task, pretraining_example, pretraining_tasks
-from adapters_zoo.train import IGNORE_INDEX, Schedule, optimize, pad_batch
 
 PAD, BOS, UNK = "<pad>", "<s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0..3

@@ -2,7 +2,7 @@
 
 A chat template renders its own special tokens, BOS included on Llama- and Gemma-style
 templates, and the tokenizer adds BOS again unless told not to; a prompt that starts
-with two BOS tokens is one the model never saw in training (``train.encode_example``
+with two BOS tokens is one the model never saw in training (``data.encode_example``
 tokenizes a rendered conversation without special tokens). Every place that tokenizes a
 prompt it may have rendered (evaluation, signatures, scoring) passes it through
 :func:`single_bos` first: a plain prompt gets the tokenizer's BOS, a rendered one keeps its own.

@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 
 from adapters_zoo.errors import DistributedError, InvalidConfig
+from adapters_zoo.train_config import PRECISIONS
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = dict(zip(PRECISIONS, (torch.float32, torch.bfloat16, torch.float16), strict=True))
 # A rank that dies leaves the others waiting in a collective: they give up after this long
 # (seconds) with a DistributedError instead of hanging. SPECFUSE_DIST_TIMEOUT overrides it.
 DIST_TIMEOUT = 300
@@ -35,12 +36,12 @@ DIST_TIMEOUT = 300
 
 def precision_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The dtype of the base weights for ``precision``; InvalidConfig when unknown or not on ``device``."""
-    if precision not in PRECISIONS:
+    if precision not in DTYPES:
         raise InvalidConfig(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise InvalidConfig(f"precision bf16 asked for, but {torch.cuda.get_device_name(device)} has no bfloat16 "
                             "support (use fp16 or fp32)")
-    return PRECISIONS[precision]
+    return DTYPES[precision]
 
 
 def cast_base(model: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -23,8 +23,9 @@ from adapters_zoo.basis import Basis, check_basis_matches_model
 from adapters_zoo.errors import InvalidConfig
 from adapters_zoo.format import Adapter, new_adapter, save_adapter
 from adapters_zoo.inject import adapter_parameters, attach, extract
+from adapters_zoo.models import adapter_disabled, target_layers
 from adapters_zoo.signatures import attach_signature, signature_from_prompts
-from adapters_zoo.train import TRAIN_SIGNATURE_PROMPTS, adapter_disabled, target_layers
+from adapters_zoo.train import TRAIN_SIGNATURE_PROMPTS
 from adapters_zoo.train_runtime import world
 
 ATTRIBUTE = "spectral_adapter"  # where the prepared model keeps what save_trained needs

@@ -38,26 +38,18 @@ import torch
 from tqdm.auto import tqdm
 
 from adapters_zoo.basis import Basis, basis_from_model, load_basis, save_basis
+from adapters_zoo.data import encode_examples, pad_batch, pad_id_of
 from adapters_zoo.demo_model import pretrain_base
 from adapters_zoo.errors import AdapterNotFound
 from adapters_zoo.files import canonicalize_file, write_atomic
 from adapters_zoo.format import adapter_to_bytes, save_adapter
 from adapters_zoo.inject import attach, detach
+from adapters_zoo.loop import Batches, Schedule, completion_logits, completion_loss_sum, optimize
+from adapters_zoo.models import load_model_dir
 from adapters_zoo.tasks import evaluate, make_split, suite_tasks, write_jsonl
 from adapters_zoo.tasks.chat import CHAT_SUITES, chat_suite_tasks, evaluate_chat, make_chat_split
-from adapters_zoo.train import (
-    Batches,
-    Schedule,
-    TrainConfig,
-    completion_logits,
-    completion_loss_sum,
-    encode_examples,
-    load_model_dir,
-    optimize,
-    pad_batch,
-    pad_id_of,
-    train_adapter,
-)
+from adapters_zoo.train import train_adapter
+from adapters_zoo.train_config import TrainConfig
 
 CHAR_BASE = "char"
 REAL_BASE = "smollm2-135m-instruct"

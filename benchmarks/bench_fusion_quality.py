@@ -86,7 +86,7 @@ from fusion_quality.sources import (  # noqa: E402
 )
 
 from adapters_zoo.errors import InvalidConfig  # noqa: E402
-from fusion.distill import DistillConfig  # noqa: E402
+from fusion.distill_config import DistillConfig  # noqa: E402
 
 ALL_METHODS = SPECTRAL_METHODS + PEFT_METHODS
 QUICK_METHODS = ("linear", "ties", "slices", "linear+proj", "distill", "peft:cat", "peft:ties", "dense_ta",
@@ -226,7 +226,7 @@ def measure_method(settings: Settings, evaluator: Evaluator, result: dict[str, A
 
 def run(settings: Settings) -> dict[str, Any]:
     """The whole benchmark; returns the result dict (also written as JSON, Markdown and PNG)."""
-    from adapters_zoo.train import load_model_dir
+    from adapters_zoo.models import load_model_dir
 
     set_threads(settings.threads)
     started = time.perf_counter()

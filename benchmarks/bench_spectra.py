@@ -9,7 +9,7 @@ rest of the spectrum stable. This script checks that on a real fine-tune:
 2. for each task (chat tasks of :mod:`adapters_zoo.tasks.chat` on the real base, string ops
    on the char base) and learning rate, fully fine-tune a copy of the base on its train split
    (AdamW on every parameter, the loss on the answer only: the assistant turn, or the
-   completion), with :func:`adapters_zoo.train.optimize`, and save it;
+   completion), with :func:`adapters_zoo.loop.optimize`, and save it;
 3. test accuracy before and after (the task's checker, greedy decoding), so we know the
    fine-tune learned the task; ``adapters_zoo.analysis_report.analyze(base, tuned)`` on every
    linear layer (q, k, v, o, gate, up, down of every block).
@@ -48,17 +48,9 @@ import torch  # noqa: E402
 from common import RESULTS, SCRATCH, environment, environment_line, read_cached, set_threads, write_cached  # noqa: E402
 
 from adapters_zoo.analysis_report import analyze, markdown_table, write_report  # noqa: E402
-from adapters_zoo.train import (  # noqa: E402
-    Batches,
-    Schedule,
-    completion_logits,
-    completion_loss_sum,
-    encode_examples,
-    load_model_dir,
-    optimize,
-    pad_batch,
-    pad_id_of,
-)
+from adapters_zoo.data import encode_examples, pad_batch, pad_id_of  # noqa: E402
+from adapters_zoo.loop import Batches, Schedule, completion_logits, completion_loss_sum, optimize  # noqa: E402
+from adapters_zoo.models import load_model_dir  # noqa: E402
 
 REAL_BASE = "smollm2-135m-instruct"
 CHAR_BASE = "char"

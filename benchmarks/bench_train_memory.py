@@ -30,11 +30,13 @@ def one(base: str, precision: str, checkpointing: bool, steps: int, batch: int, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adapters_zoo.basis import compute_basis
-    from adapters_zoo.train import TrainConfig, optimize, train_adapter
-    from adapters_zoo.train_runtime import PRECISIONS
+    from adapters_zoo.loop import optimize
+    from adapters_zoo.train import train_adapter
+    from adapters_zoo.train_config import TrainConfig
+    from adapters_zoo.train_runtime import DTYPES
 
     tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True, dtype=PRECISIONS[precision]).eval()
+    model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True, dtype=DTYPES[precision]).eval()
     basis = compute_basis(base, 32)
     word = "spectral adapters train in a frozen basis "
     examples = [{"prompt": f"{i}: " + word * (length // 16), "completion": word * (length // 16)}

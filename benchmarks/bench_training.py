@@ -129,7 +129,9 @@ def probe(zoo: ZooSettings, task_name: str, kind: str, steps: int) -> dict:
     import torch
 
     from adapters_zoo.basis import load_basis
-    from adapters_zoo.train import TrainConfig, load_model_dir, train_adapter
+    from adapters_zoo.models import load_model_dir
+    from adapters_zoo.train import train_adapter
+    from adapters_zoo.train_config import TrainConfig
     from adapters_zoo.zoo import _deterministic, _peft_train, base_model_dir
 
     _deterministic(zoo.threads)  # as the zoo trains
@@ -195,7 +197,7 @@ def lora_for_steps(settings: Settings, task_name: str, steps: int) -> dict:
         return done
     import torch
 
-    from adapters_zoo.train import load_model_dir
+    from adapters_zoo.models import load_model_dir
     from adapters_zoo.zoo import _deterministic, base_model_dir
 
     print(f"[lora] {task_name}: {steps} steps", file=sys.stderr)

@@ -19,7 +19,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from adapters_zoo import config_flags
 from adapters_zoo.cli import print_json
+from fusion.distill_config import DistillConfig
 
 
 def register_cli(subparsers) -> None:
@@ -57,12 +59,7 @@ def register_cli(subparsers) -> None:
     d.add_argument("--data", action="append", default=[], metavar="JSONL",
                    help="prompts of one source, in mixture order (repeat once per source); lines "
                         "{\"prompt\"} (the source completes them) or {\"prompt\", \"completion\"}")
-    d.add_argument("--steps", type=int, default=None, metavar="N", help="optimizer steps (default 300)")
-    d.add_argument("--lr", type=float, default=None, metavar="LR", help="learning rate (default 3e-3)")
-    d.add_argument("--batch-size", type=int, default=None, metavar="B", help="rows per step (default 32)")
-    d.add_argument("--max-new-tokens", type=int, default=None, metavar="T",
-                   help="longest completion a source writes for a prompt (default 32)")
-    d.add_argument("--device", default=None, metavar="DEV", help="cuda, cpu, ... (default: cuda when available)")
+    config_flags.add_flags(d, DistillConfig, given_only=True)  # None when not given: not for other methods
     p.set_defaults(func=cmd_fuse)
 
     p = subparsers.add_parser("merge", parents=[method, common], help="write a dense model with a mixture merged in",
@@ -135,15 +132,13 @@ def _summary(adapter, mixture: list[tuple[str, float]]) -> dict[str, Any]:
     }
 
 
-DISTILL_ONLY = ("base", "steps", "lr", "batch_size", "max_new_tokens", "device")
-
-
 def distilled_mixture(reg, args):
     """(fused adapter, basis, [(ref, weight)]) of args.mixture by ``fusion.distill`` on args.data."""
+    from adapters_zoo.data import load_examples
     from adapters_zoo.errors import InvalidConfig
+    from adapters_zoo.models import load_model_dir
     from adapters_zoo.registry.mixture import resolve
-    from adapters_zoo.train import load_examples, load_model_dir
-    from fusion.distill import DistillConfig, distill_fuse
+    from fusion.distill import distill_fuse
 
     if args.base is None or not args.data:
         raise InvalidConfig("--method distill needs --base MODEL_DIR and one --data JSONL per source")
@@ -154,8 +149,7 @@ def distilled_mixture(reg, args):
         raise InvalidConfig(f"the mixture has {len(resolved)} sources but {len(args.data)} --data files "
                             "were given: one per source, in mixture order")
     data = [load_examples(path, need_completion=False) for path in args.data]  # every file checked first
-    cfg = DistillConfig(**{k: getattr(args, k) for k in ("steps", "lr", "batch_size", "max_new_tokens", "device")
-                           if getattr(args, k) is not None}, **({"seed": args.seed} if args.seed is not None else {}))
+    cfg = config_flags.from_args(DistillConfig, args)
     cfg.validate()
     basis = reg.basis(resolved[0].record.base_fingerprint)
     adapters = [reg.load_record(c.record) for c in resolved]
@@ -173,7 +167,7 @@ def cmd_fuse(args) -> int:
     from adapters_zoo.format import save_adapter
 
     if args.method != "distill":
-        given = [f"--{k.replace('_', '-')}" for k in DISTILL_ONLY if getattr(args, k) is not None] + \
+        given = (["--base"] if args.base is not None else []) + config_flags.given_flags(args, DistillConfig) + \
             (["--data"] if args.data else [])
         if given:
             raise InvalidConfig(f"{', '.join(given)}: only for --method distill")

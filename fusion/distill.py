@@ -28,7 +28,6 @@ its rows of the batch, the exact weights restored after), so memory stays at one
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -36,50 +35,18 @@ import torch
 import torch.nn.functional as F
 
 from adapters_zoo.basis import Basis, check_basis_matches_model
-from adapters_zoo.errors import InvalidConfig, InvalidMixture, TrainingDataError
+from adapters_zoo.data import IGNORE_INDEX, encode_example, pad_batch, pad_id_of
+from adapters_zoo.errors import InvalidMixture, TrainingDataError
 from adapters_zoo.format import Adapter, core_adapter
 from adapters_zoo.inject import adapter_parameters, attach, extract
-from adapters_zoo.train import (
-    IGNORE_INDEX,
-    Batches,
-    Schedule,
-    adapter_disabled,
-    completion_logits,
-    encode_example,
-    frozen_base,
-    optimize,
-    pad_batch,
-    pad_id_of,
-    resolve_device,
-)
+from adapters_zoo.loop import Batches, Schedule, completion_logits, optimize
+from adapters_zoo.models import adapter_disabled, frozen_base, resolve_device
+from fusion.distill_config import DistillConfig
 from fusion.fuse import check_same_basis, check_weights, fuse
 from fusion.merge import merged
 
 Example = dict[str, str]
 PAPER = "https://arxiv.org/abs/2502.12706"
-
-
-@dataclass
-class DistillConfig:
-    steps: int = 300
-    lr: float = 3e-3
-    batch_size: int = 32
-    warmup_ratio: float = 0.05
-    max_length: int = 256
-    max_new_tokens: int = 32  # teacher completions of prompt-only examples
-    init: str = "linear"  # method of the starting point (weights normalised: the mean for linear)
-    seed: int = 0
-    device: str | None = None
-
-    def validate(self) -> None:
-        for name in ("steps", "batch_size", "max_length", "max_new_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidConfig(f"distill {name} must be an integer ≥ 1, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise InvalidConfig(f"distill lr must be a finite number > 0, got {self.lr!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise InvalidConfig(f"distill warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
 
 
 @dataclass

@@ -6,18 +6,21 @@
 
 Every field of :class:`EngineConfig`, :class:`SchedulerConfig` and :class:`Limits` is a
 ``specfuse serve`` / ``specfuse demo`` flag named after it (``max_batch`` is
-``--max-batch``), its default and help read from the field; a field with a ``flag`` in its
-metadata is given in another unit (``mixture_cache_bytes`` as ``--mixture-cache-mb``).
+``--max-batch``), its default and help read from the field by :mod:`adapters_zoo.config_flags`;
+a field with a ``flag`` in its metadata is given in another unit (``mixture_cache_bytes`` as
+``--mixture-cache-mb``).
 Nothing here imports torch, so ``specfuse --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from adapters_zoo import config_flags
+from adapters_zoo.config_flags import option
 from adapters_zoo.errors import InvalidConfig
 from adapters_zoo.registry.mixture import SERVED_MIXTURE
 
@@ -25,22 +28,18 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
 
 
-def _opt(default: Any, help: str, **meta: Any) -> Any:
-    return field(default=default, metadata={"help": help, **meta})
-
-
 @dataclass
 class EngineConfig:
-    device: str | None = _opt(None, "cpu or cuda (default: cuda when present)", choices=DEVICES)
-    dtype: str | None = _opt(None, "default: bfloat16 on GPU (float16 without bf16 support), float32 on CPU",
+    device: str | None = option(None, "cpu or cuda (default: cuda when present)", choices=DEVICES)
+    dtype: str | None = option(None, "default: bfloat16 on GPU (float16 without bf16 support), float32 on CPU",
                              choices=DTYPE_NAMES)
-    slots: int = _opt(32, "mixtures resident on the device (preallocated: device memory for mixtures never grows)")
-    residual_slots: int = _opt(8, "of which this many also hold a residual (LoRA part) outside the basis")
-    max_residual_rank: int = _opt(64, "rank of the largest residual a slot holds (concatenated LoRAs grow it)")
-    mixture_cache: int = _opt(1024, "reduced mixtures kept on the host (LRU)")
-    mixture_cache_bytes: int = _opt(256 << 20, "host memory for reduced mixtures, LRU (the device slot table is "
+    slots: int = option(32, "mixtures resident on the device (preallocated: device memory for mixtures never grows)")
+    residual_slots: int = option(8, "of which this many also hold a residual (LoRA part) outside the basis")
+    max_residual_rank: int = option(64, "rank of the largest residual a slot holds (concatenated LoRAs grow it)")
+    mixture_cache: int = option(1024, "reduced mixtures kept on the host (LRU)")
+    mixture_cache_bytes: int = option(256 << 20, "host memory for reduced mixtures, LRU (the device slot table is "
                                     "fixed by --slots)", flag="mixture-cache-mb", unit=1 << 20)
-    adapter_cache_bytes: int = _opt(64 << 20, "host memory for parsed registry adapters and their cores, LRU (a "
+    adapter_cache_bytes: int = option(64 << 20, "host memory for parsed registry adapters and their cores, LRU (a "
                                     "mixture of adapters not held re-reads and re-evaluates them)",
                                     flag="adapter-cache-mb", unit=1 << 20)
 
@@ -61,10 +60,10 @@ class EngineConfig:
 
 @dataclass
 class SchedulerConfig:
-    max_batch: int = _opt(32, "rows decoded together")
-    max_queue: int = _opt(256, "requests waiting for a row before 429")
-    max_prefill_tokens: int = _opt(8192, "prompt tokens prefilled in one iteration (at least one request)")
-    heap_trim_s: float = _opt(10.0, "seconds between handing freed host memory back to the OS (glibc malloc_trim, "
+    max_batch: int = option(32, "rows decoded together")
+    max_queue: int = option(256, "requests waiting for a row before 429")
+    max_prefill_tokens: int = option(8192, "prompt tokens prefilled in one iteration (at least one request)")
+    heap_trim_s: float = option(10.0, "seconds between handing freed host memory back to the OS (glibc malloc_trim, "
                               "also once on falling idle; 0: never)")
 
     def validate(self) -> None:
@@ -77,13 +76,13 @@ class SchedulerConfig:
 
 @dataclass
 class Limits:
-    max_prompt_tokens: int = _opt(2048, "tokens in one prompt; past it: 413")
-    max_tokens: int = _opt(1024, "bound on a request's max_tokens; past it: 400")
-    max_mixture: int = _opt(SERVED_MIXTURE, "adapters in one mixture; past it: 400")
-    max_body_bytes: int = _opt(1 << 20, "bytes of a JSON body; past it: 413")
-    max_upload_bytes: int = _opt(64 << 20, "bytes of an adapter upload; past it: 413")
-    default_completion_tokens: int = _opt(16, "max_tokens of a completion that names none (OpenAI's default)")
-    default_chat_tokens: int = _opt(256, "max_tokens of a chat completion that names none")
+    max_prompt_tokens: int = option(2048, "tokens in one prompt; past it: 413")
+    max_tokens: int = option(1024, "bound on a request's max_tokens; past it: 400")
+    max_mixture: int = option(SERVED_MIXTURE, "adapters in one mixture; past it: 400")
+    max_body_bytes: int = option(1 << 20, "bytes of a JSON body; past it: 413")
+    max_upload_bytes: int = option(64 << 20, "bytes of an adapter upload; past it: 413")
+    default_completion_tokens: int = option(16, "max_tokens of a completion that names none (OpenAI's default)")
+    default_chat_tokens: int = option(256, "max_tokens of a chat completion that names none")
 
     def validate(self) -> None:
         for f in fields(self):
@@ -114,35 +113,12 @@ class ServerSettings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model_dir: Path, home: Path | None) -> ServerSettings:
-        values = {}
-        for config in SECTIONS.values():
-            for f in fields(config):
-                value = getattr(args, _dest(f))
-                unit = f.metadata.get("unit")
-                values[f.name] = value if unit is None else max(1, int(value * unit))
+        values = {k: v for config in SECTIONS.values() for k, v in config_flags.values_from_args(args, config).items()}
         return cls(model_dir, home, args.name, **values)
-
-
-def _dest(f) -> str:
-    return f.metadata.get("flag", f.name).replace("-", "_")
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per config field: its default and help from the field."""
     for title, config in SECTIONS.items():
         group = parser.add_argument_group("request limits" if title == "limits" else f"{title} settings")
-        for f in fields(config):
-            default = f.default if f.default is not MISSING else None
-            unit = f.metadata.get("unit")
-            if unit is not None:
-                default = default / unit
-            kind = f.type if isinstance(f.type, type) else _TYPES.get(str(f.type).split(" |")[0], str)
-            choices = f.metadata.get("choices")
-            shown = "" if default is None else f" (default {default:g})" if isinstance(default, float) else \
-                f" (default {default})"
-            group.add_argument(f"--{f.metadata.get('flag', f.name.replace('_', '-'))}", dest=_dest(f),
-                               type=float if unit is not None else kind, default=default, choices=choices,
-                               help=f.metadata["help"] + shown)
-
-
-_TYPES = {"int": int, "float": float, "str": str}
+        config_flags.add_flags(group, config)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from adapters_zoo import train
+from adapters_zoo import models
 from adapters_zoo.basis import Basis, check_basis_matches_model
 from adapters_zoo.cache import BoundedCache
 from adapters_zoo.errors import IncompatibleAdapter, ModelDirError
@@ -65,7 +65,7 @@ def served_context(config) -> tuple[int, str]:
 
 
 def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
-    device = train.resolve_device(config.device)
+    device = models.resolve_device(config.device)
     if config.dtype is not None:
         return device, DTYPES[config.dtype]
     if device.type == "cuda":
@@ -230,7 +230,7 @@ class PromptProbe:
 
 def load_model_dir(model_dir: str | Path):
     """(model on the cpu in its stored dtype, for the fingerprint check; tokenizer): the Engine moves and casts it."""
-    return train.load_model_dir(model_dir, "cpu")
+    return models.load_model_dir(model_dir, "cpu")
 
 
 def cache_argument(model: torch.nn.Module) -> str:

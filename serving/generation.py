@@ -29,8 +29,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
+from adapters_zoo.data import pad_batch
 from adapters_zoo.errors import InvalidRequest
-from adapters_zoo.train import pad_batch
 
 # --------------------------------------------------------------------------- sampling
 

@@ -207,9 +207,10 @@ def cmd_add_basis(args) -> int:
 
 
 def cmd_sign(args) -> int:
+    from adapters_zoo.data import load_examples
+    from adapters_zoo.models import load_model_dir
     from adapters_zoo.registry.sign import sign_adapter
     from adapters_zoo.signatures import SIGNATURE_PROMPTS
-    from adapters_zoo.train import load_examples, load_model_dir
 
     prompts = [ex["prompt"] for ex in load_examples(args.data, need_completion=False)]
     model, tokenizer = load_model_dir(args.model, device="cpu")

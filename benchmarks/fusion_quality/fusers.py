@@ -40,7 +40,7 @@ from adapters_zoo.basis import Basis
 from adapters_zoo.errors import InvalidConfig
 from adapters_zoo.format import adapter_to_bytes, new_adapter
 from adapters_zoo.tasks.chat import prompt_messages, reference_answer, render_prompt
-from fusion.distill import DistillConfig
+from fusion.distill_config import DistillConfig
 from fusion_quality.scoring import merged_weights
 from fusion_quality.sources import Source
 

@@ -284,7 +284,8 @@ def trained_source(zoo: Zoo, suite: str, variant: Variant, model, tokenizer, cac
     Returns the source and how many adapters had to be trained now; ``log(message)`` hears of each.
     With ``train=False`` an adapter missing from the cache gives ``(None, 0)``.
     """
-    from adapters_zoo.train import TrainConfig, train_adapter
+    from adapters_zoo.train import train_adapter
+    from adapters_zoo.train_config import TrainConfig
 
     adapters = {}
     trained = 0

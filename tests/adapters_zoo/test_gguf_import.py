@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from adapters_zoo import gguf_import
 from adapters_zoo.checkpoint import Checkpoint
 from adapters_zoo.gguf_import import GGUFImportError, import_gguf
-from adapters_zoo.train import load_model_dir
+from adapters_zoo.models import load_model_dir
 from serving.cli import main
 
 Q = gguf.GGMLQuantizationType

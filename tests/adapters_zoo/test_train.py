@@ -10,23 +10,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from adapters_zoo.basis import basis_from_model
+from adapters_zoo.data import IGNORE_INDEX, encode_example, load_examples, pad_batch
 from adapters_zoo.errors import BasisMismatch, InvalidConfig, ModelDirError, TrainingDataError, TrainingDiverged
 from adapters_zoo.format import load_adapter, save_adapter
 from adapters_zoo.inject import SpectralLinear
+from adapters_zoo.loop import Schedule, eval_loss, kl_base_to_adapted
+from adapters_zoo.models import attached, load_model_dir
 from adapters_zoo.tasks import make_split, read_jsonl, suite_tasks
-from adapters_zoo.train import (
-    IGNORE_INDEX,
-    TrainConfig,
-    attached,
-    encode_example,
-    eval_loss,
-    kl_base_to_adapted,
-    load_examples,
-    load_model_dir,
-    lr_factor,
-    pad_batch,
-    train_adapter,
-)
+from adapters_zoo.train import train_adapter
+from adapters_zoo.train_config import TrainConfig
 
 KINDS = {  # kind -> config: every trainable kind, on the top 8 directions of a k = 8 basis
     "scale": {"rank": 8},
@@ -111,12 +103,12 @@ def test_labels_cover_the_completion_only(tokenizer):
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine():
     steps, ratio = 100, 0.1
-    factors = [lr_factor(s, steps, ratio) for s in range(steps)]
+    factors = [Schedule.with_warmup_ratio(steps, 1.0, ratio).factor(s) for s in range(steps)]
     assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
     assert factors[10] == pytest.approx(1.0)
     assert factors[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
     assert all(a >= b for a, b in zip(factors[10:], factors[11:])) and 0 < factors[-1] < 0.001
-    assert lr_factor(0, 10, 0.0) == 1.0
+    assert Schedule.with_warmup_ratio(10, 1.0, 0.0).factor(0) == 1.0
 
 
 # --------------------------------------------------------------------------- training

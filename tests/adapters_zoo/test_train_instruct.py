@@ -10,18 +10,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from adapters_zoo.basis import basis_from_model
+from adapters_zoo.data import IGNORE_INDEX, encode_example, load_examples, prompt_text
 from adapters_zoo.errors import TrainingDataError
+from adapters_zoo.models import attached
 from adapters_zoo.prompts import single_bos
 from adapters_zoo.signatures import signature_from_prompts, signature_of
-from adapters_zoo.train import (
-    IGNORE_INDEX,
-    TrainConfig,
-    attached,
-    encode_example,
-    load_examples,
-    prompt_text,
-    train_adapter,
-)
+from adapters_zoo.train import train_adapter
+from adapters_zoo.train_config import TrainConfig
 
 
 @pytest.fixture(scope="module")

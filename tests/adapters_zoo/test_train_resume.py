@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from adapters_zoo.format import load_adapter
-from adapters_zoo.train import Batches
+from adapters_zoo.loop import Batches
 from adapters_zoo.train_resume import save_checkpoint
 from serving.cli import main
 
@@ -64,7 +64,8 @@ def test_a_killed_run_resumed_ends_as_the_uninterrupted_run(tiny_llama_dir, reve
 
 def test_resume_refuses_a_checkpoint_of_another_world_size_or_settings(tiny_llama_dir, reverse_task, tmp_path,
                                                                       capsys):
-    from adapters_zoo.train import TrainConfig, _resume_settings
+    from adapters_zoo.train import _resume_settings
+    from adapters_zoo.train_config import TrainConfig
 
     out = tmp_path / "a.safetensors"
     args = _args(tiny_llama_dir, reverse_task["train"], out, tmp_path / "h", "--resume")

@@ -12,8 +12,11 @@ from adapters_zoo.basis import basis_from_model
 from adapters_zoo.errors import InvalidConfig
 from adapters_zoo.format import new_adapter
 from adapters_zoo.inject import SpectralLinear, attach, detach
+from adapters_zoo.loop import eval_loss
+from adapters_zoo.models import attached
 from adapters_zoo.tasks import read_jsonl
-from adapters_zoo.train import TrainConfig, attached, eval_loss, train_adapter
+from adapters_zoo.train import train_adapter
+from adapters_zoo.train_config import TrainConfig
 from adapters_zoo.train_runtime import precision_dtype
 from serving.cli import main
 

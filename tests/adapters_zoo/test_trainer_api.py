@@ -11,9 +11,10 @@ from transformers import AutoModelForCausalLM
 import specfuse
 from adapters_zoo.errors import BasisMismatch, InvalidConfig
 from adapters_zoo.inject import SpectralLinear
+from adapters_zoo.loop import eval_loss
+from adapters_zoo.models import attached
 from adapters_zoo.registry import Registry
 from adapters_zoo.tasks import read_jsonl
-from adapters_zoo.train import attached, eval_loss
 from serving.engine import Engine, EngineConfig, Mixture
 from serving.reference import reference_logits
 

@@ -21,7 +21,7 @@ from fusion_quality.scoring import generation_hits, merged_weights, teacher_forc
 from fusion_quality.sources import open_zoo, peft_source, slice_of, zoo_source  # noqa: E402
 
 from adapters_zoo.errors import InvalidConfig  # noqa: E402
-from adapters_zoo.train import load_model_dir  # noqa: E402
+from adapters_zoo.models import load_model_dir  # noqa: E402
 from adapters_zoo.zoo import ZooSettings, build_zoo  # noqa: E402
 
 torch.set_num_threads(1)
@@ -285,7 +285,8 @@ def replies_42(tiny_llama_dir):
     """The tiny llama merged with a LoRA trained to reply "42" (then end of turn) to every chat prompt."""
     from adapters_zoo.basis import basis_from_model
     from adapters_zoo.tasks.chat import chat_task, make_chat_split
-    from adapters_zoo.train import TrainConfig, train_adapter
+    from adapters_zoo.train import train_adapter
+    from adapters_zoo.train_config import TrainConfig
 
     model, tokenizer = load_model_dir(tiny_llama_dir, "cpu")
     basis = basis_from_model(model, 8)

@@ -18,7 +18,7 @@ from server_process import cli_server
 from adapters_zoo.bases import bases_dir, read_manifest
 from adapters_zoo.basis import load_basis
 from adapters_zoo.format import load_adapter
-from adapters_zoo.train import attached, load_model_dir
+from adapters_zoo.models import attached, load_model_dir
 from serving.cli import main
 
 NAME = "gemma3-270m"

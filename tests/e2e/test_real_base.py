@@ -22,9 +22,9 @@ from server_process import cli_server
 from adapters_zoo.bases import BASES, fetch_base
 from adapters_zoo.basis import load_basis
 from adapters_zoo.format import load_adapter
+from adapters_zoo.models import attached, load_model_dir
 from adapters_zoo.signatures import signature_of
 from adapters_zoo.tasks.chat import _order
-from adapters_zoo.train import attached, load_model_dir
 from serving.cli import main
 from serving.demo import DEMO_BASE, prepare_demo, shipped_adapters
 

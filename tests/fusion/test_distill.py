@@ -20,7 +20,8 @@ from adapters_zoo.errors import (
 from adapters_zoo.format import adapter_to_bytes, load_adapter, new_adapter, save_adapter
 from adapters_zoo.inject import SpectralLinear
 from adapters_zoo.registry import Registry
-from fusion.distill import DistillConfig, distill_fuse
+from fusion.distill import distill_fuse
+from fusion.distill_config import DistillConfig
 from fusion.fuse import fuse
 from fusion.merge import merged
 from serving.cli import main
