@@ -28,22 +28,24 @@ CORES_CACHE_BYTES = 1 << 30  # and the host memory those cores may take
 
 @dataclass
 class AdapterCores:
-    cores: dict[str, torch.Tensor | None]  # layer -> C (k, k)
+    cores: dict[str, torch.Tensor | None]  # layer -> C (k, k), or only diag(C) (k,) where ``diagonal``
     residuals: dict[str, Residual | None]  # layer -> (B, A)
-    diagonal: dict[str, bool]  # layer -> the core has no off-diagonal entry
+    diagonal: dict[str, bool]  # layer -> the core has no off-diagonal entry (and is held as its diagonal)
     projected: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> U_kᵀ B A V_k (k, k), lazily
     stacks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # see ``stack``
     packs: dict[int, Pack] | None = None  # see ``packed``
 
     @property
     def nbytes(self) -> int:
-        """Host memory of every tensor held: cores, residuals and what was derived from them."""
+        """Host memory of every tensor held: cores, residuals and what was derived from them (a storage
+        shared by views, the dense cores and their pack, counted once)."""
         tensors = [c for c in self.cores.values() if c is not None]
         tensors += [t for r in self.residuals.values() if r is not None for t in r]
         tensors += list(self.projected.values()) + [t for pair in self.stacks.values() for t in pair]
         for pack in (self.packs or {}).values():
             tensors += [t for t in (pack.dense, pack.diag, pack.present) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
 
     @cached_property
     def all_diagonal(self) -> bool:
@@ -73,8 +75,13 @@ class AdapterCores:
             self.projected[layer] = project_residual(res[0], res[1], lb)[0]
         return self.projected[layer]
 
-    def layer_core(self, layer: str, lb: LayerBasis, project: bool) -> torch.Tensor | None:
+    def core(self, layer: str) -> torch.Tensor | None:
+        """C (k, k) of ``layer``, or None."""
         core = self.cores.get(layer)
+        return torch.diag(core) if core is not None and self.diagonal[layer] else core
+
+    def layer_core(self, layer: str, lb: LayerBasis, project: bool) -> torch.Tensor | None:
+        core = self.core(layer)
         if project:
             proj = self.projected_residual(layer, lb)
             if proj is not None:
@@ -102,20 +109,24 @@ class AdapterCores:
     def packed(self, basis: Basis) -> dict[int, Pack]:
         """Every core of the adapter stacked per group of the basis's layers (``layer_groups``),
         zeros where it has none: a linear mixture is then one weighted add per group and source.
-        Computed once (the entry is cached per adapter and basis)."""
+        Computed once (the entry is cached per adapter and basis); the dense cores become views of it."""
         if self.packs is None:
             packs = {}
             for k, layers in layer_groups(basis).items():
                 lb = basis[layers[0]]
-                cores = [self.cores.get(layer) for layer in layers]
-                present = torch.tensor([c is not None for c in cores])
+                present = torch.tensor([self.cores.get(layer) is not None for layer in layers])
                 if self.all_diagonal:
                     zero = torch.zeros(k, dtype=lb.U.dtype, device=lb.U.device)
-                    diag = torch.stack([zero if c is None else c.diagonal() for c in cores])
+                    diag = torch.stack([zero if self.cores.get(layer) is None else self.cores[layer]
+                                        for layer in layers])
                     packs[k] = Pack(None, diag, present)
                 else:
                     zero = torch.zeros(k, k, dtype=lb.U.dtype, device=lb.U.device)
-                    packs[k] = Pack(torch.stack([zero if c is None else c for c in cores]), None, present)
+                    dense = [self.core(layer) for layer in layers]
+                    packs[k] = Pack(torch.stack([zero if c is None else c for c in dense]), None, present)
+                    for layer, view in zip(layers, packs[k].dense.unbind(0)):
+                        if self.cores.get(layer) is not None and not self.diagonal[layer]:
+                            self.cores[layer] = view  # one copy of each dense core
             self.packs = packs
         return self.packs
 
@@ -161,9 +172,11 @@ def _evaluate(adapter: Adapter, basis: Basis) -> AdapterCores:
             on_device = {n: t.to(lb.U.device) for n, t in params.items()}
             core = adapter.kind_impl.core(on_device, lb, adapter.cfg)
             res = adapter.kind_impl.residual(on_device, lb, adapter.cfg)
-            cores[layer] = None if core is None else core.to(lb.U.dtype)
             residuals[layer] = None if res is None else (res[0].to(lb.U.dtype), res[1].to(lb.U.dtype))
             diagonal[layer] = core is None or not bool((core - torch.diag(core.diagonal())).any())
+            if core is not None:  # a diagonal core is held as its k values, not k²
+                core = (core.diagonal().clone() if diagonal[layer] else core).to(lb.U.dtype)
+            cores[layer] = core
     return AdapterCores(cores, residuals, diagonal)
 
 

@@ -80,7 +80,7 @@ def lora_factors(adapter: Adapter, basis: Basis, layer: str) -> tuple[torch.Tens
     lb = basis[layer]
     entry = adapter_cores(adapter, basis)
     parts = []
-    core = entry.cores.get(layer)
+    core = entry.core(layer)
     if core is not None:
         parts.append(core_factors(core, lb))
     if entry.residuals.get(layer) is not None:

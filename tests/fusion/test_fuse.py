@@ -128,6 +128,24 @@ def test_cores_are_cached_per_adapter_and_basis(llama_basis):
                                a.delta(a.layers[0], llama_basis), atol=1e-6, rtol=1e-5)
 
 
+def test_cores_are_held_once_diagonal_ones_as_their_diagonal(llama_basis):
+    """A diagonal core is kept as its k values; dense cores share their storage with the packed group;
+    the bytes reported are the storages held."""
+    for kind, config in (("scale", {"rank": 4}), ("rotation", {"rank": 4})):
+        a = moved(kind, config, llama_basis, 12)
+        entry = adapter_cores(a, llama_basis, cache=False)
+        for layer in a.layers:
+            core = a.core(layer, llama_basis)
+            torch.testing.assert_close(entry.core(layer), core)
+            assert entry.cores[layer].dim() == (1 if kind == "scale" else 2)
+        packs = entry.packed(llama_basis)
+        one_dense_per_layer = sum(llama_basis[layer].k ** 2 * 4 for layer in a.layers)
+        if kind == "scale":
+            assert entry.nbytes < one_dense_per_layer / 2
+        else:  # every dense core is a view of its pack: the packs are all that is held
+            assert entry.nbytes == sum(p.dense.nbytes + p.present.nbytes for p in packs.values())
+
+
 # --------------------------------------------------------------------------- errors
 
 
