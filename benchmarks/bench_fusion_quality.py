@@ -231,7 +231,7 @@ def run(settings: Settings) -> dict[str, Any]:
     set_threads(settings.threads)
     started = time.perf_counter()
     zoo = open_zoo(settings.zoo)
-    suites = [s for s in zoo.suites if settings.suites is None or s in settings.suites]
+    suites = [s for s in (settings.suites or zoo.suites) if zoo.has_suite(s)]
     if not suites:
         raise SystemExit(f"none of the suites {settings.suites} is in the zoo (it has {zoo.suites})")
     model, tokenizer = load_model_dir(zoo.base_dir, "cpu")
@@ -401,7 +401,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--zoo", required=True, type=Path, help="a built zoo (specfuse zoo build --out DIR)")
     p.add_argument("--quick", action="store_true", help="one suite, few sources, methods and seeds (minutes)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
-    p.add_argument("--suites", help="comma-separated suites (default: the zoo's)")
+    p.add_argument("--suites", help="comma-separated suites (default: the zoo's); A+B fuses the tasks of both "
+                   "as one suite")
     p.add_argument("--kinds", help="comma-separated zoo kinds to fuse (default: the zoo's)")
     p.add_argument("--subset-kinds", help="comma-separated kinds also fused in the smaller subsets (default: all; "
                    "PEFT always)")

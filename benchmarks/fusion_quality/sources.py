@@ -45,6 +45,7 @@ PEFT = "peft-lora"
 PRESERVE_PER_TASK = 64  # other-task examples per task in a preserve set
 PRESERVE_PRETRAIN = 128  # pretraining examples (the base's own skills) in a preserve set
 KL_WEIGHT = 1.0
+UNION = "+"  # "records+skills": the tasks of both suites as one, all fused at once
 VARIANT_FORMAT = 1  # bump when the fusion-ready training changes: invalidates cached adapters
 
 
@@ -77,25 +78,49 @@ class Zoo:
 
     @property
     def suites(self) -> list[str]:
+        """The suites built; ``a+b`` (:meth:`has_suite`) also names the union of built suites."""
         return list(dict.fromkeys(e["suite"] for e in self.report["entries"]))
 
+    def has_suite(self, suite: str) -> bool:
+        return all(part in self.suites for part in suite.split(UNION))
+
     def kinds(self, suite: str) -> list[str]:
-        return list(dict.fromkeys(e["kind"] for e in self.report["entries"] if e["suite"] == suite))
+        """Kinds built for every part of ``suite``."""
+        parts = suite.split(UNION)
+        first = [e["kind"] for e in self.report["entries"] if e["suite"] == parts[0]]
+        return [k for k in dict.fromkeys(first)
+                if all(any((e["suite"], e["kind"]) == (p, k) for e in self.report["entries"]) for p in parts)]
+
+    def suite_task_names(self, suite: str) -> list[str]:
+        """Every task of ``suite`` in suite order (built or not): what a task's slice index counts."""
+        return [t.name for part in suite.split(UNION)
+                for t in (chat_suite_tasks(part) if self.chat else suite_tasks(part))]
 
     def tasks(self, suite: str) -> list[Task | ChatTask]:
-        """The suite's tasks the zoo built adapters for, in suite order."""
-        built = {e["task"] for e in self.report["entries"] if e["suite"] == suite}
-        return [t for t in (chat_suite_tasks(suite) if self.chat else suite_tasks(suite)) if t.name in built]
+        """The suite's tasks the zoo built adapters for, in suite order (part by part for a union)."""
+        out = []
+        for part in suite.split(UNION):
+            built = {e["task"] for e in self.report["entries"] if e["suite"] == part}
+            out += [t for t in (chat_suite_tasks(part) if self.chat else suite_tasks(part)) if t.name in built]
+        return out
+
+    def home(self, suite: str, task: str) -> str:
+        """The built suite holding ``task`` (``suite`` itself unless it is a union)."""
+        for part in suite.split(UNION):
+            if any((e["suite"], e["task"]) == (part, task) for e in self.report["entries"]):
+                return part
+        raise InvalidConfig(f"the zoo has no task {task!r} in {suite}")
 
     def split(self, suite: str, task: str, split: str) -> list[Example]:
-        path = self.root / "data" / suite / f"{task}.{split}.jsonl"
+        path = self.root / "data" / self.home(suite, task) / f"{task}.{split}.jsonl"
         if not path.is_file():
             raise InvalidConfig(f"{path}: missing from the zoo (rebuild it with specfuse zoo build)")
         return read_jsonl(path)
 
     def entry(self, suite: str, task: str, kind: str) -> dict[str, Any]:
+        home = self.home(suite, task)
         for e in self.report["entries"]:
-            if (e["suite"], e["task"], e["kind"]) == (suite, task, kind):
+            if (e["suite"], e["task"], e["kind"]) == (home, task, kind):
                 return e
         raise InvalidConfig(f"the zoo has no {kind} adapter for {suite}/{task}")
 
@@ -156,7 +181,7 @@ def zoo_source(zoo: Zoo, suite: str, kind: str) -> Source:
     """The zoo's ``kind`` adapters of ``suite`` (trained plainly, one task at a time)."""
     adapters = {}
     for task in zoo.tasks(suite):
-        path = zoo.root / "adapters" / suite / kind / f"{task.name}.safetensors"
+        path = zoo.root / "adapters" / zoo.home(suite, task.name) / kind / f"{task.name}.safetensors"
         if not path.is_file():
             raise InvalidConfig(f"{path}: the zoo has no {kind} adapter for {suite}/{task.name}")
         adapters[task.name] = load_adapter(path, zoo.basis)
@@ -169,7 +194,7 @@ def peft_source(zoo: Zoo, suite: str) -> Source:
 
     dirs, adapters, chunks = {}, {}, []
     for task in zoo.tasks(suite):
-        path = zoo.root / "peft" / suite / task.name
+        path = zoo.root / "peft" / zoo.home(suite, task.name) / task.name
         if not (path / "adapter_model.safetensors").is_file():
             raise InvalidConfig(f"{path}: the zoo has no PEFT LoRA for {suite}/{task.name} (built with --no-peft?)")
         dirs[task.name] = path
@@ -246,7 +271,7 @@ def chat_preserve_examples(zoo: Zoo, suite: str, task: str) -> list[Example]:
 
     examples = [ex for other in zoo.tasks(suite) if other.name != task
                 for ex in zoo.split(suite, other.name, "train")[:PRESERVE_PER_TASK]]
-    general = [t for s in CHAT_SUITES if s != suite for t in chat_suite_tasks(s)]
+    general = [t for s in CHAT_SUITES if s not in suite.split(UNION) for t in chat_suite_tasks(s)]
     per_task = max(1, PRESERVE_PRETRAIN // max(len(general), 1))
     examples += [ex for t in general for ex in make_chat_split(t, "train", per_task, zoo.settings["seed"])]
     return examples
@@ -254,7 +279,7 @@ def chat_preserve_examples(zoo: Zoo, suite: str, task: str) -> list[Example]:
 
 def preserve_examples(suite: str, task: str, seed: int) -> list[Example]:
     """What adapter ``task`` must leave alone: every other task of the suite and the base's pretraining."""
-    examples = [ex for other in suite_tasks(suite) if other.name != task
+    examples = [ex for part in suite.split(UNION) for other in suite_tasks(part) if other.name != task
                 for ex in make_split(other, "train", PRESERVE_PER_TASK, seed)]
     pretrain = pretraining_tasks()
     per_task = max(1, PRESERVE_PRETRAIN // len(pretrain))
@@ -267,7 +292,7 @@ def variant_settings(zoo: Zoo, suite: str, variant: Variant, index: int) -> dict
     kind_settings = zoo.report["kind_settings"][variant.kind]
     config = dict(kind_settings["config"], seed=zoo.settings["seed"])
     if variant.slices:
-        n_tasks = len(chat_suite_tasks(suite) if zoo.chat else suite_tasks(suite))
+        n_tasks = len(zoo.suite_task_names(suite))
         config = {"slice": list(slice_of(index, n_tasks, int(zoo.basis.rank))), "seed": zoo.settings["seed"]}
     return {
         "format": VARIANT_FORMAT, "variant": variant.name, "kind": variant.kind, "kind_config": config,
@@ -289,7 +314,7 @@ def trained_source(zoo: Zoo, suite: str, variant: Variant, model, tokenizer, cac
 
     adapters = {}
     trained = 0
-    suite_names = [t.name for t in (chat_suite_tasks(suite) if zoo.chat else suite_tasks(suite))]
+    suite_names = zoo.suite_task_names(suite)
     for task in zoo.tasks(suite):
         settings = variant_settings(zoo, suite, variant, suite_names.index(task.name))
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]

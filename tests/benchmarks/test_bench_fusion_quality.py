@@ -471,3 +471,33 @@ def test_sliced_and_preserve_variants_train_on_a_chat_zoo(chat_zoo, tmp_path):
     assert trained == 0 and again.digest == source.digest  # read back from the cache
     other, trained = trained_source(zoo, "records", variant("scale@slice+kl0.25"), model, tokenizer, tmp_path)
     assert trained == 2 and other.digest != source.digest  # the KL weight is part of the cache key
+
+
+def test_a_union_of_suites_is_one_suite_of_all_their_tasks(chat_zoo, tmp_path):
+    """``records+skills``: every task of both suites, each read from its own suite's files; sliced adapters
+    cut the union's k among all its tasks."""
+    from fusion_quality.sources import Zoo, trained_source, variant
+
+    from adapters_zoo.tasks.chat import chat_suite_tasks, make_chat_split
+
+    zoo, model, tokenizer = chat_zoo
+    skill = chat_suite_tasks("skills")[0]
+    (zoo.root / "data" / "skills").mkdir(parents=True, exist_ok=True)
+    (zoo.root / "data" / "skills" / f"{skill.name}.train.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in make_chat_split(skill, "train", 8)))
+    report_ = dict(zoo.report, entries=[*zoo.report["entries"], {"suite": "skills", "task": skill.name,
+                                                                   "kind": "scale"}])
+    union = Zoo(zoo.root, report_, zoo.basis)
+    both = "records+skills"
+    records = [t.name for t in zoo.tasks("records")]
+    assert union.has_suite(both) and not union.has_suite("records+other") and union.kinds(both) == ["scale"]
+    assert [t.name for t in union.tasks(both)] == [*records, skill.name]
+    assert union.home(both, skill.name) == "skills" and union.split(both, skill.name, "train")[0]["messages"]
+    everything = union.suite_task_names(both)
+    assert everything == [t.name for s in ("records", "skills") for t in chat_suite_tasks(s)]
+    source, trained = trained_source(union, both, variant("scale@slice"), model, tokenizer, tmp_path)
+    assert trained == 3 and source.tasks == [*records, skill.name]
+    width = 8 // len(everything)  # k=8 over all 8 tasks of both suites: one direction each
+    index = everything.index(skill.name)
+    assert source.adapters[skill.name].meta["bench_settings"]["kind_config"]["slice"] == [width * index,
+                                                                                         width * (index + 1)]
