@@ -310,11 +310,12 @@ def _write_shard(dest: Path, shard: list[_Tensor], fd: int, processor, out_dtype
         f.write(len(text).to_bytes(HEADER_SIZE_BYTES, "little") + text)
         for t in shard:
             weights = processor.process(weights=_read(fd, t), name=t.gguf_name).weights  # (out, in) float32
-            w = torch.from_numpy(np.ascontiguousarray(weights))
+            w = torch.from_numpy(np.ascontiguousarray(weights)).reshape(-1)
             del weights
-            if w.dtype != out_dtype:
-                w = w.to(out_dtype)
-            f.write(w.contiguous().view(torch.uint8).numpy().data)
+            step = CHUNK_BYTES // 4
+            for start in range(0, w.numel(), step):  # cast a chunk at a time: no second copy of the tensor
+                part = w[start:start + step]
+                f.write(part.to(out_dtype).contiguous().view(torch.uint8).numpy().data)
             del w
         f.flush()
         os.fsync(f.fileno())
