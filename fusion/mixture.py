@@ -99,21 +99,40 @@ def reduce(mixture: Mixture, load: AdapterLoader, basis: Basis) -> MixtureCores:
 
 
 def _fused(adapters: Sequence[Adapter], weights: list[float], basis: Basis, key: Mixture) -> MixtureCores:
+    """The method's fusion (:func:`fusion.fuse.fuse_cores`), packed per layer group and screened against
+    the delta bound on each group at once, as ``_linear`` does."""
     fused = fuse_cores(list(adapters), weights, basis, key.method, params=key.fusion_params)
-    cores = {layer: torch.diag(c) if fused.diagonal else c for layer, c in fused.cores.items()}
-    host_cores = {layer: None if cores.get(layer) is None else _host(cores[layer]) for layer in basis.layer_names()}
-    host_residuals = {layer: (_host(r[0]), _host(r[1])) for layer, r in fused.residuals.items() if r is not None}
-    for layer, core in host_cores.items():  # a mixture that would blow the numbers up is a 400, not NaN
-        check_delta(layer, core, host_residuals.get(layer), basis[layer])
-    packed = {}
+    residuals = {layer: (_host(r[0]), _host(r[1])) for layer, r in fused.residuals.items() if r is not None}
+    cores: dict[str, torch.Tensor | None] = dict.fromkeys(basis.layer_names())
+    packed: dict[int, tuple[tuple[str, ...], torch.Tensor]] = {}
+    suspects: list[str] = []
     for k, layers in layer_groups(basis).items():
-        group = [host_cores[layer] for layer in layers]
-        if any(c is not None for c in group):
-            zero = torch.zeros(k, k)
-            packed[k] = (layers, torch.stack([zero if c is None else c for c in group]))  # (L, k, k)
-            for layer, view, c in zip(layers, packed[k][1].unbind(0), group):
-                host_cores[layer] = None if c is None else view
-    return _mixture(key, host_cores, host_residuals, fused.diagonal, packed)
+        group = [fused.cores.get(layer) for layer in layers]
+        if all(c is None for c in group):
+            continue
+        zero = torch.zeros(k) if fused.diagonal else torch.zeros(k, k)
+        stacked = torch.stack([zero if c is None else _host(c) for c in group])  # (L, k) | (L, k, k)
+        suspects += _suspects(stacked, basis, k, layers)
+        dense = torch.diag_embed(stacked) if fused.diagonal else stacked
+        packed[k] = (layers, dense)
+        for layer, view, c in zip(layers, dense.unbind(0), group):
+            cores[layer] = None if c is None else view
+    _check_bounds(basis, cores, residuals, suspects)
+    return _mixture(key, cores, residuals, fused.diagonal, packed)
+
+
+def _suspects(stacked: torch.Tensor, basis: Basis, k: int, layers: tuple[str, ...]) -> list[str]:
+    """The layers of a group whose cores (L, k) | (L, k, k) may pass the delta bound: a float32 screen
+    (NaN fails it too); ``check_delta`` decides them exactly."""
+    norms = torch.linalg.vector_norm(stacked, dim=tuple(range(1, stacked.dim())))
+    return [layers[i] for i in (~(norms <= _bounds(basis, k, layers))).nonzero().flatten().tolist()]
+
+
+def _check_bounds(basis: Basis, cores: dict, residuals: dict, suspects: list[str]) -> None:
+    """A mixture that would blow the numbers up is a 400, not NaN: every suspect and every residual layer."""
+    for layer in basis.layer_names():
+        if layer in residuals or layer in suspects:
+            check_delta(layer, cores[layer], residuals.get(layer), basis[layer])
 
 
 def _mixture(key, cores, residuals, diagonal: bool, packed) -> MixtureCores:
@@ -152,16 +171,12 @@ def _linear(adapters: Sequence[Adapter], weights: list[float], basis: Basis, key
         ref = xs[0]
         summed = weighted_sum(xs, torch.tensor(weights, dtype=ref.dtype, device=ref.device))
         summed = summed.detach().to("cpu", torch.float32)
-        norms = torch.linalg.vector_norm(summed, dim=tuple(range(1, summed.dim())))  # float32: a screen,
-        bad = ~(norms <= _bounds(basis, k, layers))  # NaN fails it too; check_delta decides exactly
+        suspects += _suspects(summed, basis, k, layers)
         dense = torch.diag_embed(summed) if diagonal else summed
         packed[k] = (layers, dense)
         for layer, core, has in zip(layers, dense.unbind(0), present.tolist()):
             cores[layer] = core if has else None
-        suspects += [layers[i] for i in bad.nonzero().flatten().tolist()]
-    for layer in basis.layer_names():  # a mixture that would blow the numbers up is a 400, not NaN
-        if layer in residuals or layer in suspects:
-            check_delta(layer, cores[layer], residuals.get(layer), basis[layer])
+    _check_bounds(basis, cores, residuals, suspects)
     return _mixture(key, cores, residuals, diagonal, packed)
 
 
