@@ -20,6 +20,7 @@ file's size, mtime and sha256, so a second import of the same file does no work.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -37,7 +38,7 @@ from adapters_zoo.files import HEADER_SIZE_BYTES, write_atomic
 
 MANIFEST = "specfuse-base.json"
 SHARD_BYTES = 2 * 1000**3  # at most 2 GB of tensor data a shard
-CHUNK_BYTES = 64 << 20  # float32 bytes dequantized at once: bounds the dequantizer's temporaries
+CHUNK_BYTES = 16 << 20  # float32 bytes dequantized at once: bounds the dequantizer's temporaries
 DTYPES = ("float32", "bfloat16")
 # GGUF architecture -> how its tensors differ from transformers' (mistral is llama in GGUF, told by its name).
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
@@ -218,14 +219,19 @@ def _convert(path: Path, out_dir: Path, name: str, dtype: str, progress: bool) -
     reader = _open(path)
     arch = _architecture(reader, path)
     _check_types(reader, path)
+    field = reader.fields.get(f"{'llama' if arch == 'mistral' else arch}.attention.key_length")
+    key_length = None if field is None else int(field.parts[field.data[0]][0])
+    listed = [(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type, int(t.data_offset),
+               int(t.n_bytes)) for t in reader.tensors]
+    del reader, field  # its parsed metadata (a large vocabulary) goes before transformers parses the file again
+    gc.collect()
     try:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as err:  # transformers' metadata readers raise whatever they meet
         raise GGUFImportError(f"{path}: cannot read its config or tokenizer ({type(err).__name__}: {err})") from None
-    key_length = reader.fields.get(f"{'llama' if arch == 'mistral' else arch}.attention.key_length")
     if key_length is not None and hasattr(config, "head_dim"):
-        config.head_dim = int(key_length.parts[key_length.data[0]][0])  # transformers' qwen3 map drops it
+        config.head_dim = key_length  # transformers' qwen3 map drops it
     config.name_or_path = name
     config.dtype = getattr(torch, dtype)
     with torch.device("meta"):
@@ -237,20 +243,19 @@ def _convert(path: Path, out_dir: Path, name: str, dtype: str, progress: bool) -
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
 
     tensors = []
-    for t in reader.tensors:
-        hf_name = name_map.get(t.name)
+    for gguf_name, shape, qtype, offset, n_bytes in listed:
+        hf_name = name_map.get(gguf_name)
         if hf_name is None or hf_name in tied:
             continue  # tensors transformers does not keep (rope frequency tables)
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         if hf_name not in expected or expected[hf_name] != shape:
-            raise GGUFImportError(f"{path}: tensor {t.name} has shape {shape}; {hf_name} of the config "
+            raise GGUFImportError(f"{path}: tensor {gguf_name} has shape {shape}; {hf_name} of the config "
                                   f"wants {expected.get(hf_name)}")
-        tensors.append(_Tensor(t.name, hf_name, shape, t.tensor_type, int(t.data_offset), int(t.n_bytes)))
+        tensors.append(_Tensor(gguf_name, hf_name, shape, qtype, offset, n_bytes))
     missing = sorted(set(expected) - tied - {t.hf_name for t in tensors})
     if missing:
         raise GGUFImportError(f"{path}: no tensor for {missing[0]} ({len(missing)} missing)")
     config.architectures = [type(model).__name__]
-    del model, reader
+    del model
 
     out_dtype = getattr(torch, dtype)
     itemsize = torch.empty((), dtype=out_dtype).element_size()
