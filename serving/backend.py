@@ -105,6 +105,7 @@ class SlotGroup:
     diag: torch.Tensor  # (S + 1, G·k); row S is all zero
     layers: list[LayerSlots]
     store: CoreStore
+    columns: slice  # this group's columns of store.diag (diag = store.diag[:, columns])
 
     @classmethod
     def allocate(cls, bases: list[tuple[torch.Tensor, torch.Tensor]], slots: int, residual_slots: int,
@@ -119,8 +120,9 @@ class SlotGroup:
         g = len(bases)
         store = store or CoreStore.allocate(g, k, slots, dtype, device)
         V = torch.cat([V for _, V in bases], dim=1).to(device=device, dtype=dtype).contiguous()  # (in, G·k)
-        group = cls(V=V, cores=store.cores[:, start : start + g], diag=store.diag[:, start * k : (start + g) * k],
-                    layers=[], store=store)
+        columns = slice(start * k, (start + g) * k)
+        group = cls(V=V, cores=store.cores[:, start : start + g], diag=store.diag[:, columns], layers=[], store=store,
+                    columns=columns)
         for j, (U, _) in enumerate(bases):
             U = U.to(device=device, dtype=dtype).contiguous()
             cols = slice(j * k, (j + 1) * k)
@@ -184,6 +186,7 @@ class Routing:
         self.all_base = True  # no row has an adapter: layers skip the adapter path
         self.all_diagonal = True  # every row's core is diagonal: elementwise path
         self.residual_groups: list[tuple[int, torch.Tensor, int]] = []  # (slot, its rows (r,), rank q)
+        self._diag_rows: dict[int, torch.Tensor] = {}  # id(store) -> its diagonals gathered for this step's rows
 
     def _allocate(self, capacity: int) -> None:
         self.capacity, self.rows = capacity, 0
@@ -229,7 +232,16 @@ class Routing:
         self.all_base = not used
         self.all_diagonal = all(diagonal[s] for s in used)
         self.residual_groups = [(s, self._residual_rows[start : start + count], q) for s, start, count, q in groups]
+        self._diag_rows.clear()
         return self
+
+    def diag_rows(self, store: CoreStore) -> torch.Tensor:
+        """Every row's diagonals in ``store`` (rows, L·k): one gather per store and step, which every group
+        of the store slices (slots are written between steps, never during one)."""
+        rows = self._diag_rows.get(id(store))
+        if rows is None:
+            rows = self._diag_rows[id(store)] = store.diag.index_select(0, self.index)
+        return rows
 
 
 class Backend(ABC):
@@ -261,7 +273,7 @@ class TorchBackend(Backend):
         rows, gk = x.shape[0], group.V.shape[1]
         h = x.reshape(rows, -1, x.shape[-1]) @ group.V  # (rows, T, G·k); model and tables share the dtype
         if routing.all_diagonal:
-            return h.mul_(group.diag.index_select(0, routing.index).unsqueeze(1))  # · (rows, 1, G·k)
+            return h.mul_(routing.diag_rows(group.store)[:, group.columns].unsqueeze(1))  # · (rows, 1, G·k)
         g, k = group.cores.shape[1], group.cores.shape[2]
         cores = group.cores.index_select(0, routing.index)  # (rows, G, k, k)
         h = h.view(rows, -1, g, k).transpose(1, 2)  # (rows, G, T, k); a view at decode (T = 1)

@@ -44,6 +44,7 @@ from serving.backend import (
 )
 from serving.config import EngineConfig
 from serving.generation import RowKV, left_pad, positions_of
+from serving.heap import keep_freed_memory
 from serving.slots import SlotTable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config.DTYPE_NAMES
@@ -80,6 +81,8 @@ class Engine:
         self.config.validate()
         check_basis_matches_model(basis, model)  # on the weights as loaded, before any cast
         self.device, self.dtype = resolve_device(self.config)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # activations reuse freed heap blocks instead of faulting in fresh pages
         self.basis = basis.to("cpu", torch.float32)  # host copy: fusion and reduction run here
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.tokenizer = tokenizer

@@ -11,7 +11,18 @@ stayed flat. ``malloc_trim(0)`` hands every wholly free page of every arena back
 (``madvise``), which costs milliseconds; the scheduler calls it every ``heap_trim_s``
 seconds while it works and once when it falls idle.
 
-Off glibc (macOS, musl) there is no such call and nothing to do.
+Between trims, freed memory should stay put. By default glibc serves every block above a
+dynamic threshold (a prefill's activations: megabytes per layer) with a fresh ``mmap``
+and unmaps it on ``free``, or trims the heap top back to the kernel, so the next forward
+touches new pages: a page fault per 4 KiB written. On SmolLM2-135M (16 prompts × 32
+tokens, one thread) the adapter path's extra tensors tipped the allocator into that
+pattern, and the elementwise ops after it (``silu``, ``mul``) ran 3-7× slower: a prefill
+cost 1.24× the base's instead of 1.12× (``benchmarks/bench_serving.py``, step rows).
+:func:`keep_freed_memory` (called by a CPU engine) sets the thresholds once per process so
+that blocks up to 32 MiB come from the heap and no ``free`` trims it: freed memory is reused
+at once, and handed back only by the trimmer above.
+
+Off glibc (macOS, musl) there are no such calls and nothing to do.
 """
 
 from __future__ import annotations
@@ -20,11 +31,38 @@ import ctypes
 import time
 from collections.abc import Callable
 
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters (malloc.h)
+MALLOPT_SETTINGS = (
+    (M_MMAP_THRESHOLD, 32 * 2**20),  # blocks up to 32 MiB from the heap (the most glibc accepts on 64-bit)
+    (M_TRIM_THRESHOLD, 2**31 - 1),  # a free never trims the heap top
+    (M_TOP_PAD, 64 * 2**20),  # the heap grows in 64 MiB steps
+)
+_kept: bool | None = None
+
+
+def _libc_function(name: str):
+    try:
+        return getattr(ctypes.CDLL(None), name)  # the C library the process runs on
+    except (OSError, AttributeError):
+        return None
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc reuse freed blocks instead of unmapping them (once per process); False off glibc."""
+    global _kept
+    if _kept is None:
+        mallopt = _libc_function("mallopt") if _libc_function("gnu_get_libc_version") else None
+        if mallopt is None:
+            _kept = False
+        else:
+            mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+            _kept = all(mallopt(param, value) == 1 for param, value in MALLOPT_SETTINGS)  # 1: accepted
+    return _kept
+
 
 def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        trim = ctypes.CDLL(None).malloc_trim  # the C library the process runs on
-    except (OSError, AttributeError):
+    trim = _libc_function("malloc_trim")
+    if trim is None:
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return trim
