@@ -22,7 +22,6 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,32 +30,52 @@ from adapters_zoo.basis import Basis
 from adapters_zoo.errors import InvalidMixture
 from adapters_zoo.format import MAX_DELTA_RATIO, Adapter, check_delta, core_adapter
 from adapters_zoo.registry.mixture import MAX_MIXTURE, Component, Mixture, format_pairs, resolve
-from fusion.cores import adapter_cores, layer_groups
+from fusion.cores import Pack, adapter_cores, layer_groups
 from fusion.fuse import _concat_residual, fuse_cores
 from fusion.methods.linear import weighted_sum
 
 
-@dataclass
 class MixtureCores:
-    """One mixture as the slot tables hold it (host, float32)."""
+    """One mixture as the slot tables hold it (host, float32).
 
-    key: Mixture
-    cores: dict[str, torch.Tensor | None]  # layer -> C (k, k), None where the mixture has no core
-    residuals: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (B (out, q), A (q, in))
-    diagonal: bool  # every core is diagonal: the elementwise path serves it
-    residual_rank: int  # the largest q over layers; 0 = no residual anywhere
-    # k -> (the basis's layers of that k, their cores (L, k, k), zeros where None): ``cores`` are views of
-    # it, and a slot table writes a whole group with one copy; groups without any core are left out
-    packed: dict[int, tuple[tuple[str, ...], torch.Tensor]] = field(default_factory=dict)
-    reduce_seconds: float = 0.0  # the time ``reduce`` took (the host's part of a new mixture's readiness)
-    ready: bool = False  # written into a device slot once already (serving.slots)
+    ``packed`` (k -> (the basis's layers of that k, their cores as a :class:`fusion.cores.Pack`)) is what
+    the reductions produce and a slot table writes, one copy per group; a diagonal mixture keeps only
+    the diagonals (L, k). ``cores`` (layer -> C (k, k), None where the mixture has no core) is the
+    per-layer view of it, built on first use (the serving path never needs it); ``cores`` given
+    directly (no packs) is used as it is.
+    """
+
+    def __init__(self, key: Mixture, cores: dict[str, torch.Tensor | None] | None,
+                 residuals: dict[str, tuple[torch.Tensor, torch.Tensor]], diagonal: bool, residual_rank: int,
+                 packed: dict[int, tuple[tuple[str, ...], Pack]] | None = None, layers: tuple[str, ...] = ()):
+        self.key = key
+        self.residuals = residuals  # layer -> (B (out, q), A (q, in))
+        self.diagonal = diagonal  # every core is diagonal: the elementwise path serves it
+        self.residual_rank = residual_rank  # the largest q over layers; 0 = no residual anywhere
+        self.packed = packed or {}  # groups without any core are left out
+        self._layers = layers  # every layer of the basis, for ``cores``
+        self._cores = cores
+        self.reduce_seconds = 0.0  # the time ``reduce`` took (the host's part of a new mixture's readiness)
+        self.ready = False  # written into a device slot once already (serving.slots)
+
+    @property
+    def cores(self) -> dict[str, torch.Tensor | None]:
+        if self._cores is None:
+            cores: dict[str, torch.Tensor | None] = dict.fromkeys(self._layers)
+            for layers, pack in self.packed.values():
+                for layer, core, has in zip(layers, pack.as_dense().unbind(0), pack.present.tolist()):
+                    cores[layer] = core if has else None
+            self._cores = cores
+        return self._cores
 
     @property
     def nbytes(self) -> int:
-        """Host memory of the cores and residuals."""
+        """Host memory of the cores and residuals (the packs, and any core outside them)."""
         in_packs = {layer for layers, _ in self.packed.values() for layer in layers}
-        tensors = [t for _, t in self.packed.values()] + [t for r in self.residuals.values() for t in r]
-        tensors += [c for layer, c in self.cores.items() if c is not None and layer not in in_packs]
+        tensors = [p.dense if p.dense is not None else p.diag for _, p in self.packed.values()]
+        tensors += [t for r in self.residuals.values() for t in r]
+        if self._cores is not None:
+            tensors += [c for layer, c in self._cores.items() if c is not None and layer not in in_packs]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def to_adapter(self, basis: Basis) -> Adapter:
@@ -103,8 +122,7 @@ def _fused(adapters: Sequence[Adapter], weights: list[float], basis: Basis, key:
     the delta bound on each group at once, as ``_linear`` does."""
     fused = fuse_cores(list(adapters), weights, basis, key.method, params=key.fusion_params)
     residuals = {layer: (_host(r[0]), _host(r[1])) for layer, r in fused.residuals.items() if r is not None}
-    cores: dict[str, torch.Tensor | None] = dict.fromkeys(basis.layer_names())
-    packed: dict[int, tuple[tuple[str, ...], torch.Tensor]] = {}
+    packed: dict[int, tuple[tuple[str, ...], Pack]] = {}
     suspects: list[str] = []
     for k, layers in layer_groups(basis).items():
         group = [fused.cores.get(layer) for layer in layers]
@@ -113,12 +131,9 @@ def _fused(adapters: Sequence[Adapter], weights: list[float], basis: Basis, key:
         zero = torch.zeros(k) if fused.diagonal else torch.zeros(k, k)
         stacked = torch.stack([zero if c is None else _host(c) for c in group])  # (L, k) | (L, k, k)
         suspects += _suspects(stacked, basis, k, layers)
-        dense = torch.diag_embed(stacked) if fused.diagonal else stacked
-        packed[k] = (layers, dense)
-        for layer, view, c in zip(layers, dense.unbind(0), group):
-            cores[layer] = None if c is None else view
-    _check_bounds(basis, cores, residuals, suspects)
-    return _mixture(key, cores, residuals, fused.diagonal, packed)
+        present = torch.tensor([c is not None for c in group])
+        packed[k] = (layers, Pack(None, stacked, present) if fused.diagonal else Pack(stacked, None, present))
+    return _checked(basis, key, residuals, fused.diagonal, packed, suspects)
 
 
 def _suspects(stacked: torch.Tensor, basis: Basis, k: int, layers: tuple[str, ...]) -> list[str]:
@@ -128,16 +143,17 @@ def _suspects(stacked: torch.Tensor, basis: Basis, k: int, layers: tuple[str, ..
     return [layers[i] for i in (~(norms <= _bounds(basis, k, layers))).nonzero().flatten().tolist()]
 
 
-def _check_bounds(basis: Basis, cores: dict, residuals: dict, suspects: list[str]) -> None:
-    """A mixture that would blow the numbers up is a 400, not NaN: every suspect and every residual layer."""
-    for layer in basis.layer_names():
-        if layer in residuals or layer in suspects:
-            check_delta(layer, cores[layer], residuals.get(layer), basis[layer])
-
-
-def _mixture(key, cores, residuals, diagonal: bool, packed) -> MixtureCores:
+def _checked(basis: Basis, key: Mixture, residuals: dict, diagonal: bool, packed: dict,
+             suspects: list[str]) -> MixtureCores:
+    """The mixture, once its every suspect layer and every residual layer passed the exact delta bound: a
+    mixture that would blow the numbers up is a 400, not NaN."""
     rank = max((B.shape[1] for B, _ in residuals.values()), default=0)
-    return MixtureCores(key, cores, residuals, diagonal, rank, packed)
+    mixture = MixtureCores(key, None, residuals, diagonal, rank, packed, basis.layer_names())
+    if suspects or residuals:
+        cores = mixture.cores
+        for layer in sorted({*suspects, *residuals}, key=list(basis.layers).index):
+            check_delta(layer, cores[layer], residuals.get(layer), basis[layer])
+    return mixture
 
 
 def _linear(adapters: Sequence[Adapter], weights: list[float], basis: Basis, key: Mixture) -> MixtureCores:
@@ -153,8 +169,7 @@ def _linear(adapters: Sequence[Adapter], weights: list[float], basis: Basis, key
         for layer in sorted(set().union(*(e.layers_with_residual for e in entries)), key=list(basis.layers).index):
             B, A = _concat_residual(entries, weights, layer)
             residuals[layer] = (_host(B).contiguous(), _host(A).contiguous())
-    cores: dict[str, torch.Tensor | None] = {}
-    packed: dict[int, tuple[tuple[str, ...], torch.Tensor]] = {}
+    packed: dict[int, tuple[tuple[str, ...], Pack]] = {}
     suspects: list[str] = []
     for k, layers in layer_groups(basis).items():
         packs = [e.packed(basis)[k] for e in entries]
@@ -162,22 +177,13 @@ def _linear(adapters: Sequence[Adapter], weights: list[float], basis: Basis, key
         for p in packs[1:]:
             present = present | p.present
         if not bool(present.any()):
-            cores.update(dict.fromkeys(layers))
             continue
-        if diagonal:
-            xs = [p.diag for p in packs]
-        else:
-            xs = [p.as_dense() for p in packs]
-        ref = xs[0]
-        summed = weighted_sum(xs, torch.tensor(weights, dtype=ref.dtype, device=ref.device))
+        xs = [p.diag for p in packs] if diagonal else [p.as_dense() for p in packs]
+        summed = weighted_sum(xs, torch.tensor(weights, dtype=xs[0].dtype, device=xs[0].device))
         summed = summed.detach().to("cpu", torch.float32)
         suspects += _suspects(summed, basis, k, layers)
-        dense = torch.diag_embed(summed) if diagonal else summed
-        packed[k] = (layers, dense)
-        for layer, core, has in zip(layers, dense.unbind(0), present.tolist()):
-            cores[layer] = core if has else None
-    _check_bounds(basis, cores, residuals, suspects)
-    return _mixture(key, cores, residuals, diagonal, packed)
+        packed[k] = (layers, Pack(None, summed, present) if diagonal else Pack(summed, None, present))
+    return _checked(basis, key, residuals, diagonal, packed, suspects)
 
 
 _BOUNDS: dict[tuple[int, int], tuple[weakref.ref, torch.Tensor]] = {}

@@ -102,11 +102,17 @@ class SlotTable:
         """``mixture``'s cores and residuals into ``slot`` of every layer: one copy per packed group."""
         one_by_one = set(self.layers)
         for k, (names, store, positions) in self._stores.items():
-            pack = mixture.packed.get(k)
-            if pack is not None and (pack[0] is names or pack[0] == names):
-                cores = pack[1].to(store.cores.device, store.cores.dtype)  # (L, k, k): one transfer
-                store.cores[slot].index_copy_(0, positions, cores)
-                store.diag[slot].view(-1, k).index_copy_(0, positions, cores.diagonal(dim1=-2, dim2=-1))
+            layers, pack = mixture.packed.get(k, (None, None))
+            if pack is not None and (layers is names or layers == names):
+                if pack.dense is None:  # diagonal: (L, k), one transfer; the dense tables get diag(d)
+                    diag = pack.diag.to(store.cores.device, store.cores.dtype)
+                    store.cores[slot].index_fill_(0, positions, 0)
+                    store.cores[slot].diagonal(dim1=-2, dim2=-1).index_copy_(0, positions, diag)
+                else:
+                    cores = pack.dense.to(store.cores.device, store.cores.dtype)  # (L, k, k): one transfer
+                    store.cores[slot].index_copy_(0, positions, cores)
+                    diag = cores.diagonal(dim1=-2, dim2=-1)
+                store.diag[slot].view(-1, k).index_copy_(0, positions, diag)
             elif pack is None and all(mixture.cores.get(n) is None for n in names):
                 store.cores[slot].index_fill_(0, positions, 0)
                 store.diag[slot].view(-1, k).index_fill_(0, positions, 0)

@@ -258,6 +258,8 @@ def test_a_mixture_is_written_into_a_shared_store_as_it_is_one_layer_at_a_time(b
     for spec in (MIXTURES["dense_residual"], MIXTURES["diag"], [("lora", 1.0)]):  # slots reused: zeros written
         mixture = reduce(Mixture.of(spec, method), lambda c: adapters[c.ref], basis)
         assert mixture.packed or all(c is None for c in mixture.cores.values())
+        if mixture.diagonal:  # a diagonal mixture is held as its diagonals only: (L, k) per group
+            assert all(p.dense is None and p.diag.dim() == 2 for _, p in mixture.packed.values())
         for table in (stored, apart):
             table._write(0, mixture)
         for n, g_shared, g_alone in zip(names, shared, alone):
