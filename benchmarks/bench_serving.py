@@ -112,6 +112,7 @@ class Row:
     load_average: float = 0.0  # 1-minute, at the end of the run
     fuse_ms_per_mixture: float | None = None
     ready_ms_p50: float | None = None  # new mixtures: reduced + written to a slot (the server's histogram)
+    ready_buckets: dict[str, float] | None = None  # that histogram's counts during the run (upper bound -> count)
     note: str = ""
     base_runs: list[int] = field(default_factory=list)  # indices of the base rows it is compared to
 
@@ -622,9 +623,10 @@ RATIO_GOAL = {"scale": 1.15, "rotation": 1.25}
 
 
 def new_mixture_rows(served: Served, prompts: list[list[int]], rng: random.Random, counts: tuple[int, ...],
-                     sizes: tuple[int, ...]) -> list[Row]:
+                     sizes: tuple[int, ...], rounds: int) -> list[Row]:
     """Every request a mixture never seen before, of m of N registered adapters (random weights), base runs
-    in between; then, per kind, the first N's m=2 mixtures again (cached) between base runs."""
+    in between, the whole plan ``rounds`` times (new mixtures each time); then, per kind, the first N's m=2
+    mixtures again (cached) between base runs, ``rounds`` times."""
     base = ["base"] * len(prompts)
     served.run(base)  # warm up; then every adapter once (parsed and evaluated: the mixtures below are new, the
     for kind in KIND_CORES:  # adapters are not)
@@ -639,28 +641,61 @@ def new_mixture_rows(served: Served, prompts: list[list[int]], rng: random.Rando
         run_ = served.run(models)
         row = make_row(f"http:{config}", kind, n, m, run_, note + "; streamed, 16 concurrent clients; CPU: the "
                        "server process's")
-        median = bucket_median(before, served.metric_buckets("specfuse_mixture_ready_seconds"))
+        after = served.metric_buckets("specfuse_mixture_ready_seconds")
+        median = bucket_median(before, after)
         row.ready_ms_p50 = None if median is None else round(1000 * median, 3)
+        row.ready_buckets = {str(b): after[b] - before.get(b, 0.0) for b in sorted(after)}
         rows.append(row)
         print(line(row), f"ready p50 {row.ready_ms_p50} ms", flush=True)
 
     record("base", "", 0, 0, base, "every request the base model")
     again = {}
-    for kind in KIND_CORES:
-        for n in counts:
-            for m in sizes:
-                models = mixture_strings([f"{kind}{i}" for i in range(n)], m, len(prompts), rng)
-                again.setdefault(kind, models)
-                record("new", kind, n, m, models, f"every request a new {m}-adapter mixture of {n} `{kind}` adapters")
-                record("base", "", 0, 0, base, "every request the base model")
-    for kind, models in again.items():
-        record("cached", kind, counts[0], sizes[0], models, f"the first new {sizes[0]}-adapter mixtures again, cached")
-        record("base", "", 0, 0, base, "every request the base model")
+    for _ in range(rounds):
+        for kind in KIND_CORES:
+            for n in counts:
+                for m in sizes:
+                    models = mixture_strings([f"{kind}{i}" for i in range(n)], m, len(prompts), rng)
+                    again.setdefault(kind, models)
+                    record("new", kind, n, m, models,
+                           f"every request a new {m}-adapter mixture of {n} `{kind}` adapters")
+                    record("base", "", 0, 0, base, "every request the base model")
+    for _ in range(rounds):
+        for kind, models in again.items():
+            record("cached", kind, counts[0], sizes[0], models,
+                   f"the first new {sizes[0]}-adapter mixtures again, cached")
+            record("base", "", 0, 0, base, "every request the base model")
     pair_with_bases(rows, 1)
     return rows
 
 
-def run_new_mixtures(settings: Settings, home: str | None, counts: tuple[int, ...], sizes: tuple[int, ...]) -> dict:
+def new_summary(rows: list[Row]) -> list[dict]:
+    """Per (run, kind, N, m) over its rounds: the median ratio and its range, and the ready median of every
+    new mixture of every round (the rounds' histograms added up), against the goals."""
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        if r.config != "http:base":
+            groups.setdefault((r.config, r.kind, r.n_adapters, r.m), []).append(r)
+    out = []
+    for (config, kind, n, m), runs in groups.items():
+        pooled: dict[float, float] = {}
+        for r in runs:
+            for bound, count in (r.ready_buckets or {}).items():
+                pooled[float(bound)] = pooled.get(float(bound), 0.0) + count
+        ready = bucket_median({}, pooled) if pooled else None
+        ratio = statistics.median(r.ratio for r in runs)
+        ready_ms = None if ready is None else round(1000 * ready, 3)
+        met = ratio <= RATIO_GOAL[kind] and (config == "http:cached" or (
+            ready_ms is not None and ready_ms <= READY_GOAL_MS[kind]))
+        out.append({"config": config, "kind": kind, "n": n, "m": m, "runs": len(runs), "ratio": round(ratio, 3),
+                    "ratio_min": min(r.ratio for r in runs), "ratio_max": max(r.ratio for r in runs),
+                    "cpu_ratio": round(statistics.median(r.cpu_ratio for r in runs), 3),
+                    "tokens_per_s": round(statistics.median(r.tokens_per_s for r in runs), 1),
+                    "ready_ms_p50": ready_ms, "mixtures": int(pooled.get(float("inf"), 0)), "goal_met": met})
+    return out
+
+
+def run_new_mixtures(settings: Settings, home: str | None, counts: tuple[int, ...], sizes: tuple[int, ...],
+                     rounds: int) -> dict:
     """``--new-mixtures-only``: the real server over HTTP, every request a new mixture (``new_mixture_rows``)."""
     from adapters_zoo.registry import Registry
 
@@ -684,43 +719,53 @@ def run_new_mixtures(settings: Settings, home: str | None, counts: tuple[int, ..
             register_s = time.perf_counter() - t
         del model
         with Served(settings, model_dir, workdir / "home", prompts, SERVE_FLAGS) as served:
-            rows = new_mixture_rows(served, prompts, rng, counts, sizes)
+            rows = new_mixture_rows(served, prompts, rng, counts, sizes, rounds)
     return {"settings": asdict(settings), "command": None, "environment": environment(),
             "counts": list(counts), "sizes": list(sizes),
             "machine": {"threads": torch.get_num_threads(), "logical_cpus": os.cpu_count(),
                         "load_average_at_start": load_at_start,
                         "load_average_at_end": [round(x, 1) for x in os.getloadavg()], "device": settings.device},
             "setup_seconds": {"register_adapters": round(register_s, 1)}, "serve_flags": list(SERVE_FLAGS),
-            "rows": [asdict(r) for r in rows], "total_seconds": round(time.perf_counter() - started, 1)}
+            "rounds": rounds, "summary": new_summary(rows), "rows": [asdict(r) for r in rows], "total_seconds": round(time.perf_counter() - started, 1)}
 
 
 def new_markdown(result: dict) -> str:
     from common import environment_line
 
     rows = [Row(**r) for r in result["rows"]]
+    summary = result.get("summary") or new_summary(rows)
+    rounds = result.get("rounds", 1)
     out = ["# Every request a new mixture, over HTTP", "",
            f"`{result['command']}`", "", environment_line(result["environment"]), "",
            f"{result['settings']['requests']} concurrent streamed requests to `specfuse serve "
            f"{' '.join(result.get('serve_flags', []))}`, "
            f"{result['settings']['prompt_tokens']} prompt tokens, {result['settings']['max_tokens']} generated; "
-           "each run's ratio is its time per token over the base runs just before and after it. "
+           "each run's ratio is its time per token over the base runs just before and after it; "
+           f"{rounds} round(s) of the whole plan. "
            f"Load average {result['machine']['load_average_at_start']} at start, "
            f"{result['machine']['load_average_at_end']} at end (a shared machine: other jobs move every figure).", "",
-           "| run | kind | N | m | tok/s | × base (wall) | × base (CPU) | ready p50 ms | goal | load |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+           "## Goals", "",
+           "Ratio: the median over the rounds (range in brackets); ready: the median of every new mixture of every "
+           "round (reduced on the host and written into a device slot, from the server's histogram).", "",
+           "| run | kind | N | m | runs | × base (wall) | range | × base (CPU) | ready p50 ms | mixtures | goal |",
+           "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|"]
+    for g in summary:
+        ready = "" if g["ready_ms_p50"] is None or g["config"] == "http:cached" else f"{g['ready_ms_p50']:.2f}"
+        goal = ("met" if g["goal_met"] else "missed") + f" (≤{RATIO_GOAL[g['kind']]}×" + (
+            f", ≤{READY_GOAL_MS[g['kind']]:g} ms)" if g["config"] == "http:new" else ")")
+        out.append(f"| {g['config']} | {g['kind']} | {g['n']} | {g['m']} | {g['runs']} | {g['ratio']:.3f} | "
+                   f"{g['ratio_min']:.3f}–{g['ratio_max']:.3f} | {g['cpu_ratio']:.3f} | {ready} | "
+                   f"{g['mixtures'] if g['config'] == 'http:new' else ''} | {goal} |")
+    out += ["", "## Every run", "",
+            "| run | kind | N | m | tok/s | × base (wall) | × base (CPU) | ready p50 ms | load |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        goal = ""
-        if r.config in ("http:new", "http:cached") and r.kind in RATIO_GOAL:
-            ok = r.ratio <= RATIO_GOAL[r.kind] and (r.config == "http:cached" or (
-                r.ready_ms_p50 is not None and r.ready_ms_p50 <= READY_GOAL_MS[r.kind]))
-            goal = ("met" if ok else "missed") + f" (≤{RATIO_GOAL[r.kind]}×" + (
-                f", ≤{READY_GOAL_MS[r.kind]:g} ms)" if r.config == "http:new" else ")")
-        ready = "" if r.ready_ms_p50 is None else f"{r.ready_ms_p50:.2f}"
+        ready = "" if r.ready_ms_p50 is None or r.config != "http:new" else f"{r.ready_ms_p50:.2f}"
         out.append(f"| {r.config} | {r.kind or '-'} | {r.n_adapters} | {r.m} | {r.tokens_per_s:.1f} | {r.ratio:.3f} | "
-                   f"{r.cpu_ratio:.3f} | {ready} | {goal} | {r.load_average:.1f} |")
+                   f"{r.cpu_ratio:.3f} | {ready} | {r.load_average:.1f} |")
     bases = [r.tokens_per_s for r in rows if r.config == "http:base"]
     out += ["", f"Base runs: {min(bases):.1f}–{max(bases):.1f} tok/s (spread {max(bases) / min(bases):.2f}×: the "
-            "noise floor of every ratio above).", ""]
+            "noise floor of a single run's ratio).", ""]
     return "\n".join(out) + "\n"
 
 
@@ -730,17 +775,19 @@ def new_plot(result: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [Row(**r) for r in result["rows"] if r["config"] in ("http:new", "http:cached")]
+    summary = result.get("summary") or new_summary([Row(**r) for r in result["rows"]])
     fig, ax = plt.subplots(figsize=(9, 4))
-    labels = [f"{r.config[5:]} {r.kind}\nN={r.n_adapters} m={r.m}" for r in rows]
-    colors = ["tab:blue" if r.kind == "scale" else "tab:orange" for r in rows]
-    ax.bar(range(len(rows)), [r.ratio for r in rows], color=colors)
+    labels = [f"{g['config'][5:]} {g['kind']}\nN={g['n']} m={g['m']}" for g in summary]
+    colors = ["tab:blue" if g["kind"] == "scale" else "tab:orange" for g in summary]
+    ax.bar(range(len(summary)), [g["ratio"] for g in summary], color=colors,
+           yerr=[[g["ratio"] - g["ratio_min"] for g in summary], [g["ratio_max"] - g["ratio"] for g in summary]],
+           capsize=2)
     for kind, goal in RATIO_GOAL.items():
         ax.axhline(goal, ls="--", color="tab:blue" if kind == "scale" else "tab:orange", lw=1,
                    label=f"goal {kind} ≤{goal}×")
     ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_xticks(range(len(rows)), labels, fontsize=6)
-    ax.set_ylabel("time per token / base (wall)")
+    ax.set_xticks(range(len(summary)), labels, fontsize=6)
+    ax.set_ylabel("time per token / base (wall), median of rounds")
     ax.set_title("specfuse serve, every request a new mixture (16 clients)")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -1222,6 +1269,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="only the HTTP runs where every request is a never-seen mixture (serving_{device}_new.*)")
     p.add_argument("--counts", default=None, help="with --new-mixtures-only: N registered per kind, e.g. 16,256")
     p.add_argument("--sizes", default=None, help="with --new-mixtures-only: m per mixture, e.g. 2,4,8")
+    p.add_argument("--rounds", type=int, default=3, help="with --new-mixtures-only: times the whole plan runs")
     args = p.parse_args(argv)
     if args.decode_worker is not None:
         print(json.dumps(decode_worker(args.base, args.home, args.decode_worker, args.decode_tokens, args.threads,
@@ -1234,7 +1282,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_for(args.base, args.device, args.quick, args.threads)
         counts = tuple(int(x) for x in args.counts.split(",")) if args.counts else NEW_COUNTS
         sizes = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else NEW_SIZES
-        result = run_new_mixtures(settings, args.home, counts, sizes)
+        result = run_new_mixtures(settings, args.home, counts, sizes, args.rounds)
         return publish(args, argv, result, f"serving_{args.device}_new", new_markdown, new_plot)
     if args.render:
         path = Path(args.render)
