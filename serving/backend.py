@@ -50,6 +50,7 @@ class LayerSlots:
     group: SlotGroup
     offset: int  # this layer's columns in the group's shrink
     position: int  # this layer's index in its group's store (cores = store.cores[:, position])
+    columns: slice  # offset .. offset + k: its columns of the group's shrink
 
     @property
     def k(self) -> int:
@@ -130,7 +131,7 @@ class SlotGroup:
                 U=U, Ut=U.T.contiguous(), V=V[:, cols], cores=group.cores[:, j], diag=group.diag[:, cols],
                 res_B=torch.zeros(residual_slots, U.shape[0], residual_rank, dtype=dtype, device=device),
                 res_A=torch.zeros(residual_slots, residual_rank, in_f, dtype=dtype, device=device),
-                group=group, offset=j * k, position=start + j))
+                group=group, offset=j * k, position=start + j, columns=cols))
         return group
 
 
@@ -236,11 +237,11 @@ class Routing:
         return self
 
     def diag_rows(self, store: CoreStore) -> torch.Tensor:
-        """Every row's diagonals in ``store`` (rows, L·k): one gather per store and step, which every group
-        of the store slices (slots are written between steps, never during one)."""
+        """Every row's diagonals in ``store`` (rows, 1, L·k): one gather per store and step, which every
+        group of the store slices (slots are written between steps, never during one)."""
         rows = self._diag_rows.get(id(store))
         if rows is None:
-            rows = self._diag_rows[id(store)] = store.diag.index_select(0, self.index)
+            rows = self._diag_rows[id(store)] = store.diag.index_select(0, self.index).unsqueeze(1)
         return rows
 
 
@@ -271,9 +272,9 @@ class TorchBackend(Backend):
 
     def shrink(self, x: torch.Tensor, group: SlotGroup, routing: Routing) -> torch.Tensor:
         rows, gk = x.shape[0], group.V.shape[1]
-        h = x.reshape(rows, -1, x.shape[-1]) @ group.V  # (rows, T, G·k); model and tables share the dtype
+        h = (x if x.dim() == 3 else x.reshape(rows, -1, x.shape[-1])) @ group.V  # (rows, T, G·k); one dtype
         if routing.all_diagonal:
-            return h.mul_(routing.diag_rows(group.store)[:, group.columns].unsqueeze(1))  # · (rows, 1, G·k)
+            return h.mul_(routing.diag_rows(group.store)[..., group.columns])  # · (rows, 1, G·k)
         g, k = group.cores.shape[1], group.cores.shape[2]
         cores = group.cores.index_select(0, routing.index)  # (rows, G, k, k)
         h = h.view(rows, -1, g, k).transpose(1, 2)  # (rows, G, T, k); a view at decode (T = 1)
@@ -283,8 +284,7 @@ class TorchBackend(Backend):
     def expand(self, y: torch.Tensor, h: torch.Tensor, x: torch.Tensor, slots: LayerSlots,
                routing: Routing) -> torch.Tensor:
         out = y.reshape(-1, y.shape[-1])  # (rows·T, out); the base layer's fresh output, updated in place
-        mine = h[..., slots.offset : slots.offset + slots.k].reshape(-1, slots.k)  # (rows·T, k), strided view
-        out.addmm_(mine, slots.Ut)  # y += h Uᵀ
+        out.addmm_(h.reshape(-1, h.shape[-1])[:, slots.columns], slots.Ut)  # y += h Uᵀ; h's columns: a strided view
         if routing.residual_groups:
             x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (rows, T, in)
             out3 = out.view(x.shape[0], -1, out.shape[-1])  # (rows, T, out)
