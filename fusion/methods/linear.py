@@ -25,8 +25,9 @@ def weighted_sum(xs: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Ten
     (:func:`fusion.mixture.reduce`) and ``fuse`` give the same bits."""
     w = weights.to(xs[0])
     out = xs[0] * w[0]
+    term = torch.empty_like(out) if len(xs) > 1 else None  # one buffer for every wₙ xₙ: two allocations in all
     for n in range(1, len(xs)):
-        out = out + xs[n] * w[n]
+        out.add_(torch.mul(xs[n], w[n], out=term))  # the same two roundings as out + xs[n] * w[n]
     return out
 
 
