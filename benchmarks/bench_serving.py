@@ -726,7 +726,8 @@ def run_new_mixtures(settings: Settings, home: str | None, counts: tuple[int, ..
                         "load_average_at_start": load_at_start,
                         "load_average_at_end": [round(x, 1) for x in os.getloadavg()], "device": settings.device},
             "setup_seconds": {"register_adapters": round(register_s, 1)}, "serve_flags": list(SERVE_FLAGS),
-            "rounds": rounds, "summary": new_summary(rows), "rows": [asdict(r) for r in rows], "total_seconds": round(time.perf_counter() - started, 1)}
+            "rounds": rounds, "summary": new_summary(rows), "rows": [asdict(r) for r in rows],
+            "total_seconds": round(time.perf_counter() - started, 1)}
 
 
 def new_markdown(result: dict) -> str:
@@ -767,6 +768,66 @@ def new_markdown(result: dict) -> str:
     out += ["", f"Base runs: {min(bases):.1f}–{max(bases):.1f} tok/s (spread {max(bases) / min(bases):.2f}×: the "
             "noise floor of a single run's ratio).", ""]
     return "\n".join(out) + "\n"
+
+
+def run_steps(settings: Settings, home: str | None) -> dict:
+    """``--steps-only``: the engine's decode steps and prefills of 16 rows, base vs every row its own resident
+    diagonal / dense mixture, interleaved (``step_rows``): the cached-mixture cost without the HTTP stack."""
+    from serving.engine import Engine, EngineConfig
+
+    started, load_at_start = time.perf_counter(), [round(x, 1) for x in os.getloadavg()]
+    model, tokenizer, _, cache_key = load_base(settings, home)
+    basis = basis_of(model, settings.k, cache_key)
+    prompts = make_prompts(settings, model.config.vocab_size)
+    dtype = "float32" if settings.device == "cpu" else None
+    engine = Engine(model, tokenizer, basis, EngineConfig(device=settings.device, dtype=dtype))
+    rows = step_rows(engine, basis, prompts, settings)
+    for row in rows:
+        print(line(row), flush=True)
+    return {"settings": asdict(settings), "command": None, "environment": environment(),
+            "machine": {"threads": torch.get_num_threads(), "logical_cpus": os.cpu_count(),
+                        "load_average_at_start": load_at_start,
+                        "load_average_at_end": [round(x, 1) for x in os.getloadavg()], "device": settings.device},
+            "adapter_flops": flop_ratio(basis, model), "rows": [asdict(r) for r in rows],
+            "total_seconds": round(time.perf_counter() - started, 1)}
+
+
+def steps_markdown(result: dict) -> str:
+    from common import environment_line
+
+    flops = result["adapter_flops"]
+    out = ["# Decode steps and prefills, every row its own cached mixture", "", f"`{result['command']}`", "",
+           environment_line(result["environment"]), "",
+           f"{result['settings']['requests']} rows, {result['settings']['prompt_tokens']} prompt tokens each, "
+           f"{result['settings']['steps']} decode steps per variant, the variants interleaved step by step (their "
+           "order alternating); ratio: the median of per-step ratios to the base step beside it. Load average "
+           f"{result['machine']['load_average_at_start']} at start, {result['machine']['load_average_at_end']} at "
+           f"end. The adapter path adds {100 * flops['ratio_to_model']:.1f}% to the model's FLOPs per token.", "",
+           "| run | kind | × base (wall) | × base (CPU) | p50 ms |", "|---|---|---:|---:|---:|"]
+    for r in result["rows"]:
+        out.append(f"| {r['config']} | {r['kind'] or '-'} | {r['ratio']:.3f} | {r['cpu_ratio']:.3f} | "
+                   f"{1000 * r['p50_s']:.0f} |")
+    return "\n".join(out) + "\n"
+
+
+def steps_plot(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["kind"]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(range(len(rows)), [r["ratio"] for r in rows],
+           color=["tab:blue" if r["kind"] == "scale" else "tab:orange" for r in rows])
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(range(len(rows)), [f"{r['config']}\n{r['kind']}" for r in rows], fontsize=7)
+    ax.set_ylabel("time / base (wall, median of pairs)")
+    ax.set_title("every row its own cached mixture")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def new_plot(result: dict, path: Path) -> Path:
@@ -1270,6 +1331,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--counts", default=None, help="with --new-mixtures-only: N registered per kind, e.g. 16,256")
     p.add_argument("--sizes", default=None, help="with --new-mixtures-only: m per mixture, e.g. 2,4,8")
     p.add_argument("--rounds", type=int, default=3, help="with --new-mixtures-only: times the whole plan runs")
+    p.add_argument("--steps-only", action="store_true",
+                   help="only the in-process decode steps and prefills, base vs cached mixtures "
+                        "(serving_{device}_steps.*)")
     args = p.parse_args(argv)
     if args.decode_worker is not None:
         print(json.dumps(decode_worker(args.base, args.home, args.decode_worker, args.decode_tokens, args.threads,
@@ -1284,6 +1348,11 @@ def main(argv: list[str] | None = None) -> int:
         sizes = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else NEW_SIZES
         result = run_new_mixtures(settings, args.home, counts, sizes, args.rounds)
         return publish(args, argv, result, f"serving_{args.device}_new", new_markdown, new_plot)
+    if args.steps_only:
+        set_threads(args.threads)
+        settings = settings_for(args.base, args.device, args.quick, args.threads)
+        return publish(args, argv, run_steps(settings, args.home), f"serving_{args.device}_steps", steps_markdown,
+                       steps_plot)
     if args.render:
         path = Path(args.render)
         result = json.loads(path.read_text())

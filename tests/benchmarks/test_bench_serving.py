@@ -50,3 +50,31 @@ def test_quick_run_writes_every_row_and_the_goals(tmp_path):
     md = (tmp_path / "serving_cpu_quick.md").read_text()
     assert "| step:scale |" in md and "Goals (issue 16)" in md
     assert (tmp_path / "serving_cpu_quick.png").stat().st_size > 0
+
+
+def test_new_mixture_summary_takes_the_median_round_and_pools_the_ready_histograms():
+    def row(config, kind, ratio, buckets=None):
+        r = bench.Row(config, kind, 16, 2, 16, 512, 6.0, 85.0, 6.0, 6.5, 0.2, 0.3, 12.0, ratio=ratio, cpu_ratio=ratio)
+        r.ready_buckets = buckets
+        return r
+
+    # cumulative counts per upper bound (s): run 1 has 4 mixtures at ≤ 1 ms, run 2 four at ≤ 3 ms, run 3 none
+    one = {"0.001": 4.0, "0.003": 4.0, "inf": 4.0}
+    two = {"0.001": 0.0, "0.003": 4.0, "inf": 4.0}
+    rows = [row("http:base", "", 1.0), row("http:new", "scale", 1.20, one), row("http:new", "scale", 1.10, two),
+            row("http:new", "scale", 1.14, {"0.001": 0.0, "0.003": 0.0, "inf": 0.0}), row("http:cached", "scale", 1.3)]
+    new, cached = bench.new_summary(rows)
+    assert (new["runs"], new["ratio"], new["ratio_min"], new["ratio_max"], new["mixtures"]) == (3, 1.14, 1.10, 1.20, 8)
+    assert new["ready_ms_p50"] == 1.0  # 8 pooled: the 4th of them is at the top of the first bucket
+    assert new["goal_met"]  # 1.14 ≤ 1.15 and 1.0 ms ≤ 2 ms
+    assert cached["ratio"] == 1.3 and not cached["goal_met"]
+
+
+def test_steps_only_writes_the_paired_step_and_prefill_rows(tmp_path):
+    assert bench.main(["--steps-only", "--base", "tiny", "--quick", "--out-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "serving_cpu_steps_quick.json").read_text())
+    configs = [(r["config"], r["kind"]) for r in result["rows"]]
+    assert configs == [("step:base", ""), ("step:scale", "scale"), ("step:rotation", "rotation"),
+                       ("prefill:base", ""), ("prefill:scale", "scale"), ("prefill:rotation", "rotation")]
+    assert all(r["ratio"] > 0 for r in result["rows"]) and result["rows"][0]["ratio"] == 1.0
+    assert "| step:scale | scale |" in (tmp_path / "serving_cpu_steps_quick.md").read_text()
