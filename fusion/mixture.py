@@ -6,9 +6,11 @@
 
 ``reduce`` is the one reduction (the server, the vLLM bridge, ``specfuse fuse``): a single adapter at
 weight 1 (linear, no params) is its own mixture, exactly; any other mixture is combined
-by its fusion method on k×k cores (:func:`fusion.fuse.fuse_cores`). The result holds,
-per layer of the basis, a k×k core (None where the mixture leaves the layer alone) and
-an optional residual ``(B, A)`` outside the basis, on the host in float32; a mixture
+by its fusion method on k×k cores (:func:`fusion.fuse.fuse_cores`). The result holds the
+cores of each group of same-k layers stacked (only their diagonals when every core is
+diagonal; per layer, a k×k core or None where the mixture leaves the layer alone, built on
+first use) and an optional residual ``(B, A)`` per layer outside the basis, on the host in
+float32; a mixture
 whose change to a layer would blow the model's numbers up is refused here
 (DeltaOutOfBounds, a 400), before it reaches a device.
 
