@@ -42,15 +42,14 @@ class LayerSlots:
 
     U: torch.Tensor  # (out, k)
     Ut: torch.Tensor  # (k, out) contiguous: the expand GEMM reads it row by row
-    V: torch.Tensor  # (in, k), columns [offset, offset + k) of group.V
+    V: torch.Tensor  # (in, k), its columns of group.V
     cores: torch.Tensor  # (S + 1, k, k), group.cores[:, member]; row S is all zero (the base model)
     diag: torch.Tensor  # (S + 1, k), diag(cores[s]): the elementwise fast path
     res_B: torch.Tensor  # (R, out, Q) residual factors of slots 0..R-1, zero padded
     res_A: torch.Tensor  # (R, Q, in)
     group: SlotGroup
-    offset: int  # this layer's columns in the group's shrink
+    columns: slice  # this layer's k columns of the group's shrink
     position: int  # this layer's index in its group's store (cores = store.cores[:, position])
-    columns: slice  # offset .. offset + k: its columns of the group's shrink
 
     @property
     def k(self) -> int:
@@ -131,7 +130,7 @@ class SlotGroup:
                 U=U, Ut=U.T.contiguous(), V=V[:, cols], cores=group.cores[:, j], diag=group.diag[:, cols],
                 res_B=torch.zeros(residual_slots, U.shape[0], residual_rank, dtype=dtype, device=device),
                 res_A=torch.zeros(residual_slots, residual_rank, in_f, dtype=dtype, device=device),
-                group=group, offset=j * k, position=start + j, columns=cols))
+                group=group, columns=cols, position=start + j))
         return group
 
 
@@ -305,7 +304,7 @@ class LoopBackend(Backend):
             s = int(routing.index[i])
             for t in range(x3.shape[1]):
                 for layer in group.layers:
-                    cols = slice(layer.offset, layer.offset + layer.k)
+                    cols = layer.columns
                     h[i, t, cols] = layer.cores[s] @ (layer.V.T @ x3[i, t])  # (k,)
         return h
 
@@ -320,7 +319,7 @@ class LoopBackend(Backend):
             if s == slots.num_slots:
                 continue
             for t in range(x3.shape[1]):
-                d = slots.U @ h[i, t, slots.offset : slots.offset + slots.k]  # (out,)
+                d = slots.U @ h[i, t, slots.columns]  # (out,)
                 q = residual_rank.get(s, 0)
                 if q:
                     d = d + slots.res_B[s, :, :q] @ (slots.res_A[s, :q] @ x3[i, t])
