@@ -130,7 +130,7 @@ def chat_goals(summary: list[dict[str, Any]], suites: list[str], sizes: dict[str
         out.append({"suite": suite, "n": n, "kind": "distill",
                     "goal": f"distill keeps ≥ {GOAL_DISTILL:.0%} normalized accuracy with all tasks and ≥ its LoRA "
                             "control", "met": met, "distill": _brief(distill), "lora_distilled": _brief(control),
-                    "control_measured": control is not None})
+                    "measured": distill is not None, "control_measured": control is not None})
         best_peft = _best([r for r in rows if r["method"].startswith("peft:")])
         data_free = [r for r in rows if r["family"] == "spectral" and not r["source"].startswith("peft")
                      and not _is_distill(r)]
@@ -175,7 +175,10 @@ def goals_markdown(result: dict[str, Any]) -> list[str]:
     lines = ["## Where the goals stand", ""]
     for g in result["goals"]:
         mark = "**met**" if g["met"] else "**not met**"
-        if g.get("kind") == "distill":
+        if g.get("kind") == "distill" and not g.get("measured", True):
+            lines.append(f"- `{g['suite']}`, {g['n']} tasks fused — {g['goal']}: **not measured** "
+                         "(`distill` is not among this run's methods).")
+        elif g.get("kind") == "distill":
             control = _describe(g["lora_distilled"]) if g["control_measured"] else "not measured"
             lines.append(f"- `{g['suite']}`, {g['n']} tasks fused — {g['goal']}: {mark}. distill: "
                          f"{_describe(g['distill'])}; its LoRA control (`distill:lora`): {control}.")

@@ -394,7 +394,12 @@ def test_chat_goals_read_the_numbers():
     summary[-1]["mean_normalized"] = 0.97  # the LoRA control beats distill
     summary[2]["mean_normalized"] = 0.39
     keep, beat = report.goals(summary, ["records"], {"records": 4}, chat=True)
-    assert not keep["met"] and not beat["met"]
+    assert not keep["met"] and not beat["met"] and keep["measured"]
+    assert "**not met**. distill: scale + distill" in report.goals_markdown({"goals": [keep], "suites": []})[2]
+    without = [r for r in summary if r["method"] not in ("distill", "distill:lora")]
+    keep, _ = report.goals(without, ["records"], {"records": 4}, chat=True)  # a run that did not distill
+    assert not keep["met"] and not keep["measured"]
+    assert "**not measured** (`distill` is not among" in report.goals_markdown({"goals": [keep], "suites": []})[2]
 
 
 # --------------------------------------------------------------------------- fusion-ready variants by name, on chat
